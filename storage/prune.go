@@ -1,0 +1,218 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+// PruneStats counts what one Prune removed.
+type PruneStats struct {
+	Bundles  int
+	Accounts int
+}
+
+// pruneChunk bounds the deletions of one transaction.
+const pruneChunk = 512
+
+// Prune deletes bundles whose signed timestamp and account bundles whose
+// last update are older than the retention.
+func (s *Store) Prune(ctx context.Context) (PruneStats, error) {
+	var st PruneStats
+	cutoff := s.opts.Now().Add(-s.opts.Retention).UnixMilli()
+	if cutoff <= 0 {
+		return st, nil
+	}
+	expired, err := s.expiredBundleKeys(uint64(cutoff))
+	if err != nil {
+		return st, fmt.Errorf("storage: prune scan: %w", err)
+	}
+	for len(expired) > 0 {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		n := min(pruneChunk, len(expired))
+		removed, err := s.pruneBundles(ctx, expired[:n])
+		st.Bundles += removed
+		if err != nil {
+			return st, fmt.Errorf("storage: prune bundles: %w", err)
+		}
+		expired = expired[n:]
+	}
+	st.Accounts, err = s.pruneAccounts(ctx, cutoff)
+	if err != nil {
+		return st, fmt.Errorf("storage: prune accounts: %w", err)
+	}
+	return st, nil
+}
+
+// expiredBundleKeys scans b/ keys (no values) for timestamps below cutoff.
+// Within a device keys run newest first, so the expired ones are a suffix.
+func (s *Store) expiredBundleKeys(cutoff uint64) ([][]byte, error) {
+	var out [][]byte
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			k := it.Item().Key()
+			_, ts, _, err := parseBundleKey(k)
+			if err != nil {
+				return err
+			}
+			if ts < cutoff {
+				out = append(out, it.Item().KeyCopy(nil))
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// pruneBundles deletes the given b/ keys (all of one scan) in one
+// transaction, re-checking each inside it so a concurrent put is never undone.
+func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
+	var removed, emptied int
+	err := s.update(ctx, func(txn *badger.Txn) error {
+		removed, emptied = 0, 0
+		// Group by device: keys of one device are adjacent in scan order.
+		for start := 0; start < len(keys); {
+			end := start + 1
+			for end < len(keys) && bytes.Equal(keys[end][:2+protocol.KeySize], keys[start][:2+protocol.KeySize]) {
+				end++
+			}
+			dev, _, _, err := parseBundleKey(keys[start])
+			if err != nil {
+				return err
+			}
+			held, err := getCount(txn, dev)
+			if err != nil {
+				return err
+			}
+			n := 0
+			for _, k := range keys[start:end] {
+				if _, err := txn.Get(k); errors.Is(err, badger.ErrKeyNotFound) {
+					continue // evicted or refreshed meanwhile
+				} else if err != nil {
+					return err
+				}
+				if err := s.deleteExpired(txn, k); err != nil {
+					return err
+				}
+				n++
+			}
+			removed += n
+			if err := setCount(txn, dev, held-n); err != nil {
+				return err
+			}
+			if n > 0 && held-n <= 0 {
+				emptied++
+			}
+			start = end
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	s.bundles.Add(-int64(removed))
+	s.devices.Add(-int64(emptied))
+	return removed, nil
+}
+
+// deleteExpired deletes a bundle and its ref entry if the ref still points at it.
+func (s *Store) deleteExpired(txn *badger.Txn, bkey []byte) error {
+	dev, ts, ref, err := parseBundleKey(bkey)
+	if err != nil {
+		return err
+	}
+	if err := deleteBundleKeys(txn, bkey); err != nil {
+		return err
+	}
+	rk := refKey(dev, ref)
+	item, err := txn.Get(rk)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return item.Value(func(v []byte) error {
+		if len(v) == 8 && binary.BigEndian.Uint64(v) == ts {
+			return txn.Delete(rk)
+		}
+		return nil
+	})
+}
+
+func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
+	var stale [][]byte
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			var a Account
+			if err := it.Item().Value(func(v []byte) error { return decodeAccountValue(&a, v) }); err != nil {
+				return err
+			}
+			if a.UpdatedAtMS < cutoff {
+				stale = append(stale, it.Item().KeyCopy(nil))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	total := 0
+	for len(stale) > 0 {
+		n := min(pruneChunk, len(stale))
+		chunk := stale[:n]
+		stale = stale[n:]
+		var removed int
+		err := s.update(ctx, func(txn *badger.Txn) error {
+			removed = 0
+			for _, k := range chunk {
+				item, err := txn.Get(k)
+				if errors.Is(err, badger.ErrKeyNotFound) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				var a Account
+				if err := item.Value(func(v []byte) error { return decodeAccountValue(&a, v) }); err != nil {
+					return err
+				}
+				if a.UpdatedAtMS >= cutoff {
+					continue // updated meanwhile
+				}
+				if err := txn.Delete(k); err != nil {
+					return err
+				}
+				removed++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, err
+		}
+		s.accounts.Add(-int64(removed))
+		total += removed
+	}
+	return total, nil
+}
+
+// gcValueLog reclaims value-log space after deletions.
+func (s *Store) gcValueLog() {
+	for i := 0; i < 8; i++ {
+		if err := s.db.RunValueLogGC(0.5); err != nil {
+			return // badger.ErrNoRewrite and friends: nothing (more) to do
+		}
+	}
+}

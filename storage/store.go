@@ -1,0 +1,662 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+// Sentinel errors callers branch on.
+var (
+	// ErrNotFound: no bundle for the device, or no account bundle.
+	ErrNotFound = errors.New("storage: not found")
+	// ErrStale: an account bundle does not supersede the stored one.
+	ErrStale = errors.New("storage: stale account bundle")
+	// ErrClosed: the store has been closed.
+	ErrClosed = errors.New("storage: closed")
+)
+
+// Bundle is a validated bundle as the store keeps it.
+type Bundle struct {
+	DeviceID     protocol.Key
+	Ref          protocol.Ref
+	TimestampMS  uint64 // the signed timestamp
+	LastResort   bool
+	ReceivedAtMS int64 // local time the bundle was first stored, Unix ms
+	Payload      []byte
+	Signature    [protocol.SignatureSize]byte
+}
+
+// Account is a validated account bundle as the store keeps it.
+type Account struct {
+	AccountPub  protocol.Key
+	Lamport     uint64
+	UpdatedAtMS int64 // local time of the last accepted upsert, Unix ms
+	Payload     []byte
+	Signature   [protocol.SignatureSize]byte
+}
+
+// PutOutcome says what PutBundle or PutAccount did with a valid record.
+type PutOutcome int
+
+// The outcomes of a put.
+const (
+	// Stored: the record is new and now held.
+	Stored PutOutcome = iota + 1
+	// Refreshed: the same ref was held with an older timestamp and now
+	// carries the newer one.
+	Refreshed
+	// Duplicate: the record (or a newer copy of the same ref) is already held.
+	Duplicate
+	// OverQuota: the device already holds MaxPerDevice newer bundles.
+	OverQuota
+)
+
+func (o PutOutcome) String() string {
+	switch o {
+	case Stored:
+		return "stored"
+	case Refreshed:
+		return "refreshed"
+	case Duplicate:
+		return "duplicate"
+	case OverQuota:
+		return "over_quota"
+	}
+	return fmt.Sprintf("PutOutcome(%d)", int(o))
+}
+
+// AccountRule selects how PutAccount compares with a stored account bundle.
+type AccountRule int
+
+const (
+	// AccountMustIncrease stores only a strictly greater lamport; anything
+	// else is ErrStale (chat-store's HTTP rule, answered with 409).
+	AccountMustIncrease AccountRule = iota + 1
+	// AccountConverge applies the network rule: greater lamport wins, equal
+	// lamport the smaller payload hash, so every node converges.
+	AccountConverge
+)
+
+// Options configure a Store.
+type Options struct {
+	// Dir is the Badger directory. Required.
+	Dir string
+	// MaxPerDevice caps the bundles kept per device (newest kept). Default 100.
+	MaxPerDevice int
+	// Retention is how long a bundle is kept after its signed timestamp and
+	// an account bundle after its last update. Default 30 days.
+	Retention time.Duration
+	// PruneInterval is how often the background loop prunes. Default 1 h.
+	PruneInterval time.Duration
+	// NoSync turns off fsync on commit. Off by default: every acknowledged
+	// write is on disk.
+	NoSync bool
+	// Logger receives the store's and Badger's logs. Default slog.Default().
+	Logger *slog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// Defaults of Options.
+const (
+	DefaultMaxPerDevice  = 100
+	DefaultRetention     = protocol.DefaultRetention
+	DefaultPruneInterval = time.Hour
+)
+
+func (o *Options) setDefaults() {
+	if o.MaxPerDevice == 0 {
+		o.MaxPerDevice = DefaultMaxPerDevice
+	}
+	if o.Retention == 0 {
+		o.Retention = DefaultRetention
+	}
+	if o.PruneInterval == 0 {
+		o.PruneInterval = DefaultPruneInterval
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// Validate reports whether the options are usable (after defaults).
+func (o Options) Validate() error {
+	switch {
+	case o.Dir == "":
+		return errors.New("storage: Dir is required")
+	case o.MaxPerDevice < 1:
+		return fmt.Errorf("storage: MaxPerDevice must be at least 1, got %d", o.MaxPerDevice)
+	case o.Retention <= 0:
+		return fmt.Errorf("storage: Retention must be positive, got %v", o.Retention)
+	case o.PruneInterval <= 0:
+		return fmt.Errorf("storage: PruneInterval must be positive, got %v", o.PruneInterval)
+	}
+	return nil
+}
+
+// Counts are the numbers of records held.
+type Counts struct {
+	Devices  int64 // devices with at least one bundle
+	Bundles  int64
+	Accounts int64
+}
+
+// Store is a Badger-backed bundle and account store. It is safe for
+// concurrent use. Start runs background pruning; Close stops it and closes
+// the database.
+type Store struct {
+	opts Options
+	db   *badger.DB
+	log  *slog.Logger
+
+	bundles, devices, accounts atomic.Int64
+
+	mu      sync.Mutex // guards started and closed
+	started bool
+	closed  bool
+	stop    chan struct{} // closed by Close
+	done    chan struct{} // closed when the prune loop has returned
+}
+
+// Open opens (or creates) the store in opts.Dir and counts what it holds.
+func Open(opts Options) (*Store, error) {
+	opts.setDefaults()
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	bo := badger.DefaultOptions(opts.Dir).
+		WithLogger(badgerLogger{opts.Logger}).
+		WithSyncWrites(!opts.NoSync).
+		// Sized for a node beside a chat client as well as a full node: the
+		// defaults (64 MiB memtables ×5, 256 MiB block cache) cost far more
+		// RAM than 100k bundles of a few KB need.
+		WithMemTableSize(32 << 20).
+		WithNumMemtables(3).
+		WithBlockCacheSize(32 << 20).
+		WithIndexCacheSize(16 << 20).
+		WithNumCompactors(2).
+		WithValueLogFileSize(256 << 20)
+	db, err := badger.Open(bo)
+	if err != nil {
+		return nil, fmt.Errorf("storage: open %s: %w", opts.Dir, err)
+	}
+	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{})}
+	if err := s.checkSchema(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := s.recount(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) checkSchema() error {
+	return s.db.Update(func(txn *badger.Txn) error {
+		item, err := txn.Get(schemaKey)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return txn.Set(schemaKey, binary.BigEndian.AppendUint32(nil, schemaVersion))
+		}
+		if err != nil {
+			return err
+		}
+		return item.Value(func(v []byte) error {
+			if len(v) != 4 || binary.BigEndian.Uint32(v) != schemaVersion {
+				return fmt.Errorf("storage: data dir has schema %x, this build reads %d", v, schemaVersion)
+			}
+			return nil
+		})
+	})
+}
+
+// recount sets the counters from a key-only scan.
+func (s *Store) recount() error {
+	return s.db.View(func(txn *badger.Txn) error {
+		var bundles, devices, accounts int64
+		var lastDev []byte
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
+		for it.Rewind(); it.Valid(); it.Next() {
+			k := it.Item().Key()
+			bundles++
+			if dev := k[2 : 2+protocol.KeySize]; !bytes.Equal(dev, lastDev) {
+				devices++
+				lastDev = append(lastDev[:0], dev...)
+			}
+		}
+		it.Close()
+		it = txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}})
+		for it.Rewind(); it.Valid(); it.Next() {
+			accounts++
+		}
+		it.Close()
+		s.bundles.Store(bundles)
+		s.devices.Store(devices)
+		s.accounts.Store(accounts)
+		return nil
+	})
+}
+
+// Counts returns how many devices, bundles and accounts the store holds.
+func (s *Store) Counts() Counts {
+	return Counts{Devices: s.devices.Load(), Bundles: s.bundles.Load(), Accounts: s.accounts.Load()}
+}
+
+// DiskSize returns the sizes of Badger's LSM tree and value log in bytes.
+func (s *Store) DiskSize() (lsm, vlog int64) { return s.db.Size() }
+
+// Start runs a prune now and then every PruneInterval until ctx ends or
+// Close is called. Calling it again does nothing.
+func (s *Store) Start(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started || s.closed {
+		return
+	}
+	s.started = true
+	go s.pruneLoop(ctx)
+}
+
+// Close stops the prune loop and closes the database. It is safe to call
+// more than once.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	started := s.started
+	s.mu.Unlock()
+	close(s.stop)
+	if started {
+		<-s.done
+	}
+	return s.db.Close()
+}
+
+func (s *Store) pruneLoop(ctx context.Context) {
+	defer close(s.done)
+	t := time.NewTicker(s.opts.PruneInterval)
+	defer t.Stop()
+	for {
+		if st, err := s.Prune(ctx); err != nil {
+			s.log.Warn("prune failed", "err", err)
+		} else if st.Bundles+st.Accounts > 0 {
+			s.log.Info("pruned expired records", "bundles", st.Bundles, "accounts", st.Accounts)
+		}
+		s.gcValueLog()
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// update runs fn in a read-write transaction, retrying on conflicts with
+// concurrent writers. fn must reset any state it reports on each call.
+func (s *Store) update(ctx context.Context, fn func(txn *badger.Txn) error) error {
+	for attempt := 0; ; attempt++ {
+		err := s.db.Update(fn)
+		if !errors.Is(err, badger.ErrConflict) || attempt >= 64 {
+			if errors.Is(err, badger.ErrDBClosed) {
+				return ErrClosed
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+}
+
+// PutBundle stores a validated bundle unless it is already held (same ref
+// with the same or a newer timestamp) or the device already holds
+// MaxPerDevice newer bundles. When the device is full, the oldest bundles
+// are evicted to make room.
+func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	if b.ReceivedAtMS == 0 {
+		b.ReceivedAtMS = s.opts.Now().UnixMilli()
+	}
+	var (
+		outcome           PutOutcome
+		dBundles, dDevice int64
+	)
+	err := s.update(ctx, func(txn *badger.Txn) error {
+		outcome, dBundles, dDevice = 0, 0, 0
+		rk := refKey(b.DeviceID, b.Ref)
+		var oldKey []byte
+		switch item, err := txn.Get(rk); {
+		case err == nil:
+			var oldTS uint64
+			if err := item.Value(func(v []byte) error {
+				if len(v) != 8 {
+					return fmt.Errorf("%w: ref value of %d bytes", errCorrupt, len(v))
+				}
+				oldTS = binary.BigEndian.Uint64(v)
+				return nil
+			}); err != nil {
+				return err
+			}
+			if oldTS >= b.TimestampMS {
+				outcome = Duplicate
+				return nil
+			}
+			oldKey = bundleKey(prefixBundle, b.DeviceID, oldTS, b.Ref)
+		case !errors.Is(err, badger.ErrKeyNotFound):
+			return err
+		}
+
+		held, err := getCount(txn, b.DeviceID)
+		if err != nil {
+			return err
+		}
+		wasEmpty := held == 0
+		newKey := bundleKey(prefixBundle, b.DeviceID, b.TimestampMS, b.Ref)
+		if oldKey != nil {
+			if err := deleteBundleKeys(txn, oldKey); err != nil {
+				return err
+			}
+			held--
+			dBundles--
+			outcome = Refreshed
+		}
+		if max := s.opts.MaxPerDevice; held >= max {
+			keys, err := deviceKeys(txn, b.DeviceID)
+			if err != nil {
+				return err
+			}
+			if oldKey != nil {
+				keys = removeKey(keys, oldKey)
+			}
+			if bytes.Compare(newKey, keys[max-1]) > 0 {
+				// Older than every bundle kept: not stored. A refresh cannot
+				// get here, since it freed a place above.
+				outcome = OverQuota
+				return nil
+			}
+			for _, k := range keys[max-1:] {
+				if err := deleteBundle(txn, k); err != nil {
+					return err
+				}
+				held--
+				dBundles--
+			}
+		}
+		if err := setCount(txn, b.DeviceID, held+1); err != nil {
+			return err
+		}
+		if err := txn.Set(newKey, encodeBundleValue(b)); err != nil {
+			return err
+		}
+		if b.LastResort {
+			if err := txn.Set(bundleKey(prefixLastResort, b.DeviceID, b.TimestampMS, b.Ref), nil); err != nil {
+				return err
+			}
+		}
+		if err := txn.Set(rk, binary.BigEndian.AppendUint64(nil, b.TimestampMS)); err != nil {
+			return err
+		}
+		dBundles++
+		if wasEmpty {
+			dDevice = 1
+		}
+		if outcome == 0 {
+			outcome = Stored
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("storage: put bundle: %w", err)
+	}
+	s.bundles.Add(dBundles)
+	s.devices.Add(dDevice)
+	return outcome, nil
+}
+
+// getCount reads a device's bundle count (0 when it has none).
+func getCount(txn *badger.Txn, dev protocol.Key) (int, error) {
+	item, err := txn.Get(countKey(dev))
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	err = item.Value(func(v []byte) error {
+		if len(v) != 4 {
+			return fmt.Errorf("%w: count value of %d bytes", errCorrupt, len(v))
+		}
+		n = int(binary.BigEndian.Uint32(v))
+		return nil
+	})
+	return n, err
+}
+
+// setCount writes a device's bundle count, deleting the key at zero.
+func setCount(txn *badger.Txn, dev protocol.Key, n int) error {
+	if n <= 0 {
+		return txn.Delete(countKey(dev))
+	}
+	return txn.Set(countKey(dev), binary.BigEndian.AppendUint32(nil, uint32(n)))
+}
+
+// deviceKeys lists a device's b/ keys, newest first.
+func deviceKeys(txn *badger.Txn, dev protocol.Key) ([][]byte, error) {
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev)})
+	defer it.Close()
+	var keys [][]byte
+	for it.Rewind(); it.Valid(); it.Next() {
+		keys = append(keys, it.Item().KeyCopy(nil))
+	}
+	return keys, nil
+}
+
+func removeKey(keys [][]byte, k []byte) [][]byte {
+	for i := range keys {
+		if bytes.Equal(keys[i], k) {
+			return append(keys[:i], keys[i+1:]...)
+		}
+	}
+	return keys
+}
+
+// deleteBundleKeys deletes the b/ key and its l/ twin (present or not).
+func deleteBundleKeys(txn *badger.Txn, bkey []byte) error {
+	if err := txn.Delete(bkey); err != nil {
+		return err
+	}
+	lkey := append([]byte{prefixLastResort}, bkey[1:]...)
+	return txn.Delete(lkey)
+}
+
+// deleteBundle deletes a bundle entirely: b/, l/ and its r/ index entry.
+func deleteBundle(txn *badger.Txn, bkey []byte) error {
+	dev, _, ref, err := parseBundleKey(bkey)
+	if err != nil {
+		return err
+	}
+	if err := deleteBundleKeys(txn, bkey); err != nil {
+		return err
+	}
+	return txn.Delete(refKey(dev, ref))
+}
+
+// LatestBundle returns the bundle a chat client should get for a device: its
+// latest last-resort bundle if it has one, else its latest bundle, where
+// latest is the greatest signed timestamp (ties: smaller ref).
+func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (*Bundle, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var out *Bundle
+	err := s.db.View(func(txn *badger.Txn) error {
+		key, err := firstKey(txn, devicePrefix(prefixLastResort, dev))
+		if err != nil {
+			return err
+		}
+		if key != nil {
+			key[0] = prefixBundle
+		} else if key, err = firstKey(txn, devicePrefix(prefixBundle, dev)); err != nil {
+			return err
+		}
+		if key == nil {
+			return ErrNotFound
+		}
+		item, err := txn.Get(key)
+		if err != nil {
+			return err
+		}
+		out, err = bundleFromItem(item)
+		return err
+	})
+	if err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil, ErrNotFound
+		}
+		return nil, fmt.Errorf("storage: latest bundle: %w", err)
+	}
+	return out, nil
+}
+
+func firstKey(txn *badger.Txn, prefix []byte) ([]byte, error) {
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+	defer it.Close()
+	it.Rewind()
+	if !it.Valid() {
+		return nil, nil
+	}
+	return it.Item().KeyCopy(nil), nil
+}
+
+func bundleFromItem(item *badger.Item) (*Bundle, error) {
+	dev, ts, ref, err := parseBundleKey(item.Key())
+	if err != nil {
+		return nil, err
+	}
+	b := &Bundle{DeviceID: dev, TimestampMS: ts, Ref: ref}
+	if err := item.Value(func(v []byte) error { return decodeBundleValue(b, v) }); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// Bundles returns every bundle held for a device, newest first.
+func (s *Store) Bundles(ctx context.Context, dev protocol.Key) ([]*Bundle, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var out []*Bundle
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 16})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			b, err := bundleFromItem(it.Item())
+			if err != nil {
+				return err
+			}
+			out = append(out, b)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: bundles: %w", err)
+	}
+	return out, nil
+}
+
+// PutAccount stores a validated account bundle under rule. It sets
+// UpdatedAtMS to now. A bundle that does not supersede the stored one is
+// ErrStale (AccountConverge reports an identical bundle as Duplicate).
+func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (PutOutcome, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	var outcome PutOutcome
+	var dAccounts int64
+	err := s.update(ctx, func(txn *badger.Txn) error {
+		outcome, dAccounts = 0, 0
+		key := accountKey(a.AccountPub)
+		switch item, err := txn.Get(key); {
+		case err == nil:
+			var old Account
+			if err := item.Value(func(v []byte) error { return decodeAccountValue(&old, v) }); err != nil {
+				return err
+			}
+			switch rule {
+			case AccountMustIncrease:
+				if a.Lamport <= old.Lamport {
+					return ErrStale
+				}
+			case AccountConverge:
+				if bytes.Equal(a.Payload, old.Payload) && a.Signature == old.Signature {
+					outcome = Duplicate
+					return nil
+				}
+				if !protocol.AccountSupersedes(a.Lamport, a.Payload, old.Lamport, old.Payload) {
+					return ErrStale
+				}
+			default:
+				return fmt.Errorf("unknown account rule %d", rule)
+			}
+		case errors.Is(err, badger.ErrKeyNotFound):
+			dAccounts = 1
+		default:
+			return err
+		}
+		a.UpdatedAtMS = s.opts.Now().UnixMilli()
+		outcome = Stored
+		return txn.Set(key, encodeAccountValue(a))
+	})
+	if err != nil {
+		if errors.Is(err, ErrStale) {
+			return 0, ErrStale
+		}
+		return 0, fmt.Errorf("storage: put account: %w", err)
+	}
+	s.accounts.Add(dAccounts)
+	return outcome, nil
+}
+
+// Account returns the account bundle held for an account key.
+func (s *Store) Account(ctx context.Context, acct protocol.Key) (*Account, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	a := &Account{AccountPub: acct}
+	err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(accountKey(acct))
+		if err != nil {
+			return err
+		}
+		return item.Value(func(v []byte) error { return decodeAccountValue(a, v) })
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("storage: account: %w", err)
+	}
+	return a, nil
+}
