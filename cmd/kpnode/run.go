@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/protocol"
+)
+
+func runNode(args []string, stdout, stderr io.Writer) error {
+	cfg := node.DefaultConfig()
+	fs := newFlagSet("run", "", stderr)
+	fs.StringVar(&cfg.DataDir, "data", cfg.DataDir, "data directory (store and node state)")
+	fs.StringVar(&cfg.APIAddr, "api", cfg.APIAddr, "HTTP API listen address; keep it on loopback unless you mean to expose it")
+	fs.IntVar(&cfg.MaxPerDevice, "max-per-device", cfg.MaxPerDevice, "bundles kept per device (newest by signed timestamp)")
+	retention := durationFlag{&cfg.Policy.Retention}
+	fs.Var(retention, "retention", "how long bundles and account bundles are kept (e.g. 30d, 720h)")
+	lifetime := durationFlag{&cfg.Policy.MaxKeyPackageLifetime}
+	fs.Var(lifetime, "max-kp-lifetime", "longest KeyPackage lifetime accepted (not_after − not_before)")
+	mls := string(cfg.Policy.MLS)
+	fs.StringVar(&mls, "mls-validation", mls, "KeyPackage validation: strict (RFC 9420) or off (opaque, as chat-store)")
+	logLevel := "info"
+	fs.StringVar(&logLevel, "log-level", logLevel, "log level: debug, info, warn or error")
+	logFormat := "text"
+	fs.StringVar(&logFormat, "log-format", logFormat, "log format: text or json")
+	if rest, err := parseFlags(fs, args); err != nil {
+		return err
+	} else if len(rest) > 0 {
+		return fmt.Errorf("unexpected arguments %q", rest)
+	}
+	cfg.Policy.MLS = protocol.MLSMode(mls)
+
+	logger, err := newLogger(stderr, logLevel, logFormat)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = logger
+	cfg.Version = version()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	n, err := node.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := n.Start(ctx); err != nil {
+		n.Close()
+		return err
+	}
+	logger.Info("kpnode started", "version", cfg.Version, "data", cfg.DataDir, "api", "http://"+n.APIAddr().String(),
+		"mls_validation", cfg.Policy.MLS, "max_per_device", cfg.MaxPerDevice, "retention", cfg.Policy.Retention)
+	<-ctx.Done()
+	logger.Info("shutting down")
+	if err := n.Close(); err != nil {
+		return err
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// durationFlag is a time.Duration flag that also takes whole days ("30d").
+type durationFlag struct{ d *time.Duration }
+
+func (f durationFlag) String() string {
+	if f.d == nil {
+		return ""
+	}
+	if *f.d%(24*time.Hour) == 0 && *f.d != 0 {
+		return fmt.Sprintf("%dd", *f.d/(24*time.Hour))
+	}
+	return f.d.String()
+}
+
+func (f durationFlag) Set(s string) error {
+	d, err := parseDuration(s)
+	if err != nil {
+		return err
+	}
+	if d <= 0 {
+		return fmt.Errorf("must be positive")
+	}
+	*f.d = d
+	return nil
+}
+
+func parseDuration(s string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.ParseUint(days, 10, 16)
+		if err != nil {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	return time.ParseDuration(s)
+}

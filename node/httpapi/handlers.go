@@ -1,0 +1,164 @@
+package httpapi
+
+import (
+	"encoding/base64"
+	"errors"
+	"net/http"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// Messages of chat-store that clients may match on.
+const (
+	msgNoKeyPackage = "no keypackage for device"
+	msgNoAccount    = "no account bundle for account_pub"
+	msgStale        = "stale bundle: lamport is not newer than the stored one"
+	msgInternal     = "internal error"
+)
+
+// backendError maps a Backend error to its answer.
+func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, notFound string) int {
+	var ve *protocol.ValidationError
+	switch {
+	case errors.As(err, &ve):
+		a.log.Debug("refused", "route", r.URL.Path, "rule", ve.Rule, "err", err)
+		return writeError(w, http.StatusBadRequest, ve.Error())
+	case errors.Is(err, storage.ErrStale):
+		return writeError(w, http.StatusConflict, msgStale)
+	case errors.Is(err, storage.ErrNotFound):
+		return writeError(w, http.StatusNotFound, notFound)
+	default:
+		if r.Context().Err() == nil {
+			a.log.Error("backend failed", "route", r.URL.Path, "err", err)
+		}
+		return writeError(w, http.StatusInternalServerError, msgInternal)
+	}
+}
+
+func (a *api) refuse(w http.ResponseWriter, r *http.Request, e *requestError) int {
+	a.log.Debug("refused", "route", r.URL.Path, "code", e.code, "err", e.msg)
+	return writeError(w, e.code, e.msg)
+}
+
+func (a *api) postKeyPackage(w http.ResponseWriter, r *http.Request) int {
+	body, rerr := readJSONObject(w, r, a.maxBody, "device_id", "payload", "signature")
+	if rerr != nil {
+		return a.refuse(w, r, rerr)
+	}
+	key, payload, sig, rerr := signedFields(body, "device_id")
+	if rerr != nil {
+		return a.refuse(w, r, rerr)
+	}
+	if err := a.backend.SubmitBundle(r.Context(), &protocol.Bundle{DeviceID: key, Payload: payload, Signature: sig}); err != nil {
+		return a.backendError(w, r, err, msgNoKeyPackage)
+	}
+	return writeNoContent(w)
+}
+
+func (a *api) postAccount(w http.ResponseWriter, r *http.Request) int {
+	body, rerr := readJSONObject(w, r, a.maxBody, "account_pub", "payload", "signature")
+	if rerr != nil {
+		return a.refuse(w, r, rerr)
+	}
+	key, payload, sig, rerr := signedFields(body, "account_pub")
+	if rerr != nil {
+		return a.refuse(w, r, rerr)
+	}
+	if err := a.backend.SubmitAccount(r.Context(), &protocol.AccountBundle{AccountPub: key, Payload: payload, Signature: sig}); err != nil {
+		return a.backendError(w, r, err, msgNoAccount)
+	}
+	return writeNoContent(w)
+}
+
+// keyPackageBody is chat-store's GET /v0/keypackage reply, fields in order.
+type keyPackageBody struct {
+	Payload   string `json:"payload"`
+	Signature string `json:"signature"`
+}
+
+// accountBody is chat-store's GET /v0/account reply, fields in order.
+type accountBody struct {
+	Payload   string `json:"payload"`
+	Signature string `json:"signature"`
+	UpdatedAt int64  `json:"updated_at"`
+}
+
+var b64 = base64.StdEncoding
+
+func (a *api) getKeyPackage(w http.ResponseWriter, r *http.Request) int {
+	// chat-store looks the segment up verbatim, so anything that is not a key
+	// is simply unknown: 404. Keys are normalised, so any hex case is found.
+	key, err := protocol.ParseKey(r.PathValue("device_id"))
+	if err != nil {
+		return writeError(w, http.StatusNotFound, msgNoKeyPackage)
+	}
+	b, err := a.backend.LatestBundle(r.Context(), key)
+	if err != nil {
+		return a.backendError(w, r, err, msgNoKeyPackage)
+	}
+	return writeJSON(w, http.StatusOK, keyPackageBody{
+		Payload:   b64.EncodeToString(b.Payload),
+		Signature: b64.EncodeToString(b.Signature[:]),
+	})
+}
+
+func (a *api) getAccount(w http.ResponseWriter, r *http.Request) int {
+	key, err := protocol.ParseKey(r.PathValue("account_pub"))
+	if err != nil {
+		return writeError(w, http.StatusNotFound, msgNoAccount)
+	}
+	acct, err := a.backend.Account(r.Context(), key)
+	if err != nil {
+		return a.backendError(w, r, err, msgNoAccount)
+	}
+	return writeJSON(w, http.StatusOK, accountBody{
+		Payload:   b64.EncodeToString(acct.Payload),
+		Signature: b64.EncodeToString(acct.Signature[:]),
+		UpdatedAt: acct.UpdatedAtMS,
+	})
+}
+
+// bundleListBody is the v1 list of a device's bundles.
+type bundleListBody struct {
+	DeviceID string           `json:"device_id"`
+	Bundles  []bundleListItem `json:"bundles"`
+}
+
+type bundleListItem struct {
+	Ref         string `json:"ref"`
+	TimestampMS uint64 `json:"timestamp_ms"`
+	LastResort  bool   `json:"last_resort"`
+	Payload     string `json:"payload"`
+	Signature   string `json:"signature"`
+}
+
+func (a *api) listKeyPackages(w http.ResponseWriter, r *http.Request) int {
+	key, err := protocol.ParseKey(r.PathValue("device_id"))
+	if err != nil {
+		return writeError(w, http.StatusBadRequest, "device_id: must be hex of a 32-byte key")
+	}
+	bundles, err := a.backend.Bundles(r.Context(), key)
+	if err != nil {
+		return a.backendError(w, r, err, msgNoKeyPackage)
+	}
+	out := bundleListBody{DeviceID: key.String(), Bundles: make([]bundleListItem, 0, len(bundles))}
+	for _, b := range bundles {
+		out.Bundles = append(out.Bundles, bundleListItem{
+			Ref:         b.Ref.String(),
+			TimestampMS: b.TimestampMS,
+			LastResort:  b.LastResort,
+			Payload:     b64.EncodeToString(b.Payload),
+			Signature:   b64.EncodeToString(b.Signature[:]),
+		})
+	}
+	return writeJSON(w, http.StatusOK, out)
+}
+
+func (a *api) status(w http.ResponseWriter, r *http.Request) int {
+	return writeJSON(w, http.StatusOK, a.backend.Status(r.Context()))
+}
+
+func (a *api) healthz(w http.ResponseWriter, r *http.Request) int {
+	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}

@@ -1,0 +1,216 @@
+// Package node wires kpnode together: the validation policy of protocol,
+// the Badger store of storage and the local HTTP API. It is the one place
+// that decides what happens to a bundle from the moment it arrives to the
+// moment it is stored and served.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// Config configures a Node. Start from DefaultConfig.
+type Config struct {
+	// DataDir holds the store and the node's state. Created 0700 if missing.
+	DataDir string
+	// APIAddr is the local HTTP API's listen address (host:port). Port 0
+	// picks a free port; Node.APIAddr tells which.
+	APIAddr string
+	// MaxPerDevice caps the bundles kept per device.
+	MaxPerDevice int
+	// Policy is the validation policy (retention, clock skew, MLS mode).
+	Policy protocol.Policy
+	// PruneInterval is how often expired records are pruned.
+	PruneInterval time.Duration
+	// NoSync turns off fsync per acknowledged write (tests and benchmarks only).
+	NoSync bool
+	// Version is reported by /v1/status.
+	Version string
+	// Logger is the node's logger. Default slog.Default().
+	Logger *slog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// Defaults of Config.
+const (
+	DefaultDataDir = "./kpnode-data"
+	DefaultAPIAddr = "127.0.0.1:8080"
+)
+
+// DefaultConfig returns the defaults the CLI starts from.
+func DefaultConfig() Config {
+	return Config{
+		DataDir:       DefaultDataDir,
+		APIAddr:       DefaultAPIAddr,
+		MaxPerDevice:  storage.DefaultMaxPerDevice,
+		Policy:        protocol.DefaultPolicy(),
+		PruneInterval: storage.DefaultPruneInterval,
+		Version:       "dev",
+	}
+}
+
+// Validate reports whether c is usable.
+func (c Config) Validate() error {
+	if c.DataDir == "" {
+		return errors.New("data dir is required")
+	}
+	if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {
+		return fmt.Errorf("api address %q: %w", c.APIAddr, err)
+	}
+	if c.MaxPerDevice < 1 {
+		return fmt.Errorf("max per device must be at least 1, got %d", c.MaxPerDevice)
+	}
+	if c.PruneInterval <= 0 {
+		return fmt.Errorf("prune interval must be positive, got %v", c.PruneInterval)
+	}
+	return c.Policy.Validate()
+}
+
+// Node is a running kpnode.
+type Node struct {
+	cfg      Config
+	log      *slog.Logger
+	store    *storage.Store
+	registry *prometheus.Registry
+	metrics  *metrics
+	api      http.Handler
+
+	mu       sync.Mutex // guards the fields below
+	listener net.Listener
+	server   *http.Server
+	cancel   context.CancelFunc
+	serveErr chan error
+	closed   bool
+}
+
+// New opens the node's store and builds its API; Start begins serving.
+func New(cfg Config) (*Node, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("node: config: %w", err)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("node: data dir: %w", err)
+	}
+	store, err := storage.Open(storage.Options{
+		Dir:           filepath.Join(cfg.DataDir, "store"),
+		MaxPerDevice:  cfg.MaxPerDevice,
+		Retention:     cfg.Policy.Retention,
+		PruneInterval: cfg.PruneInterval,
+		NoSync:        cfg.NoSync,
+		Logger:        cfg.Logger.With("component", "storage"),
+		Now:           cfg.Now,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
+	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry()}
+	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	n.metrics = newMetrics(n.registry, store)
+	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("node: %w", err)
+	}
+	return n, nil
+}
+
+// Handler returns the HTTP API handler (for tests and embedding).
+func (n *Node) Handler() http.Handler { return n.api }
+
+// Start listens on the API address and starts background work. It returns
+// once the API accepts connections.
+func (n *Node) Start(ctx context.Context) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return errors.New("node: closed")
+	}
+	if n.listener != nil {
+		return errors.New("node: already started")
+	}
+	ln, err := net.Listen("tcp", n.cfg.APIAddr)
+	if err != nil {
+		return fmt.Errorf("node: api listen: %w", err)
+	}
+	ctx, n.cancel = context.WithCancel(ctx)
+	n.store.Start(ctx)
+	n.listener = ln
+	n.server = &http.Server{
+		Handler:           n.api,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelDebug),
+	}
+	n.serveErr = make(chan error, 1)
+	go func() { n.serveErr <- n.server.Serve(ln) }()
+	n.log.Info("http api listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// APIAddr returns the address the API listens on, or nil before Start.
+func (n *Node) APIAddr() net.Addr {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.listener == nil {
+		return nil
+	}
+	return n.listener.Addr()
+}
+
+// Close stops serving (letting requests in flight finish for up to 5 s)
+// and closes the store. It is safe to call more than once.
+func (n *Node) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	server, cancel := n.server, n.cancel
+	n.mu.Unlock()
+
+	var errs []error
+	if server != nil {
+		ctx, stop := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := server.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+		}
+		stop()
+		if err := <-n.serveErr; err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errs = append(errs, fmt.Errorf("http serve: %w", err))
+		}
+	}
+	if cancel != nil {
+		cancel()
+	}
+	if err := n.store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("store close: %w", err))
+	}
+	return errors.Join(errs...)
+}
