@@ -322,8 +322,8 @@ func TestBinaryKill9KeepsAcknowledgedWrites(t *testing.T) {
 	defer cancel()
 
 	var (
-		mu    sync.Mutex
-		acked []protocol.Bundle
+		mu      sync.Mutex
+		acked   []protocol.Bundle
 		count   atomic.Int64
 		wg      sync.WaitGroup
 		reached = make(chan struct{})
