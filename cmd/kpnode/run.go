@@ -27,6 +27,8 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	fs.Var(lifetime, "max-kp-lifetime", "longest KeyPackage lifetime accepted (not_after − not_before)")
 	mls := string(cfg.Policy.MLS)
 	fs.StringVar(&mls, "mls-validation", mls, "KeyPackage validation: strict (RFC 9420) or off (opaque, as chat-store)")
+	syncWrites := true
+	fs.BoolVar(&syncWrites, "sync-writes", syncWrites, "fsync every acknowledged write; false keeps writes safe from a crash of the process but not of the machine")
 	logLevel := "info"
 	fs.StringVar(&logLevel, "log-level", logLevel, "log level: debug, info, warn or error")
 	logFormat := "text"
@@ -37,6 +39,7 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments %q", rest)
 	}
 	cfg.Policy.MLS = protocol.MLSMode(mls)
+	cfg.NoSync = !syncWrites
 
 	logger, err := newLogger(stderr, logLevel, logFormat)
 	if err != nil {
