@@ -2,12 +2,12 @@ package protocol
 
 import (
 	"crypto/ed25519"
-	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"strings"
+
+	"github.com/kpnode/kpnode/protocol/mls"
 )
 
 // Sizes of the fixed parts of a bundle.
@@ -95,35 +95,7 @@ func SignBundle(device ed25519.PrivateKey, timestampMS uint64, keyPackage []byte
 	return b
 }
 
-// refLabel is the RefHash label of a KeyPackageRef (RFC 9420 §5.2).
-const refLabel = "MLS 1.0 KeyPackage Reference"
-
 // KeyPackageRef computes RefHash("MLS 1.0 KeyPackage Reference", value) with
 // SHA-256: SHA-256(opaque label<V> ‖ opaque value<V>). value is the bare
 // KeyPackage (or, with MLS validation off, the key_package bytes as given).
-func KeyPackageRef(value []byte) Ref {
-	h := sha256.New()
-	var lenBuf [4]byte
-	h.Write(appendVarint(lenBuf[:0], uint64(len(refLabel))))
-	h.Write([]byte(refLabel))
-	h.Write(appendVarint(lenBuf[:0], uint64(len(value))))
-	h.Write(value)
-	var r Ref
-	h.Sum(r[:0])
-	return r
-}
-
-// appendVarint appends the RFC 9420 §2.1.2 variable-length integer encoding
-// of v (minimal form). v must be below 2^30.
-func appendVarint(b []byte, v uint64) []byte {
-	switch {
-	case v < 1<<6:
-		return append(b, byte(v))
-	case v < 1<<14:
-		return append(b, byte(v>>8)|0x40, byte(v))
-	case v < 1<<30:
-		return append(b, byte(v>>24)|0x80, byte(v>>16), byte(v>>8), byte(v))
-	default:
-		panic(fmt.Sprintf("protocol: varint %d too large", v))
-	}
-}
+func KeyPackageRef(value []byte) Ref { return Ref(mls.Ref(value)) }
