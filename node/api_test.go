@@ -24,6 +24,7 @@ func testNode(t testing.TB, mutate func(*Config)) (*Node, string) {
 	cfg := DefaultConfig()
 	cfg.DataDir = t.TempDir()
 	cfg.APIAddr = "127.0.0.1:0"
+	cfg.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
 	cfg.NoSync = true
 	cfg.Policy.MLS = protocol.MLSOff
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -317,9 +318,9 @@ func TestStatusHealthAndMetrics(t *testing.T) {
 	for _, want := range []string{
 		`kpnode_http_requests_total{code="204",route="POST /v0/keypackage"} 1`,
 		`kpnode_http_requests_total{code="400",route="POST /v0/keypackage"} 1`,
-		`kpnode_bundles_accepted_total{outcome="stored"} 1`,
-		`kpnode_bundles_rejected_total{reason="signature"} 1`,
-		`kpnode_accounts_accepted_total 1`,
+		`kpnode_bundles_accepted_total{outcome="stored",source="http"} 1`,
+		`kpnode_bundles_rejected_total{reason="signature",source="http"} 1`,
+		`kpnode_accounts_accepted_total{outcome="stored",source="http"} 1`,
 		`kpnode_store_bundles 1`,
 		`kpnode_store_accounts 1`,
 	} {

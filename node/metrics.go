@@ -1,6 +1,11 @@
 package node
 
 import (
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/peer"
+	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpnode/kpnode/protocol"
@@ -11,30 +16,41 @@ import (
 type metrics struct {
 	bundlesAccepted  *prometheus.CounterVec
 	bundlesRejected  *prometheus.CounterVec
-	accountsAccepted prometheus.Counter
+	accountsAccepted *prometheus.CounterVec
 	accountsRejected *prometheus.CounterVec
+	gossipVerdicts   *prometheus.CounterVec
+	gossipDropped    *prometheus.CounterVec
+	fetchServedTotal *prometheus.CounterVec
+	lookups          *prometheus.CounterVec
+	provides         prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
-	m := &metrics{
-		bundlesAccepted: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kpnode_bundles_accepted_total",
-			Help: "Valid bundles by what the store did with them (stored, refreshed, duplicate, over_quota).",
-		}, []string{"outcome"}),
-		bundlesRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kpnode_bundles_rejected_total",
-			Help: "Bundles refused by validation, by the rule that failed.",
-		}, []string{"reason"}),
-		accountsAccepted: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "kpnode_accounts_accepted_total",
-			Help: "Account bundles stored.",
-		}),
-		accountsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kpnode_accounts_rejected_total",
-			Help: "Account bundles refused, by the rule that failed (stale: lamport not newer).",
-		}, []string{"reason"}),
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+		reg.MustRegister(c)
+		return c
 	}
-	reg.MustRegister(m.bundlesAccepted, m.bundlesRejected, m.accountsAccepted, m.accountsRejected)
+	m := &metrics{
+		bundlesAccepted: counter("kpnode_bundles_accepted_total",
+			"Valid bundles by source (http, gossip, fetch, sync) and what the store did (stored, refreshed, duplicate, over_quota).", "source", "outcome"),
+		bundlesRejected: counter("kpnode_bundles_rejected_total",
+			"Bundles refused by validation, by source and the rule that failed.", "source", "reason"),
+		accountsAccepted: counter("kpnode_accounts_accepted_total",
+			"Valid account bundles by source and outcome.", "source", "outcome"),
+		accountsRejected: counter("kpnode_accounts_rejected_total",
+			"Account bundles refused, by source and rule (stale: lamport not newer).", "source", "reason"),
+		gossipVerdicts: counter("kpnode_gossip_validations_total",
+			"Gossip validator verdicts (accept, reject, ignore).", "verdict"),
+		gossipDropped: counter("kpnode_gossip_dropped_total",
+			"Gossip messages or RPCs dropped by a full queue (where: outbound, validation, subscription).", "where"),
+		fetchServedTotal: counter("kpnode_fetch_served_total",
+			"Fetch requests served, by status.", "status"),
+		lookups: counter("kpnode_lookups_total",
+			"Network lookups for keys of shards the node does not hold, by kind and result.", "kind", "result"),
+		provides: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_dht_provides_total", Help: "Shard provider records announced."}),
+	}
+	reg.MustRegister(m.provides)
 	gauge := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
 	}
@@ -46,14 +62,62 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 	return m
 }
 
-func (m *metrics) bundleAccepted(o storage.PutOutcome) {
-	m.bundlesAccepted.WithLabelValues(o.String()).Inc()
+func (m *metrics) bundleAccepted(src source, o storage.PutOutcome) {
+	m.bundlesAccepted.WithLabelValues(string(src), o.String()).Inc()
 }
 
-func (m *metrics) bundleRejected(r protocol.Rule) {
-	m.bundlesRejected.WithLabelValues(string(r)).Inc()
+func (m *metrics) bundleRejected(src source, r protocol.Rule) {
+	m.bundlesRejected.WithLabelValues(string(src), string(r)).Inc()
 }
 
-func (m *metrics) accountRejected(r protocol.Rule) {
-	m.accountsRejected.WithLabelValues(string(r)).Inc()
+func (m *metrics) accountAccepted(src source, o storage.PutOutcome) {
+	m.accountsAccepted.WithLabelValues(string(src), o.String()).Inc()
 }
+
+func (m *metrics) accountRejected(src source, r protocol.Rule) {
+	m.accountsRejected.WithLabelValues(string(src), string(r)).Inc()
+}
+
+func (m *metrics) fetchServed(status string) { m.fetchServedTotal.WithLabelValues(status).Inc() }
+
+func (m *metrics) gossipVerdict(r pubsub.ValidationResult) {
+	switch r {
+	case pubsub.ValidationAccept:
+		m.gossipVerdicts.WithLabelValues("accept").Inc()
+	case pubsub.ValidationReject:
+		m.gossipVerdicts.WithLabelValues("reject").Inc()
+	default:
+		m.gossipVerdicts.WithLabelValues("ignore").Inc()
+	}
+}
+
+// gossipTracer counts the drops gossipsub otherwise makes silently.
+func (m *metrics) gossipTracer() pubsub.RawTracer { return dropTracer{m} }
+
+type dropTracer struct{ m *metrics }
+
+func (t dropTracer) DropRPC(*pubsub.RPC, peer.ID) {
+	t.m.gossipDropped.WithLabelValues("outbound").Inc()
+}
+func (t dropTracer) UndeliverableMessage(*pubsub.Message) {
+	t.m.gossipDropped.WithLabelValues("subscription").Inc()
+}
+func (t dropTracer) RejectMessage(_ *pubsub.Message, reason string) {
+	switch reason {
+	case pubsub.RejectValidationQueueFull, pubsub.RejectValidationThrottled:
+		t.m.gossipDropped.WithLabelValues("validation").Inc()
+	}
+}
+func (dropTracer) OnNewOutboundStream(peer.ID, p2pprotocol.ID)          {}
+func (dropTracer) OnClosedOutboundStream(peer.ID)                       {}
+func (dropTracer) SendRPCCompleted(*pubsub.RPC, peer.ID, time.Duration) {}
+func (dropTracer) Join(string)                                          {}
+func (dropTracer) Leave(string)                                         {}
+func (dropTracer) Graft(peer.ID, string)                                {}
+func (dropTracer) Prune(peer.ID, string)                                {}
+func (dropTracer) ValidateMessage(*pubsub.Message)                      {}
+func (dropTracer) DeliverMessage(*pubsub.Message)                       {}
+func (dropTracer) DuplicateMessage(*pubsub.Message)                     {}
+func (dropTracer) ThrottlePeer(peer.ID)                                 {}
+func (dropTracer) RecvRPC(*pubsub.RPC)                                  {}
+func (dropTracer) SendRPC(*pubsub.RPC, peer.ID)                         {}

@@ -16,6 +16,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -31,6 +35,27 @@ type Config struct {
 	// APIAddr is the local HTTP API's listen address (host:port). Port 0
 	// picks a free port; Node.APIAddr tells which.
 	APIAddr string
+	// Network names the registry network; it is part of every topic and
+	// protocol ID, so nodes of two networks never mix.
+	Network string
+	// Listen are the libp2p listen multiaddrs.
+	Listen []string
+	// Bootstrap are multiaddrs (with /p2p/) of peers to dial on start.
+	Bootstrap []string
+	// Shards are the shards this node holds (subscribes to, stores,
+	// provides in the DHT). A light node holds none.
+	Shards protocol.ShardSet
+	// Light runs a light node: no shards, DHT client mode, fetched records
+	// cached in memory.
+	Light bool
+	// LookupTimeout bounds a network lookup for a key of a shard the node
+	// does not hold.
+	LookupTimeout time.Duration
+	// CacheSize and CacheTTL bound the cache of fetched records; NegativeTTL
+	// is how long a miss is remembered.
+	CacheSize   int
+	CacheTTL    time.Duration
+	NegativeTTL time.Duration
 	// MaxPerDevice caps the bundles kept per device.
 	MaxPerDevice int
 	// Policy is the validation policy (retention, clock skew, MLS mode).
@@ -45,6 +70,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+
+	// PeerScoreInspect, if set, receives every gossipsub peer score ten times a
+	// second (diagnostics and tests).
+	PeerScoreInspect func(map[peer.ID]float64)
 }
 
 // Defaults of Config.
@@ -58,6 +87,13 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:       DefaultDataDir,
 		APIAddr:       DefaultAPIAddr,
+		Network:       protocol.DefaultNetwork,
+		Listen:        DefaultListen(4001),
+		Shards:        protocol.AllShards(protocol.DefaultShardCount),
+		LookupTimeout: DefaultLookupTimeout,
+		CacheSize:     DefaultCacheSize,
+		CacheTTL:      DefaultCacheTTL,
+		NegativeTTL:   DefaultNegativeTTL,
 		MaxPerDevice:  storage.DefaultMaxPerDevice,
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
@@ -65,10 +101,49 @@ func DefaultConfig() Config {
 	}
 }
 
+// DefaultListen returns TCP and QUIC on all IPv4 and IPv6 interfaces on
+// port, as other libp2p nodes listen.
+func DefaultListen(port int) []string {
+	return []string{
+		fmt.Sprintf("/ip4/0.0.0.0/tcp/%d", port),
+		fmt.Sprintf("/ip4/0.0.0.0/udp/%d/quic-v1", port),
+		fmt.Sprintf("/ip6/::/tcp/%d", port),
+		fmt.Sprintf("/ip6/::/udp/%d/quic-v1", port),
+	}
+}
+
 // Validate reports whether c is usable.
 func (c Config) Validate() error {
 	if c.DataDir == "" {
 		return errors.New("data dir is required")
+	}
+	if err := protocol.ValidateNetworkName(c.Network); err != nil {
+		return err
+	}
+	if len(c.Listen) == 0 {
+		return errors.New("at least one listen address is required")
+	}
+	for _, a := range c.Listen {
+		if _, err := ma.NewMultiaddr(a); err != nil {
+			return fmt.Errorf("listen address %q: %w", a, err)
+		}
+	}
+	for _, a := range c.Bootstrap {
+		if _, err := peer.AddrInfoFromString(a); err != nil {
+			return fmt.Errorf("bootstrap address %q (want a multiaddr ending in /p2p/<peer id>): %w", a, err)
+		}
+	}
+	if c.Shards.Count() < 1 || c.Shards.Count() > 256 {
+		return protocol.ErrShardCount
+	}
+	if c.Light && !c.Shards.Empty() {
+		return errors.New("a light node holds no shards")
+	}
+	if !c.Light && c.Shards.Empty() {
+		return errors.New("a full node must hold at least one shard (or run with --light)")
+	}
+	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
+		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
 	}
 	if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {
 		return fmt.Errorf("api address %q: %w", c.APIAddr, err)
@@ -90,6 +165,14 @@ type Node struct {
 	registry *prometheus.Registry
 	metrics  *metrics
 	api      http.Handler
+	identity crypto.PrivKey
+
+	// Set by Start, read-only afterwards.
+	host   host.Host
+	gossip *gossip
+	fetch  *fetchService
+	dht    *discovery
+	lookup *lookup
 
 	mu       sync.Mutex // guards the fields below
 	listener net.Listener
@@ -113,6 +196,10 @@ func New(cfg Config) (*Node, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("node: data dir: %w", err)
 	}
+	identity, err := LoadOrCreateIdentity(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
 	store, err := storage.Open(storage.Options{
 		Dir:           filepath.Join(cfg.DataDir, "store"),
 		MaxPerDevice:  cfg.MaxPerDevice,
@@ -125,7 +212,7 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry()}
+	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity}
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	n.metrics = newMetrics(n.registry, store)
 	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})
@@ -150,11 +237,18 @@ func (n *Node) Start(ctx context.Context) error {
 	if n.listener != nil {
 		return errors.New("node: already started")
 	}
+	ctx, n.cancel = context.WithCancel(ctx)
+	if err := n.startNetwork(ctx); err != nil {
+		n.cancel()
+		n.stopNetwork()
+		return err
+	}
 	ln, err := net.Listen("tcp", n.cfg.APIAddr)
 	if err != nil {
+		n.cancel()
+		n.stopNetwork()
 		return fmt.Errorf("node: api listen: %w", err)
 	}
-	ctx, n.cancel = context.WithCancel(ctx)
 	n.store.Start(ctx)
 	n.listener = ln
 	n.server = &http.Server{
@@ -208,6 +302,9 @@ func (n *Node) Close() error {
 	}
 	if cancel != nil {
 		cancel()
+	}
+	if err := n.stopNetwork(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := n.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("store close: %w", err))

@@ -8,14 +8,24 @@ import (
 	"github.com/kpnode/kpnode/storage"
 )
 
-// SubmitBundle validates a bundle and stores it. A bundle the node already
-// holds is accepted again without change (idempotent). Validation failures
-// are *protocol.ValidationError.
-func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
+// source names the path a record arrived on, for metrics and logs.
+type source string
+
+const (
+	sourceHTTP   source = "http"
+	sourceGossip source = "gossip"
+	sourceFetch  source = "fetch"
+	sourceSync   source = "sync"
+)
+
+// ingestBundle validates a bundle and stores it: the one path every bundle
+// takes, whatever it arrived on. Validation failures are
+// *protocol.ValidationError.
+func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source) (storage.PutOutcome, error) {
 	info, err := n.cfg.Policy.ValidateBundle(b, n.cfg.Now())
 	if err != nil {
-		n.metrics.bundleRejected(protocol.RuleOf(err))
-		return err
+		n.metrics.bundleRejected(src, protocol.RuleOf(err))
+		return 0, err
 	}
 	outcome, err := n.store.PutBundle(ctx, &storage.Bundle{
 		DeviceID:    b.DeviceID,
@@ -26,16 +36,79 @@ func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
 		Signature:   b.Signature,
 	})
 	if err != nil {
+		return 0, err
+	}
+	n.metrics.bundleAccepted(src, outcome)
+	n.log.Debug("bundle accepted", "source", src, "device", b.DeviceID, "ref", info.Ref, "ts", info.TimestampMS, "outcome", outcome)
+	return outcome, nil
+}
+
+// ingestAccount validates an account bundle and stores it under rule.
+func (n *Node) ingestAccount(ctx context.Context, a *protocol.AccountBundle, rule storage.AccountRule, src source) (*storage.Account, storage.PutOutcome, error) {
+	lamport, err := n.cfg.Policy.ValidateAccount(a)
+	if err != nil {
+		n.metrics.accountRejected(src, protocol.RuleOf(err))
+		return nil, 0, err
+	}
+	rec := &storage.Account{AccountPub: a.AccountPub, Lamport: lamport, Payload: a.Payload, Signature: a.Signature}
+	outcome, err := n.store.PutAccount(ctx, rec, rule)
+	if errors.Is(err, storage.ErrStale) {
+		n.metrics.accountRejected(src, "stale")
+		return nil, 0, err
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	n.metrics.accountAccepted(src, outcome)
+	return rec, outcome, nil
+}
+
+// SubmitBundle takes a bundle from the local API: validate, store, then
+// gossip it to its shard's holders. A bundle the node already holds is
+// accepted again (idempotent) and re-gossiped, which repairs a peer that
+// missed it.
+func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
+	outcome, err := n.ingestBundle(ctx, b, sourceHTTP)
+	if err != nil {
 		return err
 	}
-	n.metrics.bundleAccepted(outcome)
-	n.log.Debug("bundle accepted", "device", b.DeviceID, "ref", info.Ref, "ts", info.TimestampMS, "outcome", outcome)
+	if outcome != storage.OverQuota && n.gossip != nil {
+		if err := n.gossip.publishBundle(ctx, b); err != nil {
+			n.log.Warn("gossip publish failed; the bundle is stored and sync will spread it", "device", b.DeviceID, "err", err)
+		}
+	}
 	return nil
 }
 
-// LatestBundle returns the bundle to hand a chat client for a device.
+// SubmitAccount takes an account bundle from the local API. Its lamport must
+// be greater than the stored one's (storage.ErrStale otherwise, as in
+// chat-store); then it is gossiped.
+func (n *Node) SubmitAccount(ctx context.Context, a *protocol.AccountBundle) error {
+	rec, _, err := n.ingestAccount(ctx, a, storage.AccountMustIncrease, sourceHTTP)
+	if err != nil {
+		return err
+	}
+	if n.gossip != nil {
+		if err := n.gossip.publishAccount(ctx, a, rec.UpdatedAtMS); err != nil {
+			n.log.Warn("gossip publish failed; the account bundle is stored and sync will spread it", "account", a.AccountPub, "err", err)
+		}
+	}
+	return nil
+}
+
+// LatestBundle returns the bundle to hand a chat client for a device. A
+// node answers keys of the shards it holds from its store alone. For other
+// keys it serves what its own client published, else asks the network.
 func (n *Node) LatestBundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error) {
-	return n.store.LatestBundle(ctx, device)
+	b, err := n.store.LatestBundle(ctx, device)
+	if !errors.Is(err, storage.ErrNotFound) || n.cfg.Shards.HasKey(device) || n.lookup == nil {
+		return b, err
+	}
+	b, err = n.lookup.bundle(ctx, device)
+	if errors.Is(err, errLookupMiss) {
+		return nil, storage.ErrNotFound
+	}
+	return b, err
 }
 
 // Bundles returns every bundle held for a device, newest first.
@@ -43,55 +116,64 @@ func (n *Node) Bundles(ctx context.Context, device protocol.Key) ([]*storage.Bun
 	return n.store.Bundles(ctx, device)
 }
 
-// SubmitAccount validates an account bundle and stores it if its lamport is
-// greater than the stored one's (storage.ErrStale otherwise, as chat-store).
-func (n *Node) SubmitAccount(ctx context.Context, a *protocol.AccountBundle) error {
-	lamport, err := n.cfg.Policy.ValidateAccount(a)
-	if err != nil {
-		n.metrics.accountRejected(protocol.RuleOf(err))
-		return err
-	}
-	_, err = n.store.PutAccount(ctx, &storage.Account{
-		AccountPub: a.AccountPub,
-		Lamport:    lamport,
-		Payload:    a.Payload,
-		Signature:  a.Signature,
-	}, storage.AccountMustIncrease)
-	if errors.Is(err, storage.ErrStale) {
-		n.metrics.accountRejected("stale")
-		return err
-	}
-	if err != nil {
-		return err
-	}
-	n.metrics.accountsAccepted.Inc()
-	return nil
-}
-
-// Account returns the account bundle held for an account key.
+// Account returns the account bundle for an account key, from the store for
+// held shards and from the network otherwise.
 func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Account, error) {
-	return n.store.Account(ctx, account)
+	a, err := n.store.Account(ctx, account)
+	if !errors.Is(err, storage.ErrNotFound) || n.cfg.Shards.HasKey(account) || n.lookup == nil {
+		return a, err
+	}
+	a, err = n.lookup.account(ctx, account)
+	if errors.Is(err, errLookupMiss) {
+		return nil, storage.ErrNotFound
+	}
+	return a, err
 }
 
 // Status is the body of GET /v1/status.
 type Status struct {
-	Version       string `json:"version"`
-	DataDir       string `json:"data_dir"`
-	MLSValidation string `json:"mls_validation"`
-	Devices       int64  `json:"devices"`
-	Bundles       int64  `json:"bundles"`
-	Accounts      int64  `json:"accounts"`
+	Version        string   `json:"version"`
+	DataDir        string   `json:"data_dir"`
+	Network        string   `json:"network"`
+	PeerID         string   `json:"peer_id"`
+	Addrs          []string `json:"addrs"`
+	ConnectedPeers int      `json:"connected_peers"`
+	Peers          []string `json:"peers"`
+	Light          bool     `json:"light"`
+	Shards         []int    `json:"shards"`
+	ShardCount     int      `json:"shard_count"`
+	MLSValidation  string   `json:"mls_validation"`
+	Devices        int64    `json:"devices"`
+	Bundles        int64    `json:"bundles"`
+	Accounts       int64    `json:"accounts"`
 }
 
 // Status reports the node's state.
 func (n *Node) Status(ctx context.Context) any {
 	c := n.store.Counts()
-	return Status{
+	st := Status{
 		Version:       n.cfg.Version,
 		DataDir:       n.cfg.DataDir,
+		Network:       n.cfg.Network,
+		Light:         n.cfg.Light,
+		Shards:        n.cfg.Shards.List(),
+		ShardCount:    n.cfg.Shards.Count(),
 		MLSValidation: string(n.cfg.Policy.MLS),
 		Devices:       c.Devices,
 		Bundles:       c.Bundles,
 		Accounts:      c.Accounts,
+		Peers:         []string{},
 	}
+	if st.Shards == nil {
+		st.Shards = []int{}
+	}
+	if n.host != nil {
+		st.PeerID = n.host.ID().String()
+		st.Addrs, _ = n.P2PAddrs()
+		for _, p := range n.ConnectedPeers() {
+			st.Peers = append(st.Peers, p.String())
+		}
+		st.ConnectedPeers = len(st.Peers)
+	}
+	return st
 }

@@ -1,0 +1,183 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+// startNetwork brings up the libp2p host, gossip, fetch and the DHT, and
+// starts dialling the bootstrap peers.
+func (n *Node) startNetwork(ctx context.Context) error {
+	h, err := newHost(n.cfg, n.identity, n.registry, n.log)
+	if err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	n.host = h
+	n.fetch = startFetch(n, h)
+	if n.dht, err = startDHT(n, h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	if n.gossip, err = startGossip(ctx, n, h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	n.lookup = newLookup(n)
+	go n.bootstrapLoop(ctx)
+	go n.dht.provideLoop(ctx)
+	addrs, _ := n.P2PAddrs()
+	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.cfg.Network, "shards", n.cfg.Shards.String(),
+		"light", n.cfg.Light, "addrs", addrs)
+	return nil
+}
+
+// stopNetwork closes what startNetwork started, in reverse order.
+func (n *Node) stopNetwork() error {
+	var errs []error
+	if n.gossip != nil {
+		n.gossip.close()
+	}
+	if n.dht != nil {
+		if err := n.dht.close(); err != nil {
+			errs = append(errs, fmt.Errorf("dht close: %w", err))
+		}
+	}
+	if n.fetch != nil {
+		n.fetch.close()
+	}
+	if n.host != nil {
+		if err := n.host.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("host close: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// bootstrapLoop dials the bootstrap peers at start and again whenever the
+// node has lost all its peers, then refreshes the DHT's routing table.
+func (n *Node) bootstrapLoop(ctx context.Context) {
+	if len(n.cfg.Bootstrap) == 0 {
+		return
+	}
+	var infos []peer.AddrInfo
+	for _, a := range n.cfg.Bootstrap {
+		ai, err := peer.AddrInfoFromString(a)
+		if err != nil || ai.ID == n.host.ID() {
+			continue // validated in Config; a bootstrap node may list itself
+		}
+		infos = append(infos, *ai)
+	}
+	if len(infos) == 0 {
+		return
+	}
+	backoff := time.Second
+	for {
+		if len(n.host.Network().Peers()) == 0 {
+			connected := n.dialAll(ctx, infos)
+			if connected > 0 {
+				if err := n.dht.dht.Bootstrap(ctx); err != nil {
+					n.log.Debug("dht bootstrap", "err", err)
+				}
+				backoff = time.Second
+			} else {
+				backoff = min(2*backoff, 30*time.Second)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+	}
+}
+
+func (n *Node) dialAll(ctx context.Context, infos []peer.AddrInfo) int {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	connected := 0
+	for _, ai := range infos {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			if err := n.host.Connect(dctx, ai); err != nil {
+				n.log.Warn("bootstrap dial failed", "peer", ai.ID, "err", err)
+				return
+			}
+			mu.Lock()
+			connected++
+			mu.Unlock()
+			n.log.Info("connected to bootstrap peer", "peer", ai.ID)
+		}()
+	}
+	wg.Wait()
+	return connected
+}
+
+// PeerID returns the node's libp2p peer ID (valid after Start).
+func (n *Node) PeerID() peer.ID { return n.host.ID() }
+
+// P2PAddrs returns the node's full multiaddrs (with /p2p/), the form other
+// nodes pass to --bootstrap.
+func (n *Node) P2PAddrs() ([]string, error) {
+	if n.host == nil {
+		return nil, errors.New("node: not started")
+	}
+	p2p, err := ma.NewComponent("p2p", n.host.ID().String())
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, a := range n.host.Addrs() {
+		out = append(out, a.Encapsulate(p2p.Multiaddr()).String())
+	}
+	return out, nil
+}
+
+// ConnectedPeers returns the peers the node has open connections to.
+func (n *Node) ConnectedPeers() []peer.ID {
+	var out []peer.ID
+	for _, p := range n.host.Network().Peers() {
+		if n.host.Network().Connectedness(p) == network.Connected {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// TopicPeers returns how many peers the node knows subscribe to the bundle
+// and account topics of shard (the lower of the two).
+func (n *Node) TopicPeers(shard int) int {
+	if n.gossip == nil || shard < 0 || shard >= len(n.gossip.bundles) {
+		return 0
+	}
+	return min(len(n.gossip.bundles[shard].ListPeers()), len(n.gossip.accounts[shard].ListPeers()))
+}
+
+// DHTPeers returns the size of the node's DHT routing table.
+func (n *Node) DHTPeers() int {
+	if n.dht == nil {
+		return 0
+	}
+	return n.dht.dht.RoutingTable().Size()
+}
+
+// Shards returns the shards the node holds.
+func (n *Node) Shards() protocol.ShardSet { return n.cfg.Shards }
+
+// Provided reports whether the node has announced every shard it holds in
+// the DHT at least once (always true for a light node).
+func (n *Node) Provided() bool {
+	if n.cfg.Light || n.cfg.Shards.Empty() {
+		return true
+	}
+	return n.dht != nil && n.dht.provided.Load()
+}

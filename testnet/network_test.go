@@ -1,0 +1,259 @@
+package testnet
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/mls/mlstest"
+	"github.com/kpnode/kpnode/storage"
+)
+
+func testLogger() *slog.Logger {
+	if os.Getenv("KPNODE_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return nil
+}
+
+func startCluster(t *testing.T, n int, configure func(int, *node.Config)) *Cluster {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c, err := Start(context.Background(), Options{Nodes: n, Dir: t.TempDir(), Configure: configure, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// newBundle signs a freshly generated, valid KeyPackage with a new device key.
+func newBundle(t testing.TB) (protocol.Bundle, ed25519.PrivateKey) {
+	t.Helper()
+	_, dev, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bundleFor(t, dev), dev
+}
+
+func bundleFor(t testing.TB, dev ed25519.PrivateKey) protocol.Bundle {
+	t.Helper()
+	kp, _, err := mlstest.Generate(mlstest.Options{Suite: mlstest.SuiteXWing, Signer: dev, LastResort: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), kp)
+}
+
+// deviceInShard returns a device key whose shard is s.
+func deviceInShard(t testing.TB, s, count int) ed25519.PrivateKey {
+	t.Helper()
+	for {
+		pub, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var k protocol.Key
+		copy(k[:], pub)
+		if protocol.Shard(k, count) == s {
+			return priv
+		}
+	}
+}
+
+// waitServed polls n until it serves b as the latest bundle of its device.
+func waitServed(ctx context.Context, n *node.Node, b protocol.Bundle) error {
+	for {
+		got, err := n.LatestBundle(ctx, b.DeviceID)
+		if err == nil && bytes.Equal(got.Payload, b.Payload) {
+			return nil
+		}
+		if err != nil && !errors.Is(err, storage.ErrNotFound) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("bundle of %s not served: %w", b.DeviceID, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func TestBundlePublishedOnOneNodeIsStoredOnOthers(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	b, _ := newBundle(t)
+	if err := c.Nodes[1].SubmitBundle(context.Background(), &b); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i, n := range c.Nodes {
+		if err := waitServed(ctx, n, b); err != nil {
+			t.Fatalf("node %d: %v", i, err)
+		}
+		if got, _ := n.Bundles(ctx, b.DeviceID); len(got) != 1 {
+			t.Fatalf("node %d holds %d bundles, want 1 in its store", i, len(got))
+		}
+	}
+	// An account bundle travels the same way, and converges.
+	_, acct, _ := ed25519.GenerateKey(rand.Reader)
+	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(3, []protocol.Key{b.DeviceID}))
+	if err := c.Nodes[2].SubmitAccount(context.Background(), &a); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range c.Nodes {
+		for {
+			got, err := n.Account(ctx, a.AccountPub)
+			if err == nil && bytes.Equal(got.Payload, a.Payload) {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("node %d never stored the account bundle: %v", i, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// eventually polls cond every 10 ms until it holds or ctx ends.
+func eventually(ctx context.Context, cond func() bool) error {
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// Shards split between full nodes; a light node holds none and finds every
+// device's bundle through the DHT, then serves it from its cache.
+func TestLightNodeFindsBundlesThroughDHT(t *testing.T) {
+	const S = protocol.DefaultShardCount
+	halves := []string{"0-3", "4-7", "0-3", "4-7"}
+	c := startCluster(t, 4, func(i int, cfg *node.Config) {
+		cfg.Shards, _ = protocol.ParseShardSet(halves[i], S)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// One device per shard, published on a node that holds that shard.
+	var bundles []protocol.Bundle
+	for s := 0; s < S; s++ {
+		b := bundleFor(t, deviceInShard(t, s, S))
+		if err := c.Nodes[s/4].SubmitBundle(ctx, &b); err != nil {
+			t.Fatal(err)
+		}
+		bundles = append(bundles, b)
+	}
+	for s, b := range bundles {
+		// The other holder of the shard stores it (a holder answers from its
+		// store alone)...
+		holder := c.Nodes[2+s/4]
+		if err := waitServed(ctx, holder, b); err != nil {
+			t.Fatalf("shard %d holder: %v", s, err)
+		}
+		if got, _ := holder.Bundles(ctx, b.DeviceID); len(got) != 1 {
+			t.Fatalf("shard %d: holder does not store the bundle", s)
+		}
+		// ...and a node of the other half never stores it.
+		if got, _ := c.Nodes[1-s/4].Bundles(ctx, b.DeviceID); len(got) != 0 {
+			t.Fatalf("shard %d stored on a node that does not hold it", s)
+		}
+	}
+
+	light, err := c.Add(ctx, func(cfg *node.Config) {
+		cfg.Light = true
+		cfg.Shards = protocol.NoShards(S)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { return light.DHTPeers() > 0 }); err != nil {
+		t.Fatal("light node never joined the DHT")
+	}
+	for s, b := range bundles {
+		got, err := light.LatestBundle(ctx, b.DeviceID)
+		if err != nil {
+			t.Fatalf("shard %d: light node lookup: %v", s, err)
+		}
+		if !bytes.Equal(got.Payload, b.Payload) || got.Signature != b.Signature {
+			t.Fatalf("shard %d: light node served another bundle", s)
+		}
+		if held, _ := light.Bundles(ctx, b.DeviceID); len(held) != 0 {
+			t.Fatal("a light node stored a fetched bundle; it should only cache it")
+		}
+	}
+	// A full node asked for a key of a shard it does not hold asks the network too.
+	if _, err := c.Nodes[0].LatestBundle(ctx, bundles[S-1].DeviceID); err != nil {
+		t.Fatalf("full node lookup of a foreign shard: %v", err)
+	}
+	// An unknown device is a miss, answered within the lookup timeout.
+	start := time.Now()
+	var unknown protocol.Key
+	unknown[0] = 9
+	if _, err := light.LatestBundle(ctx, unknown); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("unknown device: %v", err)
+	}
+	if d := time.Since(start); d > node.DefaultLookupTimeout+time.Second {
+		t.Fatalf("a miss took %v", d)
+	}
+}
+
+// A node restarted on the same data dir keeps its peer ID and data and
+// rejoins the network.
+func TestRestartKeepsIdentityAndData(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	b, _ := newBundle(t)
+	if err := c.Nodes[0].SubmitBundle(ctx, &b); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitServed(ctx, c.Nodes[2], b); err != nil {
+		t.Fatal(err)
+	}
+	old := c.Nodes[2]
+	id := old.PeerID()
+	cfg := Config(c.opts, 2)
+	cfg.Bootstrap = c.Bootstrap()
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.Nodes = c.Nodes[:2]
+	n, err := c.startNode(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.PeerID() != id {
+		t.Fatalf("peer ID changed across restart: %s → %s", id, n.PeerID())
+	}
+	if got, _ := n.Bundles(ctx, b.DeviceID); len(got) != 1 {
+		t.Fatalf("restarted node holds %d bundles, want the 1 it had", len(got))
+	}
+	if err := eventually(ctx, func() bool { return Ready(n, c.heldElsewhere(2)) && len(n.ConnectedPeers()) >= 2 }); err != nil {
+		t.Fatal("restarted node did not rejoin")
+	}
+	// It takes part again: a bundle published after the restart reaches it.
+	b3, _ := newBundle(t)
+	if err := c.Nodes[1].SubmitBundle(ctx, &b3); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitServed(ctx, n, b3); err != nil {
+		t.Fatal(err)
+	}
+}
