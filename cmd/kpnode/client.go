@@ -16,6 +16,8 @@ import (
 
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/mls"
+	"github.com/kpnode/kpnode/protocol/mls/mlstest"
 )
 
 const defaultAPI = "127.0.0.1:8080"
@@ -84,26 +86,33 @@ func runPublish(args []string, stdout, stderr io.Writer) error {
 	api := fs.String("api", defaultAPI, "node HTTP API (host:port or URL)")
 	keyPath := fs.String("key", "device.key", "device key file (from kpnode keygen)")
 	isHex := fs.Bool("hex", false, "the KeyPackage file holds hex, not raw bytes")
+	testKP := fs.Bool("test-keypackage", false, "publish a freshly generated KeyPackage (suite 0x004D, last resort) signed by the device key instead of a file; its private keys are discarded, so it is for trying a registry only")
 	rest, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(rest) != 1 {
+	if len(rest) != 1 && !(*testKP && len(rest) == 0) {
 		fs.Usage()
 		return errUsage
-	}
-	kp, err := os.ReadFile(rest[0])
-	if err != nil {
-		return err
-	}
-	if *isHex {
-		if kp, err = hex.DecodeString(string(trimSpace(kp))); err != nil {
-			return fmt.Errorf("%s: %w", rest[0], err)
-		}
 	}
 	priv, err := loadKey(*keyPath)
 	if err != nil {
 		return err
+	}
+	var kp []byte
+	if *testKP {
+		if kp, _, err = mlstest.Generate(mlstest.Options{Suite: mlstest.SuiteXWing, Signer: priv, LastResort: true}); err != nil {
+			return err
+		}
+	} else {
+		if kp, err = os.ReadFile(rest[0]); err != nil {
+			return err
+		}
+		if *isHex {
+			if kp, err = hex.DecodeString(string(trimSpace(kp))); err != nil {
+				return fmt.Errorf("%s: %w", rest[0], err)
+			}
+		}
 	}
 	b := protocol.SignBundle(priv, uint64(time.Now().UnixMilli()), kp)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
@@ -193,7 +202,7 @@ func runFetch(args []string, stdout, stderr io.Writer) error {
 		"timestamp_ms":      ts,
 		"signed_at":         time.UnixMilli(int64(ts)).UTC().Format(time.RFC3339Nano),
 		"key_package_bytes": len(kp),
-		"ref":               protocol.KeyPackageRef(kp).String(),
+		"ref":               bundleRef(kp).String(),
 		"verified":          true,
 	})
 }
@@ -217,4 +226,13 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 	enc := json.NewEncoder(stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// bundleRef is the ref a node files a key_package under: the KeyPackageRef
+// of the inner KeyPackage when it parses as MLS, else of the bytes as given.
+func bundleRef(kp []byte) protocol.Ref {
+	if parsed, err := mls.Parse(kp); err == nil {
+		return protocol.Ref(mls.Ref(parsed.Raw))
+	}
+	return protocol.KeyPackageRef(kp)
 }

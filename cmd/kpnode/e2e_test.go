@@ -79,7 +79,7 @@ func (s *syncBuffer) String() string {
 // API answers. The node is killed when the test ends if still running.
 func startNode(t *testing.T, dataDir string, extra ...string) *proc {
 	t.Helper()
-	args := append([]string{"run", "--data", dataDir, "--api", "127.0.0.1:0", "--log-format", "json"}, extra...)
+	args := append([]string{"run", "--data", dataDir, "--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--log-format", "json"}, extra...)
 	cmd := exec.Command(binPath, args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -424,7 +424,7 @@ func TestBinaryCLIRoundTrip(t *testing.T) {
 // Flags come from KPNODE_* variables; the command line wins.
 func TestEnvironmentConfiguresRun(t *testing.T) {
 	dir := t.TempDir()
-	cmd := exec.Command(binPath, "run", "--api", "127.0.0.1:0", "--log-format", "json")
+	cmd := exec.Command(binPath, "run", "--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--log-format", "json")
 	cmd.Env = append(os.Environ(), "KPNODE_DATA="+dir, "KPNODE_MAX_PER_DEVICE=0")
 	out, err := cmd.CombinedOutput()
 	var exit *exec.ExitError
@@ -434,5 +434,45 @@ func TestEnvironmentConfiguresRun(t *testing.T) {
 	cmd = exec.Command(binPath, "run", "--retention", "soon")
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "invalid") {
 		t.Fatalf("bad --retention accepted: %s", out)
+	}
+}
+
+// A real KeyPackage through the real binary with strict MLS validation (the
+// default): published with the CLI, refused when it is junk, fetched back.
+func TestBinaryStrictKeyPackage(t *testing.T) {
+	p := startNode(t, t.TempDir())
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "device.key")
+	run := func(args ...string) (string, error) {
+		out, err := exec.Command(binPath, args...).CombinedOutput()
+		return string(out), err
+	}
+	out, err := run("keygen", "--out", keyFile)
+	if err != nil {
+		t.Fatal(out)
+	}
+	devID := strings.Fields(out)[1]
+	junk := filepath.Join(dir, "junk.bin")
+	os.WriteFile(junk, []byte("fake-mls-keypackage-bytes"), 0o644)
+	if out, err := run("publish", "--api", p.base, "--key", keyFile, junk); err == nil || !strings.Contains(out, "key_package: mls: malformed") {
+		t.Fatalf("junk KeyPackage: %v %s", err, out)
+	}
+	if out, err := run("publish", "--api", p.base, "--key", keyFile, "--test-keypackage"); err != nil {
+		t.Fatalf("publish: %v %s", err, out)
+	}
+	out, err = run("fetch", "--api", p.base, devID)
+	if err != nil || !strings.Contains(out, `"verified": true`) {
+		t.Fatalf("fetch: %v %s", err, out)
+	}
+	var got struct {
+		Ref  string `json:"ref"`
+		Size int    `json:"key_package_bytes"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil || got.Size < 2500 {
+		t.Fatalf("fetch output %s: %v", out, err)
+	}
+	r, err := request(context.Background(), http.DefaultClient, "GET", p.base+"/v1/keypackages/"+devID, nil)
+	if err != nil || !strings.Contains(string(r.body), `"ref":"`+got.Ref+`"`) || !strings.Contains(string(r.body), `"last_resort":true`) {
+		t.Fatalf("list: %v %s", err, r.body)
 	}
 }

@@ -2,6 +2,7 @@
 //
 //	kpnode run      start a node (flags or KPNODE_* environment variables)
 //	kpnode keygen   make an Ed25519 device key (PKCS#8 PEM, mode 0600)
+//	kpnode id       print the node's peer ID and bootstrap multiaddrs
 //	kpnode publish  sign a KeyPackage file with a device key and post it
 //	kpnode fetch    get a device's bundle (or an account bundle) and verify it
 //	kpnode status   print a running node's status
@@ -29,6 +30,7 @@ func commands() []command {
 	return []command{
 		{"run", "start a node", runNode},
 		{"keygen", "make an Ed25519 device key", runKeygen},
+		{"id", "print the node's peer ID and the multiaddrs others pass to --bootstrap", runID},
 		{"publish", "sign a KeyPackage with a device key and post it to a node", runPublish},
 		{"fetch", "get and verify a device's bundle or an account bundle", runFetch},
 		{"status", "print a running node's status", runStatus},
@@ -101,6 +103,11 @@ func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
 		fmt.Fprintln(fs.Output(), envErr)
 		return nil, errUsage
 	}
+	fs.VisitAll(func(f *flag.Flag) {
+		if r, ok := f.Value.(interface{ resetExplicit() }); ok {
+			r.resetExplicit()
+		}
+	})
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err

@@ -20,6 +20,13 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("run", "", stderr)
 	fs.StringVar(&cfg.DataDir, "data", cfg.DataDir, "data directory (store and node state)")
 	fs.StringVar(&cfg.APIAddr, "api", cfg.APIAddr, "HTTP API listen address; keep it on loopback unless you mean to expose it")
+	fs.Var(newListFlag(&cfg.Listen), "listen", "libp2p listen multiaddr (repeatable; env: comma-separated)")
+	fs.Var(newListFlag(&cfg.Bootstrap), "bootstrap", "multiaddr with /p2p/ of a peer to dial on start (repeatable; env: comma-separated)")
+	fs.StringVar(&cfg.Network, "network", cfg.Network, "registry network name; part of every topic and protocol ID")
+	shards := "all"
+	fs.StringVar(&shards, "shards", shards, "shards this full node holds: all, or a list such as 0,2,4-7")
+	fs.BoolVar(&cfg.Light, "light", false, "run a light node: hold no shards, find holders through the DHT, cache what it fetches")
+	fs.DurationVar(&cfg.LookupTimeout, "lookup-timeout", cfg.LookupTimeout, "how long a GET may search the network for a key of a shard the node does not hold")
 	fs.IntVar(&cfg.MaxPerDevice, "max-per-device", cfg.MaxPerDevice, "bundles kept per device (newest by signed timestamp)")
 	retention := durationFlag{&cfg.Policy.Retention}
 	fs.Var(retention, "retention", "how long bundles and account bundles are kept (e.g. 30d, 720h)")
@@ -33,12 +40,18 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&logLevel, "log-level", logLevel, "log level: debug, info, warn or error")
 	logFormat := "text"
 	fs.StringVar(&logFormat, "log-format", logFormat, "log format: text or json")
-	if rest, err := parseFlags(fs, args); err != nil {
+	rest, err := parseFlags(fs, args)
+	if err != nil {
 		return err
 	} else if len(rest) > 0 {
 		return fmt.Errorf("unexpected arguments %q", rest)
 	}
 	cfg.Policy.MLS = protocol.MLSMode(mls)
+	if cfg.Light && shards == "all" {
+		cfg.Shards = protocol.NoShards(protocol.DefaultShardCount)
+	} else if cfg.Shards, err = protocol.ParseShardSet(shards, protocol.DefaultShardCount); err != nil {
+		return err
+	}
 	cfg.NoSync = !syncWrites
 
 	logger, err := newLogger(stderr, logLevel, logFormat)
@@ -58,7 +71,9 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 		n.Close()
 		return err
 	}
-	logger.Info("kpnode started", "version", cfg.Version, "data", cfg.DataDir, "api", "http://"+n.APIAddr().String(),
+	addrs, _ := n.P2PAddrs()
+	logger.Info("kpnode started", "version", cfg.Version, "peer_id", n.PeerID(), "addrs", addrs, "network", cfg.Network,
+		"shards", cfg.Shards.String(), "light", cfg.Light, "data", cfg.DataDir, "api", "http://"+n.APIAddr().String(),
 		"mls_validation", cfg.Policy.MLS, "max_per_device", cfg.MaxPerDevice, "retention", cfg.Policy.Retention)
 	<-ctx.Done()
 	logger.Info("shutting down")
@@ -119,3 +134,36 @@ func parseDuration(s string) (time.Duration, error) {
 	}
 	return time.ParseDuration(s)
 }
+
+// listFlag is a repeatable string flag. The first value given replaces the
+// default; KPNODE_* environment values are comma-separated and are replaced,
+// not extended, by values on the command line.
+type listFlag struct {
+	vals     *[]string
+	explicit bool
+}
+
+func newListFlag(vals *[]string) *listFlag { return &listFlag{vals: vals} }
+
+func (f *listFlag) String() string {
+	if f == nil || f.vals == nil {
+		return ""
+	}
+	return strings.Join(*f.vals, ",")
+}
+
+func (f *listFlag) Set(v string) error {
+	if !f.explicit {
+		*f.vals = nil
+		f.explicit = true
+	}
+	for _, part := range strings.Split(v, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			*f.vals = append(*f.vals, part)
+		}
+	}
+	return nil
+}
+
+// resetExplicit lets the command line replace values set from the environment.
+func (f *listFlag) resetExplicit() { f.explicit = false }
