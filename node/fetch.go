@@ -24,10 +24,12 @@ import (
 // reads at maxFetchResponse and treats more as a failed fetch.
 const (
 	maxFetchRequest   = 256
-	maxFetchResponse  = 8 << 20
-	fetchServeTimeout = 10 * time.Second
-	fetchTimeout      = 5 * time.Second
+	maxFetchResponse = 8 << 20
+	fetchTimeout     = 5 * time.Second
 )
+
+// DefaultStreamTimeout bounds a served fetch or sync stream.
+const DefaultStreamTimeout = 10 * time.Second
 
 // fetchService serves and issues fetch requests.
 type fetchService struct {
@@ -50,7 +52,8 @@ func (f *fetchService) close() { f.h.RemoveStreamHandler(f.proto) }
 func (f *fetchService) handle(s network.Stream) {
 	defer s.Close()
 	start := time.Now()
-	_ = s.SetDeadline(start.Add(fetchServeTimeout))
+	deadline := start.Add(f.n.cfg.StreamTimeout)
+	_ = s.SetDeadline(deadline)
 	var req pb.FetchRequest
 	r := pbio.NewDelimitedReader(s, maxFetchRequest)
 	if err := r.ReadMsg(&req); err != nil {
@@ -59,7 +62,7 @@ func (f *fetchService) handle(s network.Stream) {
 		_ = s.Reset()
 		return
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), start.Add(fetchServeTimeout))
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	resp := f.serve(ctx, &req)
 	f.n.metrics.fetchServed(statusLabel(resp.Status))

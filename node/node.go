@@ -56,6 +56,9 @@ type Config struct {
 	CacheSize   int
 	CacheTTL    time.Duration
 	NegativeTTL time.Duration
+	// StreamTimeout bounds how long a peer may take to send a fetch or sync
+	// request and read the answer.
+	StreamTimeout time.Duration
 	// MaxPerDevice caps the bundles kept per device.
 	MaxPerDevice int
 	// Policy is the validation policy (retention, clock skew, MLS mode).
@@ -94,6 +97,7 @@ func DefaultConfig() Config {
 		CacheSize:     DefaultCacheSize,
 		CacheTTL:      DefaultCacheTTL,
 		NegativeTTL:   DefaultNegativeTTL,
+		StreamTimeout: DefaultStreamTimeout,
 		MaxPerDevice:  storage.DefaultMaxPerDevice,
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
@@ -141,6 +145,9 @@ func (c Config) Validate() error {
 	}
 	if !c.Light && c.Shards.Empty() {
 		return errors.New("a full node must hold at least one shard (or run with --light)")
+	}
+	if c.StreamTimeout <= 0 {
+		return errors.New("stream timeout must be positive")
 	}
 	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
