@@ -23,7 +23,7 @@ import (
 // bundles of at most the API's 1 MiB body each, but a requester caps what it
 // reads at maxFetchResponse and treats more as a failed fetch.
 const (
-	maxFetchRequest   = 256
+	maxFetchRequest  = 256
 	maxFetchResponse = 8 << 20
 	fetchTimeout     = 5 * time.Second
 )
