@@ -138,14 +138,17 @@ type Status struct {
 	PeerID         string   `json:"peer_id"`
 	Addrs          []string `json:"addrs"`
 	ConnectedPeers int      `json:"connected_peers"`
-	Peers          []string `json:"peers"`
-	Light          bool     `json:"light"`
-	Shards         []int    `json:"shards"`
-	ShardCount     int      `json:"shard_count"`
-	MLSValidation  string   `json:"mls_validation"`
-	Devices        int64    `json:"devices"`
-	Bundles        int64    `json:"bundles"`
-	Accounts       int64    `json:"accounts"`
+	// Ready: connected, in the DHT, its shards provided, and a gossip peer
+	// in every topic of the shards it holds.
+	Ready         bool     `json:"ready"`
+	Peers         []string `json:"peers"`
+	Light         bool     `json:"light"`
+	Shards        []int    `json:"shards"`
+	ShardCount    int      `json:"shard_count"`
+	MLSValidation string   `json:"mls_validation"`
+	Devices       int64    `json:"devices"`
+	Bundles       int64    `json:"bundles"`
+	Accounts      int64    `json:"accounts"`
 }
 
 // Status reports the node's state.
@@ -174,6 +177,10 @@ func (n *Node) Status(ctx context.Context) any {
 			st.Peers = append(st.Peers, p.String())
 		}
 		st.ConnectedPeers = len(st.Peers)
+		st.Ready = st.ConnectedPeers > 0 && n.DHTPeers() > 0 && n.Provided()
+		for _, s := range st.Shards {
+			st.Ready = st.Ready && n.TopicPeers(s) > 0
+		}
 	}
 	return st
 }

@@ -1,0 +1,141 @@
+// Command kpbench measures kpnode against the ceilings of the design's
+// performance table. Each figure is printed next to its ceiling measured in
+// the same run, as a ratio.
+//
+//	kpbench burst -nodes .testnet/nodes.json [-count 1000] [-clients 16]
+//	    posts count bundles (real 0x004D KeyPackages) to node 1 of a running
+//	    testnet as fast as its API takes them and reports when every node
+//	    serves every one of them.
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/mls/mlstest"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: kpbench burst [flags]")
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "burst":
+		err = burst(os.Args[2:])
+	default:
+		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "kpbench:", err)
+		os.Exit(1)
+	}
+}
+
+type testnetNode struct {
+	Index int    `json:"index"`
+	API   string `json:"api"`
+}
+
+func burst(args []string) error {
+	fs := flag.NewFlagSet("burst", flag.ExitOnError)
+	nodesFile := fs.String("nodes", ".testnet/nodes.json", "nodes.json of a running testnet")
+	count := fs.Int("count", 1000, "bundles to post (at most 100000)")
+	clients := fs.Int("clients", 16, "concurrent HTTP clients (at most 256)")
+	timeout := fs.Duration("timeout", 60*time.Second, "give up waiting for the nodes after this long")
+	fs.Parse(args)
+	if *count < 1 || *count > 100_000 || *clients < 1 || *clients > 256 {
+		return errors.New("count must be 1..100000 and clients 1..256")
+	}
+	raw, err := os.ReadFile(*nodesFile)
+	if err != nil {
+		return err
+	}
+	var nodes []testnetNode
+	if err := json.Unmarshal(raw, &nodes); err != nil || len(nodes) == 0 {
+		return fmt.Errorf("%s: no nodes (%v)", *nodesFile, err)
+	}
+	fmt.Printf("generating %d KeyPackages (0x004D, last resort)...\n", *count)
+	bundles := make([]protocol.Bundle, *count)
+	for i := range bundles {
+		_, dev, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return err
+		}
+		kp, _, err := mlstest.Generate(mlstest.Options{Suite: mlstest.SuiteXWing, Signer: dev, LastResort: true})
+		if err != nil {
+			return err
+		}
+		bundles[i] = protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), kp)
+	}
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: *clients}, Timeout: 30 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	target := httpapi.NewClient(nodes[0].API, hc)
+	start := time.Now()
+	var next atomic.Int64
+	var failed atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < *clients; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(bundles) || ctx.Err() != nil {
+					return
+				}
+				if err := target.PublishBundle(ctx, &bundles[i]); err != nil {
+					failed.Add(1)
+					fmt.Fprintf(os.Stderr, "post %d: %v\n", i, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	posted := time.Since(start)
+	fmt.Printf("posted %d bundles to node 1 in %v (%.0f/s), %d failed\n", *count, posted.Round(time.Millisecond), float64(*count)/posted.Seconds(), failed.Load())
+	// Each node is done when it serves the last-posted bundles and its
+	// status counts them all; then every bundle is checked on every node.
+	for _, n := range nodes {
+		c := httpapi.NewClient(n.API, hc)
+		for {
+			raw, err := c.Status(ctx)
+			var st struct{ Bundles int64 }
+			if err == nil && json.Unmarshal(raw, &st) == nil && st.Bundles >= int64(*count) {
+				break
+			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("node %d holds %d of %d bundles after %v", n.Index, st.Bundles, *count, time.Since(start).Round(time.Millisecond))
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		fmt.Printf("node %d holds all %d after %v\n", n.Index, *count, time.Since(start).Round(time.Millisecond))
+	}
+	all := time.Since(start)
+	for _, n := range nodes {
+		c := httpapi.NewClient(n.API, hc)
+		for i := range bundles {
+			got, err := c.FetchBundle(ctx, bundles[i].DeviceID)
+			if err != nil || string(got.Payload) != string(bundles[i].Payload) {
+				return fmt.Errorf("node %d does not serve bundle %d: %v", n.Index, i, err)
+			}
+		}
+	}
+	fmt.Printf("burst: %d bundles, %d clients: every bundle served by all %d nodes %v after the first POST (posting took %v)\n",
+		*count, *clients, len(nodes), all.Round(time.Millisecond), posted.Round(time.Millisecond))
+	return nil
+}
