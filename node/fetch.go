@@ -236,3 +236,10 @@ func (f *fetchService) fetchAccount(ctx context.Context, p peer.ID, account prot
 	}
 	return a, lamport, resp.Account.UpdatedAtMs, nil
 }
+
+// FetchLatest asks peer p for a device's latest bundle over the fetch
+// protocol and validates it; it does not store or cache it.
+func (n *Node) FetchLatest(ctx context.Context, p peer.ID, device protocol.Key) (*protocol.Bundle, error) {
+	b, _, err := n.fetch.fetchLatest(ctx, p, device)
+	return b, err
+}

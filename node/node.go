@@ -74,6 +74,10 @@ type Config struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 
+	// OnBundleStored, if set, is called after a bundle is newly stored (or
+	// refreshed) from any source. It must return quickly (benchmarks, tests).
+	OnBundleStored func(device protocol.Key, ref protocol.Ref)
+
 	// PeerScoreInspect, if set, receives every gossipsub peer score ten times a
 	// second (diagnostics and tests).
 	PeerScoreInspect func(map[peer.ID]float64)

@@ -39,6 +39,9 @@ func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source)
 		return 0, err
 	}
 	n.metrics.bundleAccepted(src, outcome)
+	if f := n.cfg.OnBundleStored; f != nil && (outcome == storage.Stored || outcome == storage.Refreshed) {
+		f(b.DeviceID, info.Ref)
+	}
 	n.log.Debug("bundle accepted", "source", src, "device", b.DeviceID, "ref", info.Ref, "ts", info.TimestampMS, "outcome", outcome)
 	return outcome, nil
 }

@@ -2,6 +2,12 @@
 // performance table. Each figure is printed next to its ceiling measured in
 // the same run, as a ratio.
 //
+//	kpbench propagation [-nodes 10] [-runs 50]
+//	    publish on one node → stored on all others, in-process nodes on
+//	    loopback, against raw gossipsub delivery over the same graph.
+//	kpbench fetch [-runs 1000]
+//	    fetch round trip between two nodes against a bare stream echo of the
+//	    same bytes.
 //	kpbench burst -nodes .testnet/nodes.json [-count 1000] [-clients 16]
 //	    posts count bundles (real 0x004D KeyPackages) to node 1 of a running
 //	    testnet as fast as its API takes them and reports when every node
@@ -29,13 +35,17 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench burst [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|burst [flags]")
 		os.Exit(2)
 	}
 	var err error
 	switch os.Args[1] {
 	case "burst":
 		err = burst(os.Args[2:])
+	case "propagation":
+		err = propagation(os.Args[2:])
+	case "fetch":
+		err = fetchRTT(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}
