@@ -23,6 +23,8 @@ type metrics struct {
 	fetchServedTotal *prometheus.CounterVec
 	lookups          *prometheus.CounterVec
 	provides         prometheus.Counter
+	syncRounds       prometheus.Counter
+	syncBytes        *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
@@ -50,7 +52,9 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 			"Network lookups for keys of shards the node does not hold, by kind and result.", "kind", "result"),
 		provides: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_dht_provides_total", Help: "Shard provider records announced."}),
 	}
-	reg.MustRegister(m.provides)
+	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync request/response rounds this node initiated."})
+	m.syncBytes = counter("kpnode_sync_bytes_total", "Bytes moved by sync sessions, by direction (in, out).", "direction")
+	reg.MustRegister(m.provides, m.syncRounds)
 	gauge := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
 	}

@@ -30,6 +30,7 @@ func (n *Node) startNetwork(ctx context.Context) error {
 		return fmt.Errorf("node: %w", err)
 	}
 	n.lookup = newLookup(n)
+	n.sync = startSync(ctx, n, h)
 	go n.bootstrapLoop(ctx)
 	go n.dht.provideLoop(ctx)
 	addrs, _ := n.P2PAddrs()
@@ -51,6 +52,9 @@ func (n *Node) stopNetwork() error {
 	}
 	if n.fetch != nil {
 		n.fetch.close()
+	}
+	if n.sync != nil {
+		n.sync.close()
 	}
 	if n.host != nil {
 		if err := n.host.Close(); err != nil {

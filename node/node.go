@@ -56,6 +56,8 @@ type Config struct {
 	CacheSize   int
 	CacheTTL    time.Duration
 	NegativeTTL time.Duration
+	// SyncInterval is how often each held shard is reconciled with a peer.
+	SyncInterval time.Duration
 	// StreamTimeout bounds how long a peer may take to send a fetch or sync
 	// request and read the answer.
 	StreamTimeout time.Duration
@@ -102,6 +104,7 @@ func DefaultConfig() Config {
 		CacheTTL:      DefaultCacheTTL,
 		NegativeTTL:   DefaultNegativeTTL,
 		StreamTimeout: DefaultStreamTimeout,
+		SyncInterval:  DefaultSyncInterval,
 		MaxPerDevice:  storage.DefaultMaxPerDevice,
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
@@ -150,8 +153,8 @@ func (c Config) Validate() error {
 	if !c.Light && c.Shards.Empty() {
 		return errors.New("a full node must hold at least one shard (or run with --light)")
 	}
-	if c.StreamTimeout <= 0 {
-		return errors.New("stream timeout must be positive")
+	if c.StreamTimeout <= 0 || c.SyncInterval <= 0 {
+		return errors.New("stream timeout and sync interval must be positive")
 	}
 	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
@@ -182,6 +185,7 @@ type Node struct {
 	host   host.Host
 	gossip *gossip
 	fetch  *fetchService
+	sync   *syncService
 	dht    *discovery
 	lookup *lookup
 

@@ -187,3 +187,9 @@ func (n *Node) Status(ctx context.Context) any {
 	}
 	return st
 }
+
+// Ingest validates and stores a bundle without gossiping it, for imports
+// (and tests): peers that hold its shard get it through sync.
+func (n *Node) Ingest(ctx context.Context, b *protocol.Bundle) (storage.PutOutcome, error) {
+	return n.ingestBundle(ctx, b, sourceHTTP)
+}

@@ -225,3 +225,38 @@ func TestKeyPackageRefEncoding(t *testing.T) {
 		t.Fatalf("ref %s, want %x", got, want)
 	}
 }
+
+func TestDigestIsOrderIndependentAndReversible(t *testing.T) {
+	var items [][32]byte
+	for i := 0; i < 50; i++ {
+		items = append(items, BundleItem(Key{byte(i)}, uint64(i), Ref{byte(i * 3)}))
+	}
+	var a, b Digest
+	for _, h := range items {
+		a.Add(h)
+	}
+	for i := len(items) - 1; i >= 0; i-- {
+		b.Add(items[i])
+	}
+	if a.Fingerprint() != b.Fingerprint() || a.Count != 50 {
+		t.Fatal("digest depends on order")
+	}
+	b.Remove(items[7])
+	if a.Fingerprint() == b.Fingerprint() || b.Count != 49 {
+		t.Fatal("removing an item did not change the fingerprint")
+	}
+	b.Add(items[7])
+	if a.Fingerprint() != b.Fingerprint() {
+		t.Fatal("remove then add is not the identity")
+	}
+	var empty Digest
+	for _, h := range items {
+		b.Remove(h)
+	}
+	if b.Fingerprint() != empty.Fingerprint() {
+		t.Fatal("removing every item does not give the empty digest")
+	}
+	if BundleItem(Key{1}, 2, Ref{3}) == BundleItem(Key{1}, 3, Ref{3}) {
+		t.Fatal("a refreshed timestamp must be a different item")
+	}
+}

@@ -78,8 +78,9 @@ func (s *Store) expiredBundleKeys(cutoff uint64) ([][]byte, error) {
 // transaction, re-checking each inside it so a concurrent put is never undone.
 func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
 	var removed, emptied int
+	var deleted [][]byte
 	err := s.update(ctx, func(txn *badger.Txn) error {
-		removed, emptied = 0, 0
+		removed, emptied, deleted = 0, 0, nil
 		// Group by device: keys of one device are adjacent in scan order.
 		for start := 0; start < len(keys); {
 			end := start + 1
@@ -104,6 +105,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
 				if err := s.deleteExpired(txn, k); err != nil {
 					return err
 				}
+				deleted = append(deleted, k)
 				n++
 			}
 			removed += n
@@ -122,6 +124,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
 	}
 	s.bundles.Add(-int64(removed))
 	s.devices.Add(-int64(emptied))
+	s.digests.updateBundles(nil, deleted)
 	return removed, nil
 }
 
@@ -175,8 +178,9 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 		chunk := stale[:n]
 		stale = stale[n:]
 		var removed int
+		var gone []*Account
 		err := s.update(ctx, func(txn *badger.Txn) error {
-			removed = 0
+			removed, gone = 0, nil
 			for _, k := range chunk {
 				item, err := txn.Get(k)
 				if errors.Is(err, badger.ErrKeyNotFound) {
@@ -195,6 +199,8 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 				if err := txn.Delete(k); err != nil {
 					return err
 				}
+				copy(a.AccountPub[:], k[2:])
+				gone = append(gone, &a)
 				removed++
 			}
 			return nil
@@ -203,6 +209,9 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 			return total, err
 		}
 		s.accounts.Add(-int64(removed))
+		for _, a := range gone {
+			s.digests.updateAccount(nil, a)
+		}
 		total += removed
 	}
 	return total, nil

@@ -106,6 +106,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+	// ShardCount is the network's S, for the per-shard sync digests.
+	// Default protocol.DefaultShardCount.
+	ShardCount int
 }
 
 // Defaults of Options.
@@ -131,6 +134,9 @@ func (o *Options) setDefaults() {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.ShardCount == 0 {
+		o.ShardCount = protocol.DefaultShardCount
+	}
 }
 
 // Validate reports whether the options are usable (after defaults).
@@ -144,6 +150,8 @@ func (o Options) Validate() error {
 		return fmt.Errorf("storage: Retention must be positive, got %v", o.Retention)
 	case o.PruneInterval <= 0:
 		return fmt.Errorf("storage: PruneInterval must be positive, got %v", o.PruneInterval)
+	case o.ShardCount < 1 || o.ShardCount > 256:
+		return fmt.Errorf("storage: %w", protocol.ErrShardCount)
 	}
 	return nil
 }
@@ -164,6 +172,7 @@ type Store struct {
 	log  *slog.Logger
 
 	bundles, devices, accounts atomic.Int64
+	digests                    *shardDigests
 
 	mu      sync.Mutex // guards started and closed
 	started bool
@@ -194,7 +203,8 @@ func Open(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", opts.Dir, err)
 	}
-	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{})}
+	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{}),
+		digests: newShardDigests(opts.ShardCount)}
 	if err := s.checkSchema(); err != nil {
 		db.Close()
 		return nil, err
@@ -229,6 +239,7 @@ func (s *Store) recount() error {
 	return s.db.View(func(txn *badger.Txn) error {
 		var bundles, devices, accounts int64
 		var lastDev []byte
+		dig := newShardDigests(s.opts.ShardCount)
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
 		for it.Rewind(); it.Valid(); it.Next() {
 			k := it.Item().Key()
@@ -237,13 +248,24 @@ func (s *Store) recount() error {
 				devices++
 				lastDev = append(lastDev[:0], dev...)
 			}
+			if err := dig.addBundleKey(k); err != nil {
+				it.Close()
+				return err
+			}
 		}
 		it.Close()
-		it = txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}})
+		it = txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}, PrefetchValues: true})
 		for it.Rewind(); it.Valid(); it.Next() {
 			accounts++
+			a, err := accountFromItem(it.Item())
+			if err != nil {
+				it.Close()
+				return err
+			}
+			dig.addAccount(a)
 		}
 		it.Close()
+		s.digests.replace(dig)
 		s.bundles.Store(bundles)
 		s.devices.Store(devices)
 		s.accounts.Store(accounts)
@@ -341,9 +363,11 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 	var (
 		outcome           PutOutcome
 		dBundles, dDevice int64
+		added, removed    [][]byte // b/ keys, for the sync digests
 	)
 	err := s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dBundles, dDevice = 0, 0, 0
+		added, removed = nil, nil
 		rk := refKey(b.DeviceID, b.Ref)
 		var oldKey []byte
 		switch item, err := txn.Get(rk); {
@@ -377,6 +401,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 			if err := deleteBundleKeys(txn, oldKey); err != nil {
 				return err
 			}
+			removed = append(removed, oldKey)
 			held--
 			dBundles--
 			outcome = Refreshed
@@ -399,6 +424,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 				if err := deleteBundle(txn, k); err != nil {
 					return err
 				}
+				removed = append(removed, k)
 				held--
 				dBundles--
 			}
@@ -417,6 +443,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 		if err := txn.Set(rk, binary.BigEndian.AppendUint64(nil, b.TimestampMS)); err != nil {
 			return err
 		}
+		added = append(added, newKey)
 		dBundles++
 		if wasEmpty {
 			dDevice = 1
@@ -431,6 +458,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 	}
 	s.bundles.Add(dBundles)
 	s.devices.Add(dDevice)
+	s.digests.updateBundles(added, removed)
 	return outcome, nil
 }
 
@@ -595,8 +623,9 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 	}
 	var outcome PutOutcome
 	var dAccounts int64
+	var replaced *Account
 	err := s.update(ctx, func(txn *badger.Txn) error {
-		outcome, dAccounts = 0, 0
+		outcome, dAccounts, replaced = 0, 0, nil
 		key := accountKey(a.AccountPub)
 		switch item, err := txn.Get(key); {
 		case err == nil:
@@ -620,6 +649,8 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 			default:
 				return fmt.Errorf("unknown account rule %d", rule)
 			}
+			old.AccountPub = a.AccountPub
+			replaced = &old
 		case errors.Is(err, badger.ErrKeyNotFound):
 			dAccounts = 1
 		default:
@@ -636,6 +667,9 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 		return 0, fmt.Errorf("storage: put account: %w", err)
 	}
 	s.accounts.Add(dAccounts)
+	if outcome == Stored {
+		s.digests.updateAccount(a, replaced)
+	}
 	return outcome, nil
 }
 

@@ -138,6 +138,104 @@ func (FetchResponse_Status) EnumDescriptor() ([]byte, []int) {
 	return file_kpnode_proto_rawDescGZIP(), []int{4, 0}
 }
 
+type SyncRequest_Set int32
+
+const (
+	SyncRequest_SET_BUNDLES  SyncRequest_Set = 0
+	SyncRequest_SET_ACCOUNTS SyncRequest_Set = 1
+)
+
+// Enum value maps for SyncRequest_Set.
+var (
+	SyncRequest_Set_name = map[int32]string{
+		0: "SET_BUNDLES",
+		1: "SET_ACCOUNTS",
+	}
+	SyncRequest_Set_value = map[string]int32{
+		"SET_BUNDLES":  0,
+		"SET_ACCOUNTS": 1,
+	}
+)
+
+func (x SyncRequest_Set) Enum() *SyncRequest_Set {
+	p := new(SyncRequest_Set)
+	*p = x
+	return p
+}
+
+func (x SyncRequest_Set) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SyncRequest_Set) Descriptor() protoreflect.EnumDescriptor {
+	return file_kpnode_proto_enumTypes[2].Descriptor()
+}
+
+func (SyncRequest_Set) Type() protoreflect.EnumType {
+	return &file_kpnode_proto_enumTypes[2]
+}
+
+func (x SyncRequest_Set) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SyncRequest_Set.Descriptor instead.
+func (SyncRequest_Set) EnumDescriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{7, 0}
+}
+
+type SyncResponse_Status int32
+
+const (
+	SyncResponse_STATUS_UNSPECIFIED SyncResponse_Status = 0
+	SyncResponse_STATUS_OK          SyncResponse_Status = 1
+	SyncResponse_STATUS_NOT_HOLDER  SyncResponse_Status = 2
+	SyncResponse_STATUS_BAD_REQUEST SyncResponse_Status = 3
+)
+
+// Enum value maps for SyncResponse_Status.
+var (
+	SyncResponse_Status_name = map[int32]string{
+		0: "STATUS_UNSPECIFIED",
+		1: "STATUS_OK",
+		2: "STATUS_NOT_HOLDER",
+		3: "STATUS_BAD_REQUEST",
+	}
+	SyncResponse_Status_value = map[string]int32{
+		"STATUS_UNSPECIFIED": 0,
+		"STATUS_OK":          1,
+		"STATUS_NOT_HOLDER":  2,
+		"STATUS_BAD_REQUEST": 3,
+	}
+)
+
+func (x SyncResponse_Status) Enum() *SyncResponse_Status {
+	p := new(SyncResponse_Status)
+	*p = x
+	return p
+}
+
+func (x SyncResponse_Status) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SyncResponse_Status) Descriptor() protoreflect.EnumDescriptor {
+	return file_kpnode_proto_enumTypes[3].Descriptor()
+}
+
+func (SyncResponse_Status) Type() protoreflect.EnumType {
+	return &file_kpnode_proto_enumTypes[3]
+}
+
+func (x SyncResponse_Status) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SyncResponse_Status.Descriptor instead.
+func (SyncResponse_Status) EnumDescriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{8, 0}
+}
+
 // Bundle is a device's signed KeyPackage publication.
 // payload = timestamp_ms (u64 LE) || key_package; signature = Ed25519(device key, payload).
 type Bundle struct {
@@ -478,6 +576,282 @@ func (x *FetchResponse) GetError() string {
 	return ""
 }
 
+// Sync (/kpnode/{network}/sync/1.0.0) reconciles one shard's bundle or
+// account set between two nodes by comparing fingerprints of ranges: a range
+// is every item whose key (device_id or account_pub) starts with a prefix.
+// The initiator pulls what it lacks; both sides run sync, so both converge.
+// One stream carries several request/response rounds.
+type SyncRange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Prefix        []byte                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`           // 0..31 bytes
+	Count         uint64                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`            // items in the range
+	Fingerprint   []byte                 `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"` // 16 bytes (protocol.Digest.Fingerprint)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncRange) Reset() {
+	*x = SyncRange{}
+	mi := &file_kpnode_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncRange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncRange) ProtoMessage() {}
+
+func (x *SyncRange) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncRange.ProtoReflect.Descriptor instead.
+func (*SyncRange) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SyncRange) GetPrefix() []byte {
+	if x != nil {
+		return x.Prefix
+	}
+	return nil
+}
+
+func (x *SyncRange) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *SyncRange) GetFingerprint() []byte {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return nil
+}
+
+// SyncListing names every item the responder holds in a range, by item ID.
+type SyncListing struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Prefix        []byte                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	Ids           []uint64               `protobuf:"fixed64,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncListing) Reset() {
+	*x = SyncListing{}
+	mi := &file_kpnode_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncListing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncListing) ProtoMessage() {}
+
+func (x *SyncListing) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncListing.ProtoReflect.Descriptor instead.
+func (*SyncListing) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SyncListing) GetPrefix() []byte {
+	if x != nil {
+		return x.Prefix
+	}
+	return nil
+}
+
+func (x *SyncListing) GetIds() []uint64 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+type SyncRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard uint32                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Set   SyncRequest_Set        `protobuf:"varint,2,opt,name=set,proto3,enum=kpnode.v1.SyncRequest_Set" json:"set,omitempty"`
+	// Ranges whose fingerprints the responder should compare with its own:
+	// equal ranges are dropped; a differing range with few items is listed;
+	// a differing range with many items is split into its 256 children.
+	Ranges []*SyncRange `protobuf:"bytes,3,rep,name=ranges,proto3" json:"ranges,omitempty"`
+	// Items the initiator lacks, by range and item ID; the responder sends them.
+	Want          []*SyncListing `protobuf:"bytes,4,rep,name=want,proto3" json:"want,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncRequest) Reset() {
+	*x = SyncRequest{}
+	mi := &file_kpnode_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncRequest) ProtoMessage() {}
+
+func (x *SyncRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
+func (*SyncRequest) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SyncRequest) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *SyncRequest) GetSet() SyncRequest_Set {
+	if x != nil {
+		return x.Set
+	}
+	return SyncRequest_SET_BUNDLES
+}
+
+func (x *SyncRequest) GetRanges() []*SyncRange {
+	if x != nil {
+		return x.Ranges
+	}
+	return nil
+}
+
+func (x *SyncRequest) GetWant() []*SyncListing {
+	if x != nil {
+		return x.Want
+	}
+	return nil
+}
+
+type SyncResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Status   SyncResponse_Status    `protobuf:"varint,1,opt,name=status,proto3,enum=kpnode.v1.SyncResponse_Status" json:"status,omitempty"`
+	Ranges   []*SyncRange           `protobuf:"bytes,2,rep,name=ranges,proto3" json:"ranges,omitempty"`     // children of large differing ranges (responder's view)
+	Listings []*SyncListing         `protobuf:"bytes,3,rep,name=listings,proto3" json:"listings,omitempty"` // all item IDs of small differing ranges
+	Bundles  []*Bundle              `protobuf:"bytes,4,rep,name=bundles,proto3" json:"bundles,omitempty"`   // wanted bundles
+	Accounts []*AccountBundle       `protobuf:"bytes,5,rep,name=accounts,proto3" json:"accounts,omitempty"` // wanted account bundles
+	// Set when the responder left wanted records out to bound the response;
+	// the initiator asks for the rest in a later round.
+	Truncated     bool `protobuf:"varint,6,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncResponse) Reset() {
+	*x = SyncResponse{}
+	mi := &file_kpnode_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncResponse) ProtoMessage() {}
+
+func (x *SyncResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
+func (*SyncResponse) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SyncResponse) GetStatus() SyncResponse_Status {
+	if x != nil {
+		return x.Status
+	}
+	return SyncResponse_STATUS_UNSPECIFIED
+}
+
+func (x *SyncResponse) GetRanges() []*SyncRange {
+	if x != nil {
+		return x.Ranges
+	}
+	return nil
+}
+
+func (x *SyncResponse) GetListings() []*SyncListing {
+	if x != nil {
+		return x.Listings
+	}
+	return nil
+}
+
+func (x *SyncResponse) GetBundles() []*Bundle {
+	if x != nil {
+		return x.Bundles
+	}
+	return nil
+}
+
+func (x *SyncResponse) GetAccounts() []*AccountBundle {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
+func (x *SyncResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
 var File_kpnode_proto protoreflect.FileDescriptor
 
 const file_kpnode_proto_rawDesc = "" +
@@ -517,7 +891,34 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x12STATUS_BAD_REQUEST\x10\x03\x12\x15\n" +
 	"\x11STATUS_NOT_HOLDER\x10\x04\x12\x0f\n" +
 	"\vSTATUS_BUSY\x10\x05\x12\x13\n" +
-	"\x0fSTATUS_INTERNAL\x10\x06B&Z$github.com/kpnode/kpnode/protocol/pbb\x06proto3"
+	"\x0fSTATUS_INTERNAL\x10\x06\"[\n" +
+	"\tSyncRange\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\fR\x06prefix\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\x04R\x05count\x12 \n" +
+	"\vfingerprint\x18\x03 \x01(\fR\vfingerprint\"7\n" +
+	"\vSyncListing\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\fR\x06prefix\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\x06R\x03ids\"\xd5\x01\n" +
+	"\vSyncRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\x12,\n" +
+	"\x03set\x18\x02 \x01(\x0e2\x1a.kpnode.v1.SyncRequest.SetR\x03set\x12,\n" +
+	"\x06ranges\x18\x03 \x03(\v2\x14.kpnode.v1.SyncRangeR\x06ranges\x12*\n" +
+	"\x04want\x18\x04 \x03(\v2\x16.kpnode.v1.SyncListingR\x04want\"(\n" +
+	"\x03Set\x12\x0f\n" +
+	"\vSET_BUNDLES\x10\x00\x12\x10\n" +
+	"\fSET_ACCOUNTS\x10\x01\"\x89\x03\n" +
+	"\fSyncResponse\x126\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x1e.kpnode.v1.SyncResponse.StatusR\x06status\x12,\n" +
+	"\x06ranges\x18\x02 \x03(\v2\x14.kpnode.v1.SyncRangeR\x06ranges\x122\n" +
+	"\blistings\x18\x03 \x03(\v2\x16.kpnode.v1.SyncListingR\blistings\x12+\n" +
+	"\abundles\x18\x04 \x03(\v2\x11.kpnode.v1.BundleR\abundles\x124\n" +
+	"\baccounts\x18\x05 \x03(\v2\x18.kpnode.v1.AccountBundleR\baccounts\x12\x1c\n" +
+	"\ttruncated\x18\x06 \x01(\bR\ttruncated\"^\n" +
+	"\x06Status\x12\x16\n" +
+	"\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n" +
+	"\tSTATUS_OK\x10\x01\x12\x15\n" +
+	"\x11STATUS_NOT_HOLDER\x10\x02\x12\x16\n" +
+	"\x12STATUS_BAD_REQUEST\x10\x03B&Z$github.com/kpnode/kpnode/protocol/pbb\x06proto3"
 
 var (
 	file_kpnode_proto_rawDescOnce sync.Once
@@ -531,29 +932,43 @@ func file_kpnode_proto_rawDescGZIP() []byte {
 	return file_kpnode_proto_rawDescData
 }
 
-var file_kpnode_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_kpnode_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_kpnode_proto_goTypes = []any{
 	(FetchRequest_Kind)(0),    // 0: kpnode.v1.FetchRequest.Kind
 	(FetchResponse_Status)(0), // 1: kpnode.v1.FetchResponse.Status
-	(*Bundle)(nil),            // 2: kpnode.v1.Bundle
-	(*AccountBundle)(nil),     // 3: kpnode.v1.AccountBundle
-	(*GossipMessage)(nil),     // 4: kpnode.v1.GossipMessage
-	(*FetchRequest)(nil),      // 5: kpnode.v1.FetchRequest
-	(*FetchResponse)(nil),     // 6: kpnode.v1.FetchResponse
+	(SyncRequest_Set)(0),      // 2: kpnode.v1.SyncRequest.Set
+	(SyncResponse_Status)(0),  // 3: kpnode.v1.SyncResponse.Status
+	(*Bundle)(nil),            // 4: kpnode.v1.Bundle
+	(*AccountBundle)(nil),     // 5: kpnode.v1.AccountBundle
+	(*GossipMessage)(nil),     // 6: kpnode.v1.GossipMessage
+	(*FetchRequest)(nil),      // 7: kpnode.v1.FetchRequest
+	(*FetchResponse)(nil),     // 8: kpnode.v1.FetchResponse
+	(*SyncRange)(nil),         // 9: kpnode.v1.SyncRange
+	(*SyncListing)(nil),       // 10: kpnode.v1.SyncListing
+	(*SyncRequest)(nil),       // 11: kpnode.v1.SyncRequest
+	(*SyncResponse)(nil),      // 12: kpnode.v1.SyncResponse
 }
 var file_kpnode_proto_depIdxs = []int32{
-	2, // 0: kpnode.v1.GossipMessage.bundle:type_name -> kpnode.v1.Bundle
-	3, // 1: kpnode.v1.GossipMessage.account:type_name -> kpnode.v1.AccountBundle
-	0, // 2: kpnode.v1.FetchRequest.kind:type_name -> kpnode.v1.FetchRequest.Kind
-	1, // 3: kpnode.v1.FetchResponse.status:type_name -> kpnode.v1.FetchResponse.Status
-	2, // 4: kpnode.v1.FetchResponse.bundles:type_name -> kpnode.v1.Bundle
-	3, // 5: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	4,  // 0: kpnode.v1.GossipMessage.bundle:type_name -> kpnode.v1.Bundle
+	5,  // 1: kpnode.v1.GossipMessage.account:type_name -> kpnode.v1.AccountBundle
+	0,  // 2: kpnode.v1.FetchRequest.kind:type_name -> kpnode.v1.FetchRequest.Kind
+	1,  // 3: kpnode.v1.FetchResponse.status:type_name -> kpnode.v1.FetchResponse.Status
+	4,  // 4: kpnode.v1.FetchResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 5: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
+	2,  // 6: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
+	9,  // 7: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
+	10, // 8: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
+	3,  // 9: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
+	9,  // 10: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
+	10, // 11: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
+	4,  // 12: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 13: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_kpnode_proto_init() }
@@ -570,8 +985,8 @@ func file_kpnode_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kpnode_proto_rawDesc), len(file_kpnode_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   5,
+			NumEnums:      4,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,244 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+// SetKind selects the bundle or the account set of a shard.
+type SetKind int
+
+// The two kinds of record sets sync reconciles.
+const (
+	BundleSet SetKind = iota
+	AccountSet
+)
+
+// shardDigests keeps the digest of every shard's bundle and account sets in
+// memory, updated after each commit, so that comparing whole shards with a
+// peer costs nothing when they agree.
+type shardDigests struct {
+	mu       sync.Mutex
+	count    int
+	bundles  []protocol.Digest
+	accounts []protocol.Digest
+}
+
+func newShardDigests(count int) *shardDigests {
+	return &shardDigests{count: count, bundles: make([]protocol.Digest, count), accounts: make([]protocol.Digest, count)}
+}
+
+// replace installs digests computed by a full scan.
+func (d *shardDigests) replace(from *shardDigests) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.count, d.bundles, d.accounts = from.count, from.bundles, from.accounts
+}
+
+func bundleKeyItem(bkey []byte, count int) (int, [32]byte, error) {
+	dev, ts, ref, err := parseBundleKey(bkey)
+	if err != nil {
+		return 0, [32]byte{}, err
+	}
+	return protocol.Shard(dev, count), protocol.BundleItem(dev, ts, ref), nil
+}
+
+// addBundleKey is for scans that own d (no lock).
+func (d *shardDigests) addBundleKey(bkey []byte) error {
+	shard, h, err := bundleKeyItem(bkey, d.count)
+	if err != nil {
+		return err
+	}
+	d.bundles[shard].Add(h)
+	return nil
+}
+
+func (d *shardDigests) addAccount(a *Account) {
+	d.accounts[protocol.Shard(a.AccountPub, d.count)].Add(protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload))
+}
+
+func (d *shardDigests) updateBundles(added, removed [][]byte) {
+	if len(added)+len(removed) == 0 {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, k := range added {
+		if shard, h, err := bundleKeyItem(k, d.count); err == nil {
+			d.bundles[shard].Add(h)
+		}
+	}
+	for _, k := range removed {
+		if shard, h, err := bundleKeyItem(k, d.count); err == nil {
+			d.bundles[shard].Remove(h)
+		}
+	}
+}
+
+func (d *shardDigests) updateAccount(added, removed *Account) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if added != nil {
+		d.accounts[protocol.Shard(added.AccountPub, d.count)].Add(protocol.AccountItem(added.AccountPub, added.Lamport, added.Payload))
+	}
+	if removed != nil {
+		d.accounts[protocol.Shard(removed.AccountPub, d.count)].Remove(protocol.AccountItem(removed.AccountPub, removed.Lamport, removed.Payload))
+	}
+}
+
+// ShardDigest returns the digest of a shard's whole bundle or account set.
+func (s *Store) ShardDigest(kind SetKind, shard int) protocol.Digest {
+	s.digests.mu.Lock()
+	defer s.digests.mu.Unlock()
+	if shard < 0 || shard >= s.digests.count {
+		return protocol.Digest{}
+	}
+	if kind == AccountSet {
+		return s.digests.accounts[shard]
+	}
+	return s.digests.bundles[shard]
+}
+
+// SyncItem is one record of a set, as sync scans it.
+type SyncItem struct {
+	Key  protocol.Key // device_id or account_pub
+	Hash [32]byte     // the item hash (protocol.BundleItem / AccountItem)
+	key  []byte       // its Badger key
+}
+
+// scanSet calls fn for every item of a shard's set whose key starts with
+// prefix (0 to 31 bytes of device_id or account_pub), in key order.
+func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []byte, fn func(SyncItem) error) error {
+	if len(prefix) >= protocol.KeySize {
+		return fmt.Errorf("storage: sync prefix of %d bytes", len(prefix))
+	}
+	p := byte(prefixBundle)
+	if kind == AccountSet {
+		p = prefixAccount
+	}
+	dbPrefix := append([]byte{p, '/'}, prefix...)
+	return s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: dbPrefix, PrefetchValues: kind == AccountSet})
+		defer it.Close()
+		var lastKey protocol.Key
+		lastShard, n := -1, 0
+		for it.Rewind(); it.Valid(); it.Next() {
+			if n++; n%4096 == 0 && ctx.Err() != nil {
+				return ctx.Err()
+			}
+			item := it.Item()
+			k := item.Key()
+			var key protocol.Key
+			copy(key[:], k[2:])
+			if lastShard < 0 || key != lastKey {
+				lastKey, lastShard = key, protocol.Shard(key, s.opts.ShardCount)
+			}
+			if lastShard != shard {
+				continue
+			}
+			si := SyncItem{Key: key, key: item.KeyCopy(nil)}
+			if kind == AccountSet {
+				a, err := accountFromItem(item)
+				if err != nil {
+					return err
+				}
+				si.Hash = protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)
+			} else {
+				dev, ts, ref, err := parseBundleKey(k)
+				if err != nil {
+					return err
+				}
+				si.Hash = protocol.BundleItem(dev, ts, ref)
+			}
+			if err := fn(si); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// PrefixDigests returns the digest of a shard's items under prefix and of
+// each of its 256 children (prefix ‖ b), in one scan.
+func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, prefix []byte) (protocol.Digest, [256]protocol.Digest, error) {
+	var all protocol.Digest
+	var children [256]protocol.Digest
+	err := s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
+		all.Add(it.Hash)
+		children[it.Key[len(prefix)]].Add(it.Hash)
+		return nil
+	})
+	return all, children, err
+}
+
+// PrefixItems returns the item hashes of a shard's items under prefix.
+func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix []byte) ([][32]byte, error) {
+	var out [][32]byte
+	err := s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
+		out = append(out, it.Hash)
+		return nil
+	})
+	return out, err
+}
+
+// BundlesByID returns the bundles under prefix whose item IDs are in ids.
+func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*Bundle, error) {
+	var keys [][]byte
+	if err := s.scanSet(ctx, BundleSet, shard, prefix, func(it SyncItem) error {
+		if ids[protocol.ItemID(it.Hash)] {
+			keys = append(keys, it.key)
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	var out []*Bundle
+	err := s.db.View(func(txn *badger.Txn) error {
+		for _, k := range keys {
+			item, err := txn.Get(k)
+			if err == badger.ErrKeyNotFound {
+				continue // pruned or evicted since the scan
+			}
+			if err != nil {
+				return err
+			}
+			b, err := bundleFromItem(item)
+			if err != nil {
+				return err
+			}
+			out = append(out, b)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// AccountsByID returns the account bundles under prefix whose item IDs are in ids.
+func (s *Store) AccountsByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*Account, error) {
+	var out []*Account
+	err := s.scanSet(ctx, AccountSet, shard, prefix, func(it SyncItem) error {
+		if !ids[protocol.ItemID(it.Hash)] {
+			return nil
+		}
+		a, err := s.Account(ctx, it.Key)
+		if err == nil && protocol.ItemID(protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)) == protocol.ItemID(it.Hash) {
+			out = append(out, a)
+		}
+		return nil
+	})
+	return out, err
+}
+
+func accountFromItem(item *badger.Item) (*Account, error) {
+	a := &Account{}
+	copy(a.AccountPub[:], item.Key()[2:])
+	if err := item.Value(func(v []byte) error { return decodeAccountValue(a, v) }); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
