@@ -21,9 +21,15 @@ const (
 	// DefaultCacheSize bounds the fetched bundles and account bundles a node
 	// keeps in memory (each kind).
 	DefaultCacheSize = 10_000
-	// DefaultCacheTTL is how long a fetched record is served from the cache
-	// before the network is asked again.
-	DefaultCacheTTL = time.Minute
+	// DefaultCacheTTL is how long a fetched record may be served from the
+	// cache at most.
+	DefaultCacheTTL = time.Hour
+	// DefaultCacheRefresh is the age after which a cache hit is still served
+	// at once but refreshed from the network in the background, so the chat
+	// client's hot path (GET /v0/account for every inbound message) never
+	// waits for the network once a record is known, and keeps working while
+	// the network is unreachable.
+	DefaultCacheRefresh = time.Minute
 	// DefaultNegativeTTL is how long a miss is remembered, so that lookups of
 	// random keys cannot turn into a storm of DHT queries.
 	DefaultNegativeTTL = 10 * time.Second
@@ -35,99 +41,115 @@ const (
 // lookups of one key share one network query.
 type lookup struct {
 	n        *Node
-	bundles  *expirable.LRU[protocol.Key, *storage.Bundle]
-	accounts *expirable.LRU[protocol.Key, *storage.Account]
+	bundles  *recordCache[*storage.Bundle]
+	accounts *recordCache[*storage.Account]
 	misses   *expirable.LRU[string, struct{}]
 	flight   singleflight.Group
 }
 
+// recordCache caches one kind of fetched record.
+type recordCache[T any] struct {
+	kind    string // "bundle" or "account": metrics label and singleflight key prefix
+	entries *expirable.LRU[protocol.Key, cached[T]]
+	fetch   func(ctx context.Context, p peer.ID, key protocol.Key) (T, error)
+}
+
+type cached[T any] struct {
+	v         T
+	fetchedAt time.Time
+}
+
 func newLookup(n *Node) *lookup {
-	return &lookup{
-		n:        n,
-		bundles:  expirable.NewLRU[protocol.Key, *storage.Bundle](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
-		accounts: expirable.NewLRU[protocol.Key, *storage.Account](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
-		misses:   expirable.NewLRU[string, struct{}](n.cfg.CacheSize, nil, n.cfg.NegativeTTL),
+	l := &lookup{n: n, misses: expirable.NewLRU[string, struct{}](n.cfg.CacheSize, nil, n.cfg.NegativeTTL)}
+	l.bundles = &recordCache[*storage.Bundle]{
+		kind:    "bundle",
+		entries: expirable.NewLRU[protocol.Key, cached[*storage.Bundle]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		fetch: func(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, error) {
+			b, info, err := n.fetch.fetchLatest(ctx, p, device)
+			if err != nil {
+				return nil, err
+			}
+			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort,
+				ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature}, nil
+		},
 	}
+	l.accounts = &recordCache[*storage.Account]{
+		kind:    "account",
+		entries: expirable.NewLRU[protocol.Key, cached[*storage.Account]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		fetch: func(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, error) {
+			a, lamport, updatedAt, err := n.fetch.fetchAccount(ctx, p, account)
+			if err != nil {
+				return nil, err
+			}
+			if updatedAt <= 0 {
+				updatedAt = n.cfg.Now().UnixMilli()
+			}
+			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: a.Payload, Signature: a.Signature}, nil
+		},
+	}
+	return l
 }
 
 // errLookupMiss: no holder answered with a valid record in time.
 var errLookupMiss = errors.New("not found in the network")
 
 func (l *lookup) bundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error) {
-	if b, ok := l.bundles.Get(device); ok {
-		l.n.metrics.lookups.WithLabelValues("bundle", "cache_hit").Inc()
-		return b, nil
-	}
-	missKey := "b" + string(device[:])
-	if _, ok := l.misses.Get(missKey); ok {
-		l.n.metrics.lookups.WithLabelValues("bundle", "negative_hit").Inc()
-		return nil, storage.ErrNotFound
-	}
-	v, err, _ := l.flight.Do(missKey, func() (any, error) {
-		b, err := firstAnswer(ctx, l, protocol.Shard(device, l.n.cfg.Shards.Count()), func(ctx context.Context, p peer.ID) (*storage.Bundle, error) {
-			pb, info, err := l.n.fetch.fetchLatest(ctx, p, device)
-			if err != nil {
-				return nil, err
-			}
-			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort,
-				ReceivedAtMS: l.n.cfg.Now().UnixMilli(), Payload: pb.Payload, Signature: pb.Signature}, nil
-		})
-		if err != nil {
-			l.misses.Add(missKey, struct{}{})
-			l.n.metrics.lookups.WithLabelValues("bundle", "miss").Inc()
-			return nil, err
-		}
-		l.bundles.Add(device, b)
-		l.n.metrics.lookups.WithLabelValues("bundle", "found").Inc()
-		return b, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return v.(*storage.Bundle), nil
+	return lookupRecord(ctx, l, l.bundles, device)
 }
 
 func (l *lookup) account(ctx context.Context, account protocol.Key) (*storage.Account, error) {
-	if a, ok := l.accounts.Get(account); ok {
-		l.n.metrics.lookups.WithLabelValues("account", "cache_hit").Inc()
-		return a, nil
-	}
-	missKey := "a" + string(account[:])
-	if _, ok := l.misses.Get(missKey); ok {
-		l.n.metrics.lookups.WithLabelValues("account", "negative_hit").Inc()
-		return nil, storage.ErrNotFound
-	}
-	v, err, _ := l.flight.Do(missKey, func() (any, error) {
-		a, err := firstAnswer(ctx, l, protocol.Shard(account, l.n.cfg.Shards.Count()), func(ctx context.Context, p peer.ID) (*storage.Account, error) {
-			ab, lamport, updatedAt, err := l.n.fetch.fetchAccount(ctx, p, account)
-			if err != nil {
-				return nil, err
-			}
-			if updatedAt <= 0 {
-				updatedAt = l.n.cfg.Now().UnixMilli()
-			}
-			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: ab.Payload, Signature: ab.Signature}, nil
-		})
-		if err != nil {
-			l.misses.Add(missKey, struct{}{})
-			l.n.metrics.lookups.WithLabelValues("account", "miss").Inc()
-			return nil, err
+	return lookupRecord(ctx, l, l.accounts, account)
+}
+
+// lookupRecord serves key from the cache (refreshing an old entry in the
+// background), else from the network, remembering misses.
+func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
+	var zero T
+	flightKey := c.kind + string(key[:])
+	if e, ok := c.entries.Get(key); ok {
+		l.n.metrics.lookups.WithLabelValues(c.kind, "cache_hit").Inc()
+		if l.n.cfg.Now().Sub(e.fetchedAt) > l.n.cfg.CacheRefresh {
+			go l.flight.Do(flightKey, func() (any, error) { return fetchInto(l, c, key) })
 		}
-		l.accounts.Add(account, a)
-		l.n.metrics.lookups.WithLabelValues("account", "found").Inc()
-		return a, nil
+		return e.v, nil
+	}
+	if _, ok := l.misses.Get(flightKey); ok {
+		l.n.metrics.lookups.WithLabelValues(c.kind, "negative_hit").Inc()
+		return zero, storage.ErrNotFound
+	}
+	v, err, _ := l.flight.Do(flightKey, func() (any, error) {
+		v, err := fetchInto(l, c, key)
+		if err != nil {
+			l.misses.Add(flightKey, struct{}{})
+		}
+		return v, err
 	})
 	if err != nil {
-		return nil, err
+		return zero, err
 	}
-	return v.(*storage.Account), nil
+	return v.(T), nil
+}
+
+// fetchInto asks the network for key and caches what it finds. A failed
+// refresh leaves the cached entry in place.
+func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
+	v, err := firstAnswer(l, protocol.Shard(key, l.n.cfg.Shards.Count()), func(ctx context.Context, p peer.ID) (T, error) {
+		return c.fetch(ctx, p, key)
+	})
+	if err != nil {
+		l.n.metrics.lookups.WithLabelValues(c.kind, "miss").Inc()
+		return v, err
+	}
+	c.entries.Add(key, cached[T]{v: v, fetchedAt: l.n.cfg.Now()})
+	l.n.metrics.lookups.WithLabelValues(c.kind, "found").Inc()
+	return v, nil
 }
 
 // firstAnswer asks every provider of shard (as the DHT reports them) with
 // fetch, in parallel, and returns the first valid answer. It gives up after
-// the node's lookup timeout. It runs detached from the caller's context so a
+// the node's lookup timeout. It runs detached from any caller's context so a
 // request that gives up does not fail the lookup other callers share.
-func firstAnswer[T any](_ context.Context, l *lookup, shard int, fetch func(context.Context, peer.ID) (T, error)) (T, error) {
+func firstAnswer[T any](l *lookup, shard int, fetch func(context.Context, peer.ID) (T, error)) (T, error) {
 	var zero T
 	ctx, cancel := context.WithTimeout(context.Background(), l.n.cfg.LookupTimeout)
 	defer cancel()

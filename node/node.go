@@ -51,11 +51,13 @@ type Config struct {
 	// LookupTimeout bounds a network lookup for a key of a shard the node
 	// does not hold.
 	LookupTimeout time.Duration
-	// CacheSize and CacheTTL bound the cache of fetched records; NegativeTTL
-	// is how long a miss is remembered.
-	CacheSize   int
-	CacheTTL    time.Duration
-	NegativeTTL time.Duration
+	// CacheSize and CacheTTL bound the cache of fetched records; a hit older
+	// than CacheRefresh is refreshed in the background; NegativeTTL is how
+	// long a miss is remembered.
+	CacheSize    int
+	CacheTTL     time.Duration
+	CacheRefresh time.Duration
+	NegativeTTL  time.Duration
 	// SyncInterval is how often each held shard is reconciled with a peer.
 	SyncInterval time.Duration
 	// StreamTimeout bounds how long a peer may take to send a fetch or sync
@@ -102,6 +104,7 @@ func DefaultConfig() Config {
 		LookupTimeout: DefaultLookupTimeout,
 		CacheSize:     DefaultCacheSize,
 		CacheTTL:      DefaultCacheTTL,
+		CacheRefresh:  DefaultCacheRefresh,
 		NegativeTTL:   DefaultNegativeTTL,
 		StreamTimeout: DefaultStreamTimeout,
 		SyncInterval:  DefaultSyncInterval,
@@ -156,7 +159,7 @@ func (c Config) Validate() error {
 	if c.StreamTimeout <= 0 || c.SyncInterval <= 0 {
 		return errors.New("stream timeout and sync interval must be positive")
 	}
-	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
+	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.CacheRefresh <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
 	}
 	if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {

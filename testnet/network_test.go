@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -256,4 +257,87 @@ func TestRestartKeepsIdentityAndData(t *testing.T) {
 	if err := waitServed(ctx, n, b3); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A light node answers the chat client's hot path from its cache: a known
+// account bundle is served at once, refreshed in the background once it is
+// older than CacheRefresh, and still served while no holder is reachable.
+func TestLightNodeCacheRefreshesAndSurvivesOutage(t *testing.T) {
+	const S = protocol.DefaultShardCount
+	c := startCluster(t, 2, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	clk := &fakeClock{now: time.Now()}
+	light, err := c.Add(ctx, func(cfg *node.Config) {
+		cfg.Light = true
+		cfg.Shards = protocol.NoShards(S)
+		cfg.Now = clk.Now
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { return light.DHTPeers() > 0 }); err != nil {
+		t.Fatal(err)
+	}
+	_, acct, _ := ed25519.GenerateKey(rand.Reader)
+	v1 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
+	if err := c.Nodes[0].SubmitAccount(ctx, &v1); err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { _, err := c.Nodes[1].Account(ctx, v1.AccountPub); return err == nil }); err != nil {
+		t.Fatal(err)
+	}
+	got, err := light.Account(ctx, v1.AccountPub)
+	if err != nil || got.Lamport != 1 {
+		t.Fatalf("first lookup: %v %v", got, err)
+	}
+	v2 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(2, nil))
+	if err := c.Nodes[1].SubmitAccount(ctx, &v2); err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { a, err := c.Nodes[0].Account(ctx, v2.AccountPub); return err == nil && a.Lamport == 2 }); err != nil {
+		t.Fatal(err)
+	}
+	// Hits keep answering; once the entry is old, a hit refreshes it.
+	if a, err := light.Account(ctx, v1.AccountPub); err != nil || a.Lamport != 1 {
+		t.Fatalf("a fresh entry must be served from the cache: %v %v", a, err)
+	}
+	clk.Advance(2 * node.DefaultCacheRefresh)
+	if err := eventually(ctx, func() bool {
+		a, err := light.Account(ctx, v1.AccountPub)
+		if err != nil {
+			t.Fatalf("a cached account stopped being served: %v", err)
+		}
+		return a.Lamport == 2
+	}); err != nil {
+		t.Fatal("the cached account was never refreshed")
+	}
+	// Every holder goes away: the light node still serves what it knows.
+	for _, n := range c.Nodes[:2] {
+		n.Close()
+	}
+	clk.Advance(2 * node.DefaultCacheRefresh) // the next hits try the network, and fail
+	for i := 0; i < 3; i++ {
+		a, err := light.Account(ctx, v1.AccountPub)
+		if err != nil || a.Lamport != 2 {
+			t.Fatalf("during the outage: %v %v", a, err)
+		}
+	}
+}
+
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
 }
