@@ -156,8 +156,8 @@ func (c Config) Validate() error {
 	if !c.Light && c.Shards.Empty() {
 		return errors.New("a full node must hold at least one shard (or run with --light)")
 	}
-	if c.StreamTimeout <= 0 || c.SyncInterval <= 0 {
-		return errors.New("stream timeout and sync interval must be positive")
+	if c.StreamTimeout <= 0 || c.SyncInterval < time.Second {
+		return errors.New("stream timeout must be positive and sync interval at least 1s")
 	}
 	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.CacheRefresh <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
@@ -226,6 +226,7 @@ func New(cfg Config) (*Node, error) {
 		NoSync:        cfg.NoSync,
 		Logger:        cfg.Logger.With("component", "storage"),
 		Now:           cfg.Now,
+		ShardCount:    cfg.Shards.Count(),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)

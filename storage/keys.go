@@ -19,6 +19,9 @@ import (
 //	n/<device 32>                   -> u32 count of the device's bundles; read and
 //	                                   written by every put, so concurrent puts
 //	                                   to one device conflict and retry
+//	x/<account 32>                  -> lamport u64 ‖ until_ms u64: tombstone of a
+//	                                   pruned account; refuses that lamport and
+//	                                   older until the retention has passed again
 //	a/<account 32>                  -> account value (updated_at, lamport, signature, payload)
 //	m/schema                        -> schema version
 const (
@@ -27,6 +30,7 @@ const (
 	prefixRef        = 'r'
 	prefixAccount    = 'a'
 	prefixCount      = 'n'
+	prefixTombstone  = 'x'
 )
 
 var schemaKey = []byte("m/schema")
@@ -64,6 +68,12 @@ func countKey(dev protocol.Key) []byte {
 	k := make([]byte, 0, 2+protocol.KeySize)
 	k = append(k, prefixCount, '/')
 	return append(k, dev[:]...)
+}
+
+func tombstoneKey(acct protocol.Key) []byte {
+	k := make([]byte, 0, 2+protocol.KeySize)
+	k = append(k, prefixTombstone, '/')
+	return append(k, acct[:]...)
 }
 
 func accountKey(acct protocol.Key) []byte {

@@ -49,6 +49,9 @@ func (s *Store) Prune(ctx context.Context) (PruneStats, error) {
 	if err != nil {
 		return st, fmt.Errorf("storage: prune accounts: %w", err)
 	}
+	if err := s.pruneTombstones(ctx); err != nil {
+		return st, fmt.Errorf("storage: prune tombstones: %w", err)
+	}
 	return st, nil
 }
 
@@ -200,6 +203,11 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 					return err
 				}
 				copy(a.AccountPub[:], k[2:])
+				until := s.opts.Now().Add(s.opts.Retention).UnixMilli()
+				tomb := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, a.Lamport), uint64(until))
+				if err := txn.Set(tombstoneKey(a.AccountPub), tomb); err != nil {
+					return err
+				}
 				gone = append(gone, &a)
 				removed++
 			}
@@ -224,4 +232,37 @@ func (s *Store) gcValueLog() {
 			return // badger.ErrNoRewrite and friends: nothing (more) to do
 		}
 	}
+}
+
+// pruneTombstones deletes account tombstones whose time has passed.
+func (s *Store) pruneTombstones(ctx context.Context) error {
+	now := s.opts.Now().UnixMilli()
+	var expired [][]byte
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixTombstone, '/'}, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			err := it.Item().Value(func(v []byte) error {
+				if len(v) == 16 && int64(binary.BigEndian.Uint64(v[8:])) <= now {
+					expired = append(expired, it.Item().KeyCopy(nil))
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil || len(expired) == 0 {
+		return err
+	}
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range expired {
+		if err := wb.Delete(k); err != nil {
+			return err
+		}
+	}
+	return wb.Flush()
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -171,6 +172,7 @@ type Store struct {
 	db   *badger.DB
 	log  *slog.Logger
 
+	locks                      keyLocks
 	bundles, devices, accounts atomic.Int64
 	digests                    *shardDigests
 
@@ -335,6 +337,7 @@ func (s *Store) pruneLoop(ctx context.Context) {
 // update runs fn in a read-write transaction, retrying on conflicts with
 // concurrent writers. fn must reset any state it reports on each call.
 func (s *Store) update(ctx context.Context, fn func(txn *badger.Txn) error) error {
+	backoff := 50 * time.Microsecond
 	for attempt := 0; ; attempt++ {
 		err := s.db.Update(fn)
 		if !errors.Is(err, badger.ErrConflict) || attempt >= 64 {
@@ -343,10 +346,27 @@ func (s *Store) update(ctx context.Context, fn func(txn *badger.Txn) error) erro
 			}
 			return err
 		}
-		if err := ctx.Err(); err != nil {
-			return err
+		// Back off with jitter so that writers colliding on one key spread out.
+		t := time.NewTimer(backoff/2 + time.Duration(rand.Int64N(int64(backoff))))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
 		}
+		backoff = min(2*backoff, 20*time.Millisecond)
 	}
+}
+
+// keyLocks serialise writers of one device's bundles or one account within
+// this process, so a burst of writes to one key queues instead of
+// conflicting in Badger; transactions still detect conflicts with pruning.
+type keyLocks [256]sync.Mutex
+
+func (l *keyLocks) lock(k protocol.Key) func() {
+	m := &l[k[0]]
+	m.Lock()
+	return m.Unlock
 }
 
 // PutBundle stores a validated bundle unless it is already held (same ref
@@ -360,6 +380,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 	if b.ReceivedAtMS == 0 {
 		b.ReceivedAtMS = s.opts.Now().UnixMilli()
 	}
+	defer s.locks.lock(b.DeviceID)()
 	var (
 		outcome           PutOutcome
 		dBundles, dDevice int64
@@ -621,6 +642,7 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
+	defer s.locks.lock(a.AccountPub)()
 	var outcome PutOutcome
 	var dAccounts int64
 	var replaced *Account
@@ -652,6 +674,17 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 			old.AccountPub = a.AccountPub
 			replaced = &old
 		case errors.Is(err, badger.ErrKeyNotFound):
+			// A pruned account must not come back from a peer that has not
+			// pruned it yet: only a newer lamport revives it.
+			if lamport, ok, err := s.tombstone(txn, a.AccountPub); err != nil {
+				return err
+			} else if ok && a.Lamport <= lamport {
+				return ErrStale
+			} else if ok {
+				if err := txn.Delete(tombstoneKey(a.AccountPub)); err != nil {
+					return err
+				}
+			}
 			dAccounts = 1
 		default:
 			return err
@@ -671,6 +704,28 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 		s.digests.updateAccount(a, replaced)
 	}
 	return outcome, nil
+}
+
+// tombstone returns the lamport of a live tombstone for acct.
+func (s *Store) tombstone(txn *badger.Txn, acct protocol.Key) (uint64, bool, error) {
+	item, err := txn.Get(tombstoneKey(acct))
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	var lamport uint64
+	live := false
+	err = item.Value(func(v []byte) error {
+		if len(v) != 16 {
+			return fmt.Errorf("%w: tombstone of %d bytes", errCorrupt, len(v))
+		}
+		lamport = binary.BigEndian.Uint64(v)
+		live = int64(binary.BigEndian.Uint64(v[8:])) > s.opts.Now().UnixMilli()
+		return nil
+	})
+	return lamport, live, err
 }
 
 // Account returns the account bundle held for an account key.

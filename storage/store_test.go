@@ -354,3 +354,61 @@ func TestOptionsValidate(t *testing.T) {
 		t.Fatal("negative MaxPerDevice accepted")
 	}
 }
+
+// A burst of concurrent writes to one device (a device publishing its
+// one-time KeyPackages through many gossip validators at once) all succeed.
+func TestBurstToOneDeviceNeverFails(t *testing.T) {
+	s := openStore(t, t.TempDir(), nil)
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for i := 0; i < 200; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := s.PutBundle(context.Background(), bundle(dev(1), uint64(1000+i), fmt.Sprint("kp", i), false)); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if c := s.Counts(); c.Bundles != DefaultMaxPerDevice {
+		t.Fatalf("held %d bundles, want the newest %d", c.Bundles, DefaultMaxPerDevice)
+	}
+}
+
+// An account pruned here is not revived by a peer that still holds the same
+// version; a newer lamport revives it; the tombstone ends after a retention.
+func TestPrunedAccountLeavesATombstone(t *testing.T) {
+	clk := &clock{now: time.UnixMilli(100 * 24 * 3600 * 1000)}
+	s := openStore(t, t.TempDir(), func(o *Options) { o.Now = clk.Now; o.Retention = time.Hour })
+	ctx := context.Background()
+	k := dev(5)
+	if _, err := s.PutAccount(ctx, account(k, 3, 1), AccountConverge); err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(2 * time.Hour)
+	if st, err := s.Prune(ctx); err != nil || st.Accounts != 1 {
+		t.Fatalf("prune: %+v %v", st, err)
+	}
+	for _, rule := range []AccountRule{AccountConverge, AccountMustIncrease} {
+		if _, err := s.PutAccount(ctx, account(k, 3, 1), rule); !errors.Is(err, ErrStale) {
+			t.Fatalf("rule %d: the pruned version came back: %v", rule, err)
+		}
+	}
+	clk.Advance(2 * time.Hour)
+	if _, err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutAccount(ctx, account(k, 3, 1), AccountConverge); err != nil {
+		t.Fatalf("after the tombstone's time: %v", err)
+	}
+	clk.Advance(2 * time.Hour)
+	s.Prune(ctx)
+	if _, err := s.PutAccount(ctx, account(k, 4, 1), AccountConverge); err != nil {
+		t.Fatalf("a newer lamport must revive a pruned account: %v", err)
+	}
+}
