@@ -258,7 +258,7 @@ func (g *gossip) validateBundle(ctx context.Context, self peer.ID, shard int, fr
 		g.log.Debug("gossip: malformed bundle", "from", from, "err", err)
 		return pubsub.ValidationReject
 	}
-	outcome, err := g.n.ingestBundle(ctx, b, sourceGossip)
+	outcome, _, err := g.n.ingestBundle(ctx, b, sourceGossip)
 	if err != nil {
 		g.log.Debug("gossip: bundle refused", "from", from, "device", b.DeviceID, "err", err)
 		return verdict(err)

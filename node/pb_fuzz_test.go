@@ -113,21 +113,19 @@ func FuzzSyncResponse(f *testing.F) {
 		}
 		ctx := t.Context()
 		n.sync.ingest(ctx, n.PeerID(), 0, &resp, map[uint64]bool{})
-		next := &pb.SyncRequest{}
-		if err := n.sync.compareRanges(ctx, 0, 0, resp.Ranges, next); err != nil {
+		if _, err := n.sync.compareRanges(ctx, 0, 0, resp.Ranges); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := n.sync.wantsFromListings(ctx, 0, 0, resp.Listings); err != nil {
 			t.Fatal(err)
 		}
-		batch, rest := takeWants(resp.Listings, 5)
+		batch, _, taken := takeWants(resp.Listings, 5, 3)
 		total := 0
 		for _, l := range batch {
 			total += len(l.Ids)
 		}
-		if total > 5 {
-			t.Fatalf("takeWants returned %d ids", total)
+		if total > 5 || total != taken || len(batch) > 3 {
+			t.Fatalf("takeWants returned %d ids in %d listings, said %d", total, len(batch), taken)
 		}
-		_ = rest
 	})
 }

@@ -21,11 +21,11 @@ const (
 // ingestBundle validates a bundle and stores it: the one path every bundle
 // takes, whatever it arrived on. Validation failures are
 // *protocol.ValidationError.
-func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source) (storage.PutOutcome, error) {
+func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source) (storage.PutOutcome, protocol.BundleInfo, error) {
 	info, err := n.cfg.Policy.ValidateBundle(b, n.cfg.Now())
 	if err != nil {
 		n.metrics.bundleRejected(src, protocol.RuleOf(err))
-		return 0, err
+		return 0, info, err
 	}
 	outcome, err := n.store.PutBundle(ctx, &storage.Bundle{
 		DeviceID:    b.DeviceID,
@@ -36,14 +36,14 @@ func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source)
 		Signature:   b.Signature,
 	})
 	if err != nil {
-		return 0, err
+		return 0, info, err
 	}
 	n.metrics.bundleAccepted(src, outcome)
 	if f := n.cfg.OnBundleStored; f != nil && (outcome == storage.Stored || outcome == storage.Refreshed) {
 		f(b.DeviceID, info.Ref)
 	}
 	n.log.Debug("bundle accepted", "source", src, "device", b.DeviceID, "ref", info.Ref, "ts", info.TimestampMS, "outcome", outcome)
-	return outcome, nil
+	return outcome, info, nil
 }
 
 // ingestAccount validates an account bundle and stores it under rule.
@@ -71,7 +71,7 @@ func (n *Node) ingestAccount(ctx context.Context, a *protocol.AccountBundle, rul
 // accepted again (idempotent) and re-gossiped, which repairs a peer that
 // missed it.
 func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
-	outcome, err := n.ingestBundle(ctx, b, sourceHTTP)
+	outcome, _, err := n.ingestBundle(ctx, b, sourceHTTP)
 	if err != nil {
 		return err
 	}
@@ -191,5 +191,6 @@ func (n *Node) Status(ctx context.Context) any {
 // Ingest validates and stores a bundle without gossiping it, for imports
 // (and tests): peers that hold its shard get it through sync.
 func (n *Node) Ingest(ctx context.Context, b *protocol.Bundle) (storage.PutOutcome, error) {
-	return n.ingestBundle(ctx, b, sourceHTTP)
+	outcome, _, err := n.ingestBundle(ctx, b, sourceHTTP)
+	return outcome, err
 }

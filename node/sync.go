@@ -27,8 +27,12 @@ import (
 // split into its 256 children. Wants are asked for in batches.
 const (
 	syncListThreshold = 64
+	syncMaxListing    = 4096 // item IDs in one listing (a range of one key may exceed the threshold)
 	syncMaxRanges     = 1024 // per request
+	syncMaxListings   = 64   // want listings per request
 	syncMaxWant       = 512  // item IDs per request
+	syncMaxPending    = 1 << 16
+	syncMaxRounds     = 512
 	syncMaxRequest    = 1 << 20
 	syncMaxResponse   = 16 << 20
 	syncResponseLimit = 4 << 20 // records per response, before truncating
@@ -80,7 +84,7 @@ func (s *syncService) onConnect(ctx context.Context, p peer.ID) {
 	if protos, err := s.h.Peerstore().SupportsProtocols(p, s.proto); err != nil || len(protos) == 0 {
 		return
 	}
-	s.syncPeer(ctx, p, s.n.cfg.Shards.List())
+	s.syncPeer(ctx, p, s.n.cfg.Shards.List(), false)
 }
 
 // loop reconciles each held shard with a random peer of its topic.
@@ -97,18 +101,20 @@ func (s *syncService) loop(ctx context.Context) {
 			if len(peers) == 0 {
 				continue
 			}
-			s.syncPeer(ctx, peers[rand.IntN(len(peers))], []int{shard})
+			s.syncPeer(ctx, peers[rand.IntN(len(peers))], []int{shard}, false)
 		}
 	}
 }
 
-// syncPeer reconciles shards with p.
-func (s *syncService) syncPeer(ctx context.Context, p peer.ID, shards []int) {
+// syncPeer reconciles shards with p. Unless wait is set, a shard with a
+// session already running is skipped: that session brings what p has too,
+// or the next round will.
+func (s *syncService) syncPeer(ctx context.Context, p peer.ID, shards []int, wait bool) {
 	for _, shard := range shards {
 		for _, set := range []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_ACCOUNTS} {
-			pulled, err := s.syncShard(ctx, p, shard, set)
+			pulled, err := s.syncShard(ctx, p, shard, set, wait)
 			switch {
-			case errors.Is(err, errNotHeld):
+			case errors.Is(err, errNotHeld), errors.Is(err, errSyncBusy):
 			case err != nil:
 				s.log.Debug("sync failed", "peer", p, "shard", shard, "set", set, "err", err)
 			case pulled > 0:
@@ -143,13 +149,22 @@ func (c *countingStream) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// errSyncBusy: a session for the shard is already running.
+var errSyncBusy = errors.New("a sync session for this shard is running")
+
 // syncShard runs one initiator session: it pulls the records of shard's set
-// that p holds and this node lacks, and returns how many it stored.
-func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set pb.SyncRequest_Set) (int, error) {
+// that p holds and this node lacks, and returns how many it stored. The
+// responder is not trusted: it may only answer the ranges asked about, and a
+// session is bounded in rounds, pending wants and time.
+func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set pb.SyncRequest_Set, wait bool) (int, error) {
 	if shard < 0 || shard >= len(s.shardLocks) {
 		return 0, fmt.Errorf("no shard %d", shard)
 	}
-	s.shardLocks[shard].Lock()
+	if wait {
+		s.shardLocks[shard].Lock()
+	} else if !s.shardLocks[shard].TryLock() {
+		return 0, errSyncBusy
+	}
 	defer s.shardLocks[shard].Unlock()
 	ctx, cancel := context.WithTimeout(ctx, syncSessionLimit)
 	defer cancel()
@@ -169,11 +184,22 @@ func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set p
 	kind := setKind(set)
 	root := s.n.store.ShardDigest(kind, shard)
 	fp := root.Fingerprint()
-	req := &pb.SyncRequest{Shard: uint32(shard), Set: set, Ranges: []*pb.SyncRange{{Count: root.Count, Fingerprint: fp[:]}}}
-	var pending []*pb.SyncListing // wants not yet asked for
-	pulled := 0
+	var (
+		ranges  = []*pb.SyncRange{{Count: root.Count, Fingerprint: fp[:]}} // to ask about
+		pending []*pb.SyncListing                                          // wants not yet asked for
+		npend   int                                                        // item IDs in pending
+		pulled  int
+	)
 	for round := 0; ; round++ {
-		req.Want, pending = takeWants(pending, syncMaxWant)
+		if round == syncMaxRounds {
+			return pulled, fmt.Errorf("gave up after %d rounds", round)
+		}
+		req := &pb.SyncRequest{Shard: uint32(shard), Set: set}
+		n := min(len(ranges), syncMaxRanges)
+		req.Ranges, ranges = ranges[:n], ranges[n:]
+		var asked int
+		req.Want, pending, asked = takeWants(pending, syncMaxWant, syncMaxListings)
+		npend -= asked
 		if len(req.Ranges) == 0 && len(req.Want) == 0 {
 			break
 		}
@@ -194,29 +220,68 @@ func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set p
 			return pulled, fmt.Errorf("peer answered %v", resp.Status)
 		}
 		got := map[uint64]bool{}
-		pulled += s.ingest(ctx, p, shard, &resp, got)
-		if resp.Truncated {
-			pending = append(pending, unanswered(req.Want, got)...)
+		stored, received := s.ingest(ctx, p, shard, &resp, got)
+		pulled += stored
+		if resp.Truncated && received > 0 {
+			// Asked-for records the responder left out: ask again. A
+			// responder that truncates without sending anything makes no
+			// progress and gets no second chance.
+			for _, l := range unanswered(req.Want, got) {
+				pending, npend = append(pending, l), npend+len(l.Ids)
+			}
 		}
-		next := &pb.SyncRequest{Shard: uint32(shard), Set: set}
-		if err := s.compareRanges(ctx, kind, shard, resp.Ranges, next); err != nil {
-			return pulled, err
+		asks := map[string]bool{}
+		for _, rg := range req.Ranges {
+			asks[string(rg.Prefix)] = true
 		}
-		wants, err := s.wantsFromListings(ctx, kind, shard, resp.Listings)
+		more, err := s.compareRanges(ctx, kind, shard, childrenOf(asks, resp.Ranges))
 		if err != nil {
 			return pulled, err
 		}
-		pending = append(pending, wants...)
-		req = next
+		ranges = append(ranges, more...)
+		wants, err := s.wantsFromListings(ctx, kind, shard, listingsOf(asks, resp.Listings))
+		if err != nil {
+			return pulled, err
+		}
+		for _, l := range wants {
+			if npend+len(l.Ids) > syncMaxPending {
+				break // the next session asks for the rest
+			}
+			pending, npend = append(pending, l), npend+len(l.Ids)
+		}
 	}
 	_ = raw.CloseWrite()
 	return pulled, nil
 }
 
+// childrenOf keeps the ranges that are children (one more byte) of a range
+// that was asked about.
+func childrenOf(asked map[string]bool, rs []*pb.SyncRange) []*pb.SyncRange {
+	var out []*pb.SyncRange
+	for _, rg := range rs {
+		if l := len(rg.Prefix); l > 0 && l < protocol.KeySize && asked[string(rg.Prefix[:l-1])] {
+			out = append(out, rg)
+		}
+	}
+	return out
+}
+
+// listingsOf keeps the listings of ranges that were asked about.
+func listingsOf(asked map[string]bool, ls []*pb.SyncListing) []*pb.SyncListing {
+	var out []*pb.SyncListing
+	for _, l := range ls {
+		if asked[string(l.Prefix)] && len(l.Ids) <= syncMaxListing {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // ingest validates and stores the records of a response, like every other
-// path, and records their item IDs in got.
-func (s *syncService) ingest(ctx context.Context, p peer.ID, shard int, resp *pb.SyncResponse, got map[uint64]bool) int {
-	stored := 0
+// path, and records their item IDs in got. It returns how many records it
+// stored and how many the response carried.
+func (s *syncService) ingest(ctx context.Context, p peer.ID, shard int, resp *pb.SyncResponse, got map[uint64]bool) (stored, received int) {
+	received = len(resp.Bundles) + len(resp.Accounts)
 	count := s.n.cfg.Shards.Count()
 	for _, m := range resp.Bundles {
 		b, err := bundleFromPB(m)
@@ -227,15 +292,11 @@ func (s *syncService) ingest(ctx context.Context, p peer.ID, shard int, resp *pb
 			s.log.Debug("sync: malformed bundle", "peer", p, "err", err)
 			continue
 		}
-		outcome, err := s.n.ingestBundle(ctx, b, sourceSync)
+		outcome, info, err := s.n.ingestBundle(ctx, b, sourceSync)
 		if err != nil {
 			continue
 		}
-		if ts, _, err := protocol.SplitBundlePayload(b.Payload); err == nil {
-			if info, err := s.n.cfg.Policy.ValidateBundle(b, s.n.cfg.Now()); err == nil {
-				got[protocol.ItemID(protocol.BundleItem(b.DeviceID, ts, info.Ref))] = true
-			}
-		}
+		got[protocol.ItemID(protocol.BundleItem(b.DeviceID, info.TimestampMS, info.Ref))] = true
 		if outcome == storage.Stored || outcome == storage.Refreshed {
 			stored++
 		}
@@ -255,13 +316,14 @@ func (s *syncService) ingest(ctx context.Context, p peer.ID, shard int, resp *pb
 			stored++
 		}
 	}
-	return stored
+	return stored, received
 }
 
-// compareRanges puts into next every range of theirs whose fingerprint
-// differs from ours, with our count and fingerprint. Ranges come grouped by
-// parent prefix; each parent costs one scan of our store.
-func (s *syncService) compareRanges(ctx context.Context, kind storage.SetKind, shard int, theirs []*pb.SyncRange, next *pb.SyncRequest) error {
+// compareRanges returns every range of theirs whose fingerprint differs
+// from ours, with our count and fingerprint. Ranges come grouped by parent
+// prefix; each parent costs one scan of our store.
+func (s *syncService) compareRanges(ctx context.Context, kind storage.SetKind, shard int, theirs []*pb.SyncRange) ([]*pb.SyncRange, error) {
+	var out []*pb.SyncRange
 	var parent []byte
 	var children [256]protocol.Digest
 	haveParent := false
@@ -272,18 +334,17 @@ func (s *syncService) compareRanges(ctx context.Context, kind storage.SetKind, s
 		pp := rg.Prefix[:len(rg.Prefix)-1]
 		if !haveParent || !bytes.Equal(pp, parent) {
 			var err error
-			if _, children, err = s.n.store.PrefixDigests(ctx, kind, shard, pp); err != nil {
-				return err
+			if _, children, _, err = s.n.store.PrefixDigests(ctx, kind, shard, pp); err != nil {
+				return nil, err
 			}
 			parent, haveParent = bytes.Clone(pp), true
 		}
 		mine := children[rg.Prefix[len(rg.Prefix)-1]]
-		fp := mine.Fingerprint()
-		if !bytes.Equal(fp[:], rg.Fingerprint) && len(next.Ranges) < syncMaxRanges {
-			next.Ranges = append(next.Ranges, &pb.SyncRange{Prefix: rg.Prefix, Count: mine.Count, Fingerprint: fp[:]})
+		if fp := mine.Fingerprint(); !bytes.Equal(fp[:], rg.Fingerprint) {
+			out = append(out, &pb.SyncRange{Prefix: rg.Prefix, Count: mine.Count, Fingerprint: fp[:]})
 		}
 	}
-	return nil
+	return out, nil
 }
 
 // wantsFromListings returns, per listed range, the item IDs we lack.
@@ -314,23 +375,23 @@ func (s *syncService) wantsFromListings(ctx context.Context, kind storage.SetKin
 	return out, nil
 }
 
-// takeWants splits off at most max item IDs from pending.
-func takeWants(pending []*pb.SyncListing, max int) (batch, rest []*pb.SyncListing) {
-	n := 0
-	for len(pending) > 0 && n < max {
+// takeWants splits off at most maxIDs item IDs in at most maxListings
+// listings from pending, and says how many IDs it took.
+func takeWants(pending []*pb.SyncListing, maxIDs, maxListings int) (batch, rest []*pb.SyncListing, taken int) {
+	for len(pending) > 0 && taken < maxIDs && len(batch) < maxListings {
 		l := pending[0]
-		if n+len(l.Ids) <= max {
+		if taken+len(l.Ids) <= maxIDs {
 			batch = append(batch, l)
-			n += len(l.Ids)
+			taken += len(l.Ids)
 			pending = pending[1:]
 			continue
 		}
-		k := max - n
+		k := maxIDs - taken
 		batch = append(batch, &pb.SyncListing{Prefix: l.Prefix, Ids: l.Ids[:k]})
 		pending[0] = &pb.SyncListing{Prefix: l.Prefix, Ids: l.Ids[k:]}
-		n = max
+		taken = maxIDs
 	}
-	return batch, pending
+	return batch, pending, taken
 }
 
 func unanswered(asked []*pb.SyncListing, got map[uint64]bool) []*pb.SyncListing {
@@ -384,41 +445,65 @@ func (s *syncService) handle(raw network.Stream) {
 	}
 }
 
+// validRequest bounds the work one request can cause: one root range at
+// most, no prefix twice, prefixes shorter than a key, and a bounded number
+// of non-empty want listings.
+func validRequest(req *pb.SyncRequest, shards int) bool {
+	if int(req.Shard) >= shards || len(req.Ranges) > syncMaxRanges || len(req.Want) > syncMaxListings ||
+		(req.Set != pb.SyncRequest_SET_BUNDLES && req.Set != pb.SyncRequest_SET_ACCOUNTS) {
+		return false
+	}
+	seen := make(map[string]bool, len(req.Ranges))
+	for _, rg := range req.Ranges {
+		if len(rg.Prefix) >= protocol.KeySize || seen[string(rg.Prefix)] {
+			return false
+		}
+		seen[string(rg.Prefix)] = true
+	}
+	ids := 0
+	for _, l := range req.Want {
+		if len(l.Prefix) >= protocol.KeySize || len(l.Ids) == 0 {
+			return false
+		}
+		ids += len(l.Ids)
+	}
+	return ids <= syncMaxWant
+}
+
 // serve answers one round from the store.
 func (s *syncService) serve(ctx context.Context, req *pb.SyncRequest) *pb.SyncResponse {
-	shard := int(req.Shard)
-	if shard >= s.n.cfg.Shards.Count() || len(req.Ranges) > syncMaxRanges || (req.Set != pb.SyncRequest_SET_BUNDLES && req.Set != pb.SyncRequest_SET_ACCOUNTS) {
+	if !validRequest(req, s.n.cfg.Shards.Count()) {
 		return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_BAD_REQUEST}
 	}
+	shard := int(req.Shard)
 	if !s.n.cfg.Shards.Has(shard) {
 		return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_NOT_HOLDER}
 	}
 	kind := setKind(req.Set)
 	resp := &pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK}
 	for _, rg := range req.Ranges {
-		if len(rg.Prefix) >= protocol.KeySize-1 {
-			continue
-		}
 		if len(rg.Prefix) == 0 {
 			root := s.n.store.ShardDigest(kind, shard)
 			if fp := root.Fingerprint(); bytes.Equal(fp[:], rg.Fingerprint) {
 				continue // the common case, answered from memory
 			}
 		}
-		mine, children, err := s.n.store.PrefixDigests(ctx, kind, shard, rg.Prefix)
+		mine, children, keys, err := s.n.store.PrefixDigests(ctx, kind, shard, rg.Prefix)
 		if err != nil {
 			return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_BAD_REQUEST}
 		}
 		if fp := mine.Fingerprint(); bytes.Equal(fp[:], rg.Fingerprint) || mine.Count == 0 {
 			continue
 		}
-		if mine.Count <= syncListThreshold {
+		// List a small range, and a range of a single key (one device's
+		// bundles share its whole key, so splitting cannot separate them).
+		if mine.Count <= syncListThreshold || keys == 1 || len(rg.Prefix) == protocol.KeySize-1 {
 			items, err := s.n.store.PrefixItems(ctx, kind, shard, rg.Prefix)
 			if err != nil {
 				continue
 			}
 			l := &pb.SyncListing{Prefix: rg.Prefix}
-			for _, h := range items {
+			for _, h := range items[:min(len(items), syncMaxListing)] {
 				l.Ids = append(l.Ids, protocol.ItemID(h))
 			}
 			resp.Listings = append(resp.Listings, l)
@@ -432,17 +517,15 @@ func (s *syncService) serve(ctx context.Context, req *pb.SyncRequest) *pb.SyncRe
 			resp.Ranges = append(resp.Ranges, &pb.SyncRange{Prefix: append(bytes.Clone(rg.Prefix), byte(b)), Count: c.Count, Fingerprint: fp[:]})
 		}
 	}
-	size, wanted := 0, 0
+	size := 0
 	for _, l := range req.Want {
-		if len(l.Prefix) >= protocol.KeySize || wanted >= syncMaxWant {
-			continue
+		if size > syncResponseLimit {
+			resp.Truncated = true
+			break
 		}
-		ids := map[uint64]bool{}
+		ids := make(map[uint64]bool, len(l.Ids))
 		for _, id := range l.Ids {
-			if wanted < syncMaxWant {
-				ids[id] = true
-				wanted++
-			}
+			ids[id] = true
 		}
 		if kind == storage.AccountSet {
 			as, _ := s.n.store.AccountsByID(ctx, shard, l.Prefix, ids)
@@ -474,7 +557,7 @@ func (s *syncService) serve(ctx context.Context, req *pb.SyncRequest) *pb.SyncRe
 func (n *Node) SyncNow(ctx context.Context, p peer.ID, shard int) (int, error) {
 	total := 0
 	for _, set := range []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_ACCOUNTS} {
-		pulled, err := n.sync.syncShard(ctx, p, shard, set)
+		pulled, err := n.sync.syncShard(ctx, p, shard, set, true)
 		total += pulled
 		if err != nil {
 			return total, err

@@ -100,6 +100,7 @@ func TestSyncBytesFollowTheDifference(t *testing.T) {
 	c := startCluster(t, 2, func(_ int, cfg *node.Config) {
 		cfg.Policy.MLS = protocol.MLSOff
 		cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+		cfg.SyncInterval = time.Hour // only the sessions this test starts
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -156,4 +157,35 @@ func opaqueBundleIn(t *testing.T, shard int) protocol.Bundle {
 	kp := make([]byte, 600)
 	rand.Read(kp)
 	return protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), kp)
+}
+
+// One device's bundles share its whole key, so no prefix separates them: a
+// device with more bundles than a listing threshold still reconciles.
+func TestSyncDeviceWithManyBundles(t *testing.T) {
+	c := startCluster(t, 2, func(_ int, cfg *node.Config) {
+		cfg.Policy.MLS = protocol.MLSOff
+		cfg.SyncInterval = time.Hour
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	a, b := c.Nodes[0], c.Nodes[1]
+	_, dev, _ := ed25519.GenerateKey(rand.Reader)
+	now := uint64(time.Now().UnixMilli())
+	for i := 0; i < 80; i++ {
+		kp := make([]byte, 300)
+		rand.Read(kp)
+		bd := protocol.SignBundle(dev, now-uint64(i), kp)
+		if _, err := a.Ingest(ctx, &bd); err != nil { // stored, not gossiped
+			t.Fatal(err)
+		}
+	}
+	var key protocol.Key
+	copy(key[:], dev.Public().(ed25519.PublicKey))
+	pulled, err := b.SyncNow(ctx, a.PeerID(), protocol.Shard(key, protocol.DefaultShardCount))
+	if err != nil || pulled != 80 {
+		t.Fatalf("pulled %d of 80 bundles of one device: %v", pulled, err)
+	}
+	if got, _ := b.Bundles(ctx, key); len(got) != 80 {
+		t.Fatalf("b holds %d", len(got))
+	}
 }
