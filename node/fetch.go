@@ -122,8 +122,13 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) *pb.Fetc
 		if len(bs) == 0 {
 			return notFound()
 		}
+		// Newest first, up to what a requester reads; the oldest are left out.
 		resp := &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}
+		size := 0
 		for _, b := range bs {
+			if size += len(b.Payload) + 128; size > maxFetchResponse-(64<<10) {
+				break
+			}
 			resp.Bundles = append(resp.Bundles, storedBundleToPB(b))
 		}
 		return resp

@@ -52,11 +52,15 @@ type recordCache[T any] struct {
 	kind    string // "bundle" or "account": metrics label and singleflight key prefix
 	entries *expirable.LRU[protocol.Key, cached[T]]
 	fetch   func(ctx context.Context, p peer.ID, key protocol.Key) (T, error)
+	// better reports whether a fetched record replaces a cached one, so a
+	// lagging holder cannot roll a cached record back.
+	better func(fetched, cached T) bool
 }
 
 type cached[T any] struct {
-	v         T
-	fetchedAt time.Time
+	v          T
+	verifiedAt time.Time // last time a holder confirmed it (or something older)
+	triedAt    time.Time // last network attempt, successful or not
 }
 
 func newLookup(n *Node) *lookup {
@@ -72,6 +76,7 @@ func newLookup(n *Node) *lookup {
 			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort,
 				ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature}, nil
 		},
+		better: betterBundle,
 	}
 	l.accounts = &recordCache[*storage.Account]{
 		kind:    "account",
@@ -85,6 +90,9 @@ func newLookup(n *Node) *lookup {
 				updatedAt = n.cfg.Now().UnixMilli()
 			}
 			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: a.Payload, Signature: a.Signature}, nil
+		},
+		better: func(fetched, cached *storage.Account) bool {
+			return protocol.AccountSupersedes(fetched.Lamport, fetched.Payload, cached.Lamport, cached.Payload)
 		},
 	}
 	return l
@@ -106,10 +114,12 @@ func (l *lookup) account(ctx context.Context, account protocol.Key) (*storage.Ac
 func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
 	var zero T
 	flightKey := c.kind + string(key[:])
-	if e, ok := c.entries.Get(key); ok {
+	now := l.n.cfg.Now()
+	if e, ok := c.entries.Get(key); ok && now.Sub(e.verifiedAt) <= l.n.cfg.CacheTTL {
 		l.n.metrics.lookups.WithLabelValues(c.kind, "cache_hit").Inc()
-		if l.n.cfg.Now().Sub(e.fetchedAt) > l.n.cfg.CacheRefresh {
-			go l.flight.Do(flightKey, func() (any, error) { return fetchInto(l, c, key) })
+		if now.Sub(e.triedAt) > l.n.cfg.CacheRefresh {
+			// DoChan does not wait; its buffered channel is dropped.
+			l.flight.DoChan(flightKey, func() (any, error) { return fetchInto(l, c, key) })
 		}
 		return e.v, nil
 	}
@@ -130,18 +140,30 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 	return v.(T), nil
 }
 
-// fetchInto asks the network for key and caches what it finds. A failed
-// refresh leaves the cached entry in place.
+// fetchInto asks the network for key and caches what it finds, unless the
+// cache holds a better record. A failed attempt keeps the cached entry and
+// is remembered, so an outage costs one attempt per CacheRefresh per key.
 func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
 	v, err := firstAnswer(l, protocol.Shard(key, l.n.cfg.Shards.Count()), func(ctx context.Context, p peer.ID) (T, error) {
 		return c.fetch(ctx, p, key)
 	})
+	now := l.n.cfg.Now()
+	old, had := c.entries.Peek(key)
 	if err != nil {
 		l.n.metrics.lookups.WithLabelValues(c.kind, "miss").Inc()
+		if had {
+			old.triedAt = now
+			c.entries.Add(key, old)
+		}
 		return v, err
 	}
-	c.entries.Add(key, cached[T]{v: v, fetchedAt: l.n.cfg.Now()})
 	l.n.metrics.lookups.WithLabelValues(c.kind, "found").Inc()
+	if had && !c.better(v, old.v) {
+		old.verifiedAt, old.triedAt = now, now
+		c.entries.Add(key, old)
+		return old.v, nil
+	}
+	c.entries.Add(key, cached[T]{v: v, verifiedAt: now, triedAt: now})
 	return v, nil
 }
 
@@ -151,7 +173,7 @@ func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error)
 // request that gives up does not fail the lookup other callers share.
 func firstAnswer[T any](l *lookup, shard int, fetch func(context.Context, peer.ID) (T, error)) (T, error) {
 	var zero T
-	ctx, cancel := context.WithTimeout(context.Background(), l.n.cfg.LookupTimeout)
+	ctx, cancel := context.WithTimeout(l.n.runCtx, l.n.cfg.LookupTimeout)
 	defer cancel()
 	type result struct {
 		v   T

@@ -192,6 +192,8 @@ type Node struct {
 	dht    *discovery
 	lookup *lookup
 
+	runCtx context.Context // the context of Start; cancelled by Close
+
 	mu       sync.Mutex // guards the fields below
 	listener net.Listener
 	server   *http.Server
@@ -257,6 +259,7 @@ func (n *Node) Start(ctx context.Context) error {
 		return errors.New("node: already started")
 	}
 	ctx, n.cancel = context.WithCancel(ctx)
+	n.runCtx = ctx
 	if err := n.startNetwork(ctx); err != nil {
 		n.cancel()
 		n.stopNetwork()

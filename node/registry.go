@@ -3,6 +3,9 @@ package node
 import (
 	"context"
 	"errors"
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -76,9 +79,8 @@ func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
 		return err
 	}
 	if outcome != storage.OverQuota && n.gossip != nil {
-		if err := n.gossip.publishBundle(ctx, b); err != nil {
-			n.log.Warn("gossip publish failed; the bundle is stored and sync will spread it", "device", b.DeviceID, "err", err)
-		}
+		topic := n.gossip.bundles[protocol.Shard(b.DeviceID, n.cfg.Shards.Count())]
+		n.publish(ctx, b.DeviceID, topic, func(ctx context.Context) error { return n.gossip.publishBundle(ctx, b) })
 	}
 	return nil
 }
@@ -92,26 +94,81 @@ func (n *Node) SubmitAccount(ctx context.Context, a *protocol.AccountBundle) err
 		return err
 	}
 	if n.gossip != nil {
-		if err := n.gossip.publishAccount(ctx, a, rec.UpdatedAtMS); err != nil {
-			n.log.Warn("gossip publish failed; the account bundle is stored and sync will spread it", "account", a.AccountPub, "err", err)
-		}
+		topic := n.gossip.accounts[protocol.Shard(a.AccountPub, n.cfg.Shards.Count())]
+		n.publish(ctx, a.AccountPub, topic, func(ctx context.Context) error { return n.gossip.publishAccount(ctx, a, rec.UpdatedAtMS) })
 	}
 	return nil
 }
 
+// publishTimeout bounds how long a node that does not hold a record's shard
+// waits for a holder to publish to.
+const publishTimeout = time.Minute
+
+// publish gossips a record the node has stored. For a shard the node holds,
+// it publishes at once: if no peer hears it, sync spreads it from this
+// node's store. For a shard it does not hold (every shard, on a light node)
+// no peer will ever pull it from here, so it waits in the background until
+// the topic has a subscriber, a holder, to publish to. (gossipsub's own
+// readiness option counts mesh peers only, which a node that does not
+// subscribe to the topic never has.)
+func (n *Node) publish(ctx context.Context, key protocol.Key, topic *pubsub.Topic, send func(context.Context) error) {
+	if n.cfg.Shards.HasKey(key) {
+		if err := send(ctx); err != nil {
+			n.log.Warn("gossip publish failed; the record is stored and sync will spread it", "key", key, "err", err)
+		}
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(n.runCtx, publishTimeout)
+		defer cancel()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for len(topic.ListPeers()) == 0 {
+			select {
+			case <-ctx.Done():
+				n.log.Warn("gossip publish failed: no holder of the shard reachable", "key", key, "topic", topic.String())
+				return
+			case <-tick.C:
+			}
+		}
+		if err := send(ctx); err != nil {
+			n.log.Warn("gossip publish failed", "key", key, "err", err)
+		}
+	}()
+}
+
 // LatestBundle returns the bundle to hand a chat client for a device. A
 // node answers keys of the shards it holds from its store alone. For other
-// keys it serves what its own client published, else asks the network.
+// keys it asks the network too and serves the better of what its own client
+// published and what the holders have.
 func (n *Node) LatestBundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error) {
-	b, err := n.store.LatestBundle(ctx, device)
-	if !errors.Is(err, storage.ErrNotFound) || n.cfg.Shards.HasKey(device) || n.lookup == nil {
-		return b, err
+	local, err := n.store.LatestBundle(ctx, device)
+	if n.cfg.Shards.HasKey(device) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
+		return local, err
 	}
-	b, err = n.lookup.bundle(ctx, device)
-	if errors.Is(err, errLookupMiss) {
+	remote, rerr := n.lookup.bundle(ctx, device)
+	switch {
+	case rerr != nil && local == nil:
 		return nil, storage.ErrNotFound
+	case rerr != nil:
+		return local, nil
+	case local == nil || betterBundle(remote, local):
+		return remote, nil
 	}
-	return b, err
+	return local, nil
+}
+
+// betterBundle reports whether a should be served rather than b, by the
+// rule of "latest": a last-resort bundle first, then the greater signed
+// timestamp, then the smaller ref.
+func betterBundle(a, b *storage.Bundle) bool {
+	if a.LastResort != b.LastResort {
+		return a.LastResort
+	}
+	if a.TimestampMS != b.TimestampMS {
+		return a.TimestampMS > b.TimestampMS
+	}
+	return string(a.Ref[:]) < string(b.Ref[:])
 }
 
 // Bundles returns every bundle held for a device, newest first.
@@ -119,18 +176,24 @@ func (n *Node) Bundles(ctx context.Context, device protocol.Key) ([]*storage.Bun
 	return n.store.Bundles(ctx, device)
 }
 
-// Account returns the account bundle for an account key, from the store for
-// held shards and from the network otherwise.
+// Account returns the account bundle for an account key: from the store
+// for held shards; otherwise the winner (convergence rule) of the stored
+// copy and the holders' version.
 func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Account, error) {
-	a, err := n.store.Account(ctx, account)
-	if !errors.Is(err, storage.ErrNotFound) || n.cfg.Shards.HasKey(account) || n.lookup == nil {
-		return a, err
+	local, err := n.store.Account(ctx, account)
+	if n.cfg.Shards.HasKey(account) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
+		return local, err
 	}
-	a, err = n.lookup.account(ctx, account)
-	if errors.Is(err, errLookupMiss) {
+	remote, rerr := n.lookup.account(ctx, account)
+	switch {
+	case rerr != nil && local == nil:
 		return nil, storage.ErrNotFound
+	case rerr != nil:
+		return local, nil
+	case local == nil || protocol.AccountSupersedes(remote.Lamport, remote.Payload, local.Lamport, local.Payload):
+		return remote, nil
 	}
-	return a, err
+	return local, nil
 }
 
 // Status is the body of GET /v1/status.

@@ -163,17 +163,21 @@ func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []b
 	})
 }
 
-// PrefixDigests returns the digest of a shard's items under prefix and of
-// each of its 256 children (prefix ‖ b), in one scan.
-func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, prefix []byte) (protocol.Digest, [256]protocol.Digest, error) {
-	var all protocol.Digest
-	var children [256]protocol.Digest
-	err := s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
+// PrefixDigests returns the digest of a shard's items under prefix, of
+// each of its 256 children (prefix ‖ b), and how many distinct keys the
+// items have, in one scan.
+func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, prefix []byte) (all protocol.Digest, children [256]protocol.Digest, keys int, err error) {
+	var last protocol.Key
+	err = s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
 		all.Add(it.Hash)
 		children[it.Key[len(prefix)]].Add(it.Hash)
+		if keys == 0 || it.Key != last {
+			keys++
+			last = it.Key
+		}
 		return nil
 	})
-	return all, children, err
+	return all, children, keys, err
 }
 
 // PrefixItems returns the item hashes of a shard's items under prefix.

@@ -8,7 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http/httptest"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -316,13 +319,103 @@ func TestLightNodeCacheRefreshesAndSurvivesOutage(t *testing.T) {
 	for _, n := range c.Nodes[:2] {
 		n.Close()
 	}
-	clk.Advance(2 * node.DefaultCacheRefresh) // the next hits try the network, and fail
-	for i := 0; i < 3; i++ {
-		a, err := light.Account(ctx, v1.AccountPub)
-		if err != nil || a.Lamport != 2 {
-			t.Fatalf("during the outage: %v %v", a, err)
+	clk.Advance(2 * node.DefaultCacheRefresh) // the next hit tries the network, and fails
+	missesBefore := metricValue(t, light, `kpnode_lookups_total{kind="account",result="miss"}`)
+	if a, err := light.Account(ctx, v1.AccountPub); err != nil || a.Lamport != 2 {
+		t.Fatalf("during the outage: %v %v", a, err)
+	}
+	if err := eventually(ctx, func() bool {
+		return metricValue(t, light, `kpnode_lookups_total{kind="account",result="miss"}`) > missesBefore
+	}); err != nil {
+		t.Fatal("the background refresh never ran")
+	}
+	// After the failed refresh the record is still served.
+	if a, err := light.Account(ctx, v1.AccountPub); err != nil || a.Lamport != 2 {
+		t.Fatalf("after a failed refresh: %v %v", a, err)
+	}
+}
+
+// A light node's client publishes as soon as the node starts (the chat
+// client does so on every start): the bundle and account bundle reach the
+// holders even though the light node had no gossip route at that moment,
+// and are served by them.
+func TestLightNodePublishesRightAfterStart(t *testing.T) {
+	const S = protocol.DefaultShardCount
+	c := startCluster(t, 2, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	light, err := c.Add(ctx, func(cfg *node.Config) {
+		cfg.Light = true
+		cfg.Shards = protocol.NoShards(S)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, dev := newBundle(t)
+	if err := light.SubmitBundle(ctx, &b); err != nil {
+		t.Fatal(err)
+	}
+	a := protocol.SignAccount(dev, protocol.EncodeAccountPayload(0, []protocol.Key{b.DeviceID}))
+	if err := light.SubmitAccount(ctx, &a); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range c.Nodes[:2] {
+		if err := waitServed(ctx, n, b); err != nil {
+			t.Fatalf("holder %d: %v", i, err)
+		}
+		if err := eventually(ctx, func() bool { _, err := n.Account(ctx, a.AccountPub); return err == nil }); err != nil {
+			t.Fatalf("holder %d never got the account bundle", i)
 		}
 	}
+}
+
+// A node asked for a key of a shard it does not hold serves the holders'
+// newer version over the copy its own client once posted.
+func TestForeignShardServesNewerNetworkVersion(t *testing.T) {
+	const S = protocol.DefaultShardCount
+	c := startCluster(t, 2, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	light, err := c.Add(ctx, func(cfg *node.Config) {
+		cfg.Light = true
+		cfg.Shards = protocol.NoShards(S)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { return light.DHTPeers() > 0 }); err != nil {
+		t.Fatal(err)
+	}
+	_, acct, _ := ed25519.GenerateKey(rand.Reader)
+	v1 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
+	if err := light.SubmitAccount(ctx, &v1); err != nil {
+		t.Fatal(err)
+	}
+	v2 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(2, nil))
+	if err := c.Nodes[0].SubmitAccount(ctx, &v2); err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(ctx, func() bool { a, err := c.Nodes[1].Account(ctx, v2.AccountPub); return err == nil && a.Lamport == 2 }); err != nil {
+		t.Fatal(err)
+	}
+	got, err := light.Account(ctx, v1.AccountPub)
+	if err != nil || got.Lamport != 2 {
+		t.Fatalf("light node serves %v (%v), want the network's lamport 2", got, err)
+	}
+}
+
+// metricValue reads one sample of a node's /metrics (0 when absent).
+func metricValue(t *testing.T, n *node.Node, series string) float64 {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for _, line := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(line, series+" ") {
+			v, _ := strconv.ParseFloat(strings.TrimPrefix(line, series+" "), 64)
+			return v
+		}
+	}
+	return 0
 }
 
 type fakeClock struct {
