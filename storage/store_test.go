@@ -297,15 +297,29 @@ func TestDataSurvivesReopen(t *testing.T) {
 }
 
 func TestConcurrentPutsKeepCountsExact(t *testing.T) {
-	s := openStore(t, t.TempDir(), func(o *Options) { o.MaxPerDevice = 10 })
+	clk := &clock{now: time.UnixMilli(100 * 24 * 3600 * 1000)}
+	s := openStore(t, t.TempDir(), func(o *Options) { o.MaxPerDevice = 10; o.Now = clk.Now; o.Retention = time.Hour })
+	// Expired bundles on the same devices, pruned while the puts run.
+	for i := 0; i < 20; i++ {
+		mustPutAny(t, s, bundle(dev(byte(i%4)), uint64(clk.Now().Add(-2*time.Hour).UnixMilli())+uint64(i), fmt.Sprint("old", i), false))
+	}
 	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 5; i++ {
+			if _, err := s.Prune(context.Background()); err != nil {
+				t.Error(err)
+			}
+		}
+	}()
 	for w := 0; w < 8; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := 0; i < 50; i++ {
 				d := dev(byte(i % 4))
-				b := bundle(d, uint64(1000+i*8+w), fmt.Sprintf("w%d-%d", w, i%20), false)
+				b := bundle(d, uint64(clk.Now().UnixMilli())+uint64(i*8+w), fmt.Sprintf("w%d-%d", w, i%20), false)
 				if _, err := s.PutBundle(context.Background(), b); err != nil {
 					t.Error(err)
 					return
@@ -315,11 +329,20 @@ func TestConcurrentPutsKeepCountsExact(t *testing.T) {
 	}
 	wg.Wait()
 	got := s.Counts()
+	var live []protocol.Digest
+	for shard := 0; shard < protocol.DefaultShardCount; shard++ {
+		live = append(live, s.ShardDigest(BundleSet, shard))
+	}
 	if err := s.recount(); err != nil {
 		t.Fatal(err)
 	}
 	if want := s.Counts(); got != want {
 		t.Fatalf("live counts %+v drifted from a recount %+v", got, want)
+	}
+	for shard, d := range live {
+		if d.Fingerprint() != s.ShardDigest(BundleSet, shard).Fingerprint() {
+			t.Fatalf("shard %d: live digest drifted from a recount", shard)
+		}
 	}
 	if got.Devices != 4 || got.Bundles != 40 {
 		t.Fatalf("counts %+v, want 4 devices with 10 bundles each", got)
