@@ -249,6 +249,11 @@ func fetchRTT(args []string) error {
 		return err
 	}
 	defer c.Close()
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	if err := c.WaitReady(wctx); err != nil {
+		return err
+	}
 	bundles, err := newBundles(1)
 	if err != nil {
 		return err
