@@ -8,6 +8,12 @@
 //	kpbench fetch [-runs 1000]
 //	    fetch round trip between two nodes against a bare stream echo of the
 //	    same bytes.
+//	kpbench get [-clients 16] [-requests 50000]
+//	    local GET /v0/account throughput and p99 against a bare net/http
+//	    handler serving the same bytes from memory.
+//	kpbench ingest [-count 2000] [-clients 16]
+//	    bundles POSTed per second (fsync on) against a tight loop of the same
+//	    validation and Badger writes in one process.
 //	kpbench burst -nodes .testnet/nodes.json [-count 1000] [-clients 16]
 //	    posts count bundles (real 0x004D KeyPackages) to node 1 of a running
 //	    testnet as fast as its API takes them and reports when every node
@@ -35,7 +41,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|burst [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|get|ingest|burst [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -46,6 +52,10 @@ func main() {
 		err = propagation(os.Args[2:])
 	case "fetch":
 		err = fetchRTT(os.Args[2:])
+	case "get":
+		err = getBench(os.Args[2:])
+	case "ingest":
+		err = ingestBench(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}

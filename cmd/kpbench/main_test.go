@@ -19,6 +19,18 @@ func TestPropagationAndFetchRun(t *testing.T) {
 	}
 }
 
+func TestLocalBenchmarksRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts nodes")
+	}
+	if err := getBench([]string{"-requests", "200", "-clients", "4"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ingestBench([]string{"-count", "20", "-clients", "4"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestQuantile(t *testing.T) {
 	ds := []time.Duration{5, 1, 4, 2, 3}
 	if q := quantile(ds, 0.5); q != 3 {

@@ -331,3 +331,11 @@ func echoRTT(ctx context.Context, runs int, req, resp []byte) ([]time.Duration, 
 	}
 	return out, nil
 }
+
+func ed25519Key() ed25519.PrivateKey {
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	return k
+}

@@ -1,0 +1,254 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// startLocalNode starts one node (fsync on, as the binary runs) on loopback.
+func startLocalNode(ctx context.Context, dir string) (*node.Node, error) {
+	cfg := node.DefaultConfig()
+	cfg.DataDir = dir
+	cfg.APIAddr = "127.0.0.1:0"
+	cfg.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	n, err := node.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.Start(ctx); err != nil {
+		n.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+// loadGET sends total GETs to url from clients goroutines and returns the
+// latencies and the elapsed time.
+func loadGET(ctx context.Context, url string, clients, total int) ([]time.Duration, time.Duration, error) {
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}, Timeout: 10 * time.Second}
+	lat := make([]time.Duration, total)
+	var next atomic.Int64
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < clients; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= total || ctx.Err() != nil {
+					return
+				}
+				t0 := time.Now()
+				resp, err := hc.Get(url)
+				if err != nil {
+					failed.Store(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					failed.Store(fmt.Errorf("status %d", resp.StatusCode))
+					return
+				}
+				lat[i] = time.Since(t0)
+			}
+		}()
+	}
+	wg.Wait()
+	if err, ok := failed.Load().(error); ok {
+		return nil, 0, err
+	}
+	return lat, time.Since(start), nil
+}
+
+// get: GET /v0/account on a node against a bare net/http handler serving
+// the same bytes from memory, same load.
+func getBench(args []string) error {
+	fs := flag.NewFlagSet("get", flag.ExitOnError)
+	clients := fs.Int("clients", 16, "concurrent clients (1..256)")
+	total := fs.Int("requests", 50_000, "requests per run (1..1000000)")
+	fs.Parse(args)
+	if *clients < 1 || *clients > 256 || *total < 1 || *total > 1_000_000 {
+		return errors.New("clients must be 1..256 and requests 1..1000000")
+	}
+	dir, err := os.MkdirTemp("", "kpbench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	n, err := startLocalNode(ctx, dir)
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	bundles, err := newBundles(3)
+	if err != nil {
+		return err
+	}
+	var devices []protocol.Key
+	for _, b := range bundles {
+		devices = append(devices, b.DeviceID)
+	}
+	a := protocol.SignAccount(ed25519Key(), protocol.EncodeAccountPayload(7, devices))
+	if err := n.SubmitAccount(ctx, &a); err != nil {
+		return err
+	}
+	url := "http://" + n.APIAddr().String() + "/v0/account/" + a.AccountPub.String()
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	bare := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(body)
+	})}
+	go bare.Serve(ln)
+	defer bare.Close()
+
+	if _, _, err := loadGET(ctx, url, *clients, *total/10); err != nil { // warm up
+		return err
+	}
+	got, gotTime, err := loadGET(ctx, url, *clients, *total)
+	if err != nil {
+		return err
+	}
+	ceil, ceilTime, err := loadGET(ctx, "http://"+ln.Addr().String()+"/v0/account/x", *clients, *total)
+	if err != nil {
+		return err
+	}
+	gotRate, ceilRate := float64(*total)/gotTime.Seconds(), float64(*total)/ceilTime.Seconds()
+	fmt.Printf("local GET /v0/account (%d B body, %d clients): %.0f req/s, p99 %v | ceiling %.0f req/s, p99 %v | throughput ratio %.2f×\n",
+		len(body), *clients, gotRate, quantile(got, 0.99).Round(time.Microsecond), ceilRate, quantile(ceil, 0.99).Round(time.Microsecond), gotRate/ceilRate)
+	return nil
+}
+
+// ingest: bundles posted over HTTP (16 clients) to a node with fsync on,
+// against tight loops of the same validation and Badger writes in this
+// process, as many as there are clients (so both sides share fsyncs alike).
+func ingestBench(args []string) error {
+	fs := flag.NewFlagSet("ingest", flag.ExitOnError)
+	count := fs.Int("count", 2000, "bundles per run (1..100000)")
+	clients := fs.Int("clients", 16, "concurrent HTTP clients (1..256)")
+	fs.Parse(args)
+	if *count < 1 || *count > 100_000 || *clients < 1 || *clients > 256 {
+		return errors.New("count must be 1..100000 and clients 1..256")
+	}
+	dir, err := os.MkdirTemp("", "kpbench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	fmt.Printf("generating %d KeyPackages...\n", 2**count)
+	posted, err := newBundles(*count)
+	if err != nil {
+		return err
+	}
+	looped, err := newBundles(*count)
+	if err != nil {
+		return err
+	}
+
+	n, err := startLocalNode(ctx, filepath.Join(dir, "node"))
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	api := httpapi.NewClient(n.APIAddr().String(), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: *clients}, Timeout: 30 * time.Second})
+	var next atomic.Int64
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < *clients; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(posted) {
+					return
+				}
+				if err := api.PublishBundle(ctx, &posted[i]); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	httpTime := time.Since(start)
+	if err, ok := failed.Load().(error); ok {
+		return err
+	}
+
+	store, err := storage.Open(storage.Options{Dir: filepath.Join(dir, "loop"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	policy := protocol.DefaultPolicy()
+	next.Store(0)
+	start = time.Now()
+	for w := 0; w < *clients; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(looped) {
+					return
+				}
+				b := &looped[i]
+				info, err := policy.ValidateBundle(b, time.Now())
+				if err != nil {
+					failed.Store(err)
+					return
+				}
+				if _, err := store.PutBundle(ctx, &storage.Bundle{DeviceID: b.DeviceID, Ref: info.Ref, TimestampMS: info.TimestampMS,
+					LastResort: info.LastResort, Payload: bytes.Clone(b.Payload), Signature: b.Signature}); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	loopTime := time.Since(start)
+	if err, ok := failed.Load().(error); ok {
+		return err
+	}
+	got, ceil := float64(*count)/httpTime.Seconds(), float64(*count)/loopTime.Seconds()
+	fmt.Printf("ingest, %d bundles (0x004D KeyPackages), fsync on: HTTP POST x%d clients %.0f bundles/s | ceiling (validate + Badger write, %d loops) %.0f/s | ratio %.2f×\n",
+		*count, *clients, got, *clients, ceil, got/ceil)
+	return nil
+}
