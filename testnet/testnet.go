@@ -35,8 +35,9 @@ type Options struct {
 
 // Cluster is a running set of nodes.
 type Cluster struct {
-	Nodes []*node.Node
-	opts  Options
+	Nodes   []*node.Node
+	opts    Options
+	configs []node.Config // each node's config, for Restart
 }
 
 // Config returns the config node i of a cluster with opts would start with.
@@ -103,6 +104,29 @@ func (c *Cluster) startNode(ctx context.Context, cfg node.Config) (*node.Node, e
 		return nil, err
 	}
 	c.Nodes = append(c.Nodes, n)
+	c.configs = append(c.configs, cfg)
+	return n, nil
+}
+
+// Stop closes node i; Restart brings it back on the same data dir (so the
+// same peer ID) with the same config, bootstrapping from node 0.
+func (c *Cluster) Stop(i int) error { return c.Nodes[i].Close() }
+
+// Restart starts node i again after Stop.
+func (c *Cluster) Restart(ctx context.Context, i int) (*node.Node, error) {
+	cfg := c.configs[i]
+	if i != 0 {
+		cfg.Bootstrap = c.Bootstrap()
+	}
+	n, err := node.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.Start(ctx); err != nil {
+		n.Close()
+		return nil, err
+	}
+	c.Nodes[i] = n
 	return n, nil
 }
 

@@ -8,6 +8,9 @@
 //	kpbench fetch [-runs 1000]
 //	    fetch round trip between two nodes against a bare stream echo of the
 //	    same bytes.
+//	kpbench catchup [-missed 10000]
+//	    a node offline while bundles are published catches up by sync: time
+//	    to converge and sync bytes against the bytes of the missing bundles.
 //	kpbench get [-clients 16] [-requests 50000]
 //	    local GET /v0/account throughput and p99 against a bare net/http
 //	    handler serving the same bytes from memory.
@@ -41,7 +44,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|get|ingest|burst [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|get|ingest|burst [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -52,6 +55,8 @@ func main() {
 		err = propagation(os.Args[2:])
 	case "fetch":
 		err = fetchRTT(os.Args[2:])
+	case "catchup":
+		err = catchup(os.Args[2:])
 	case "get":
 		err = getBench(os.Args[2:])
 	case "ingest":

@@ -17,6 +17,9 @@ func TestPropagationAndFetchRun(t *testing.T) {
 	if err := fetchRTT([]string{"-runs", "20"}); err != nil {
 		t.Fatal(err)
 	}
+	if err := catchup([]string{"-missed", "50"}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestLocalBenchmarksRun(t *testing.T) {

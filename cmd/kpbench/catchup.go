@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/testnet"
+)
+
+// metricSum adds up every sample of a metric family on a node's /metrics.
+func metricSum(n *node.Node, name string) float64 {
+	rec := httptest.NewRecorder()
+	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	total := 0.0
+	for _, line := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
+			v, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+			total += v
+		}
+	}
+	return total
+}
+
+// catchup: a node offline while -missed bundles are published catches up
+// by sync when it returns; the bytes sync moved are held against the bytes
+// of the missing bundles (device_id ‖ payload ‖ signature).
+func catchup(args []string) error {
+	fs := flag.NewFlagSet("catchup", flag.ExitOnError)
+	missed := fs.Int("missed", 10_000, "bundles published while the node is offline (1..100000)")
+	fs.Parse(args)
+	if *missed < 1 || *missed > 100_000 {
+		return errors.New("missed must be 1..100000")
+	}
+	dir, err := os.MkdirTemp("", "kpbench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	c, err := testnet.Start(ctx, testnet.Options{Nodes: 3, Dir: dir})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	if err := c.WaitReady(wctx); err != nil {
+		return err
+	}
+	fmt.Printf("generating %d KeyPackages...\n", *missed)
+	bundles, err := newBundles(*missed)
+	if err != nil {
+		return err
+	}
+	if err := c.Stop(2); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	var failed error
+	var mu sync.Mutex
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < len(bundles); i += 8 {
+				if err := c.Nodes[0].SubmitBundle(ctx, &bundles[i]); err != nil {
+					mu.Lock()
+					failed = err
+					mu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if failed != nil {
+		return failed
+	}
+	missingBytes := 0
+	for _, b := range bundles {
+		missingBytes += protocol.KeySize + len(b.Payload) + protocol.SignatureSize
+	}
+	want := int64(*missed)
+	for c.Nodes[1].Status(ctx).(node.Status).Bundles < want {
+		if ctx.Err() != nil {
+			return errors.New("node 2 never got the bundles")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	start := time.Now()
+	n, err := c.Restart(ctx, 2)
+	if err != nil {
+		return err
+	}
+	for n.Status(ctx).(node.Status).Bundles < want {
+		if ctx.Err() != nil {
+			return fmt.Errorf("node 3 holds %d of %d after %v", n.Status(ctx).(node.Status).Bundles, want, time.Since(start))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	converged := time.Since(start)
+	moved := metricSum(n, "kpnode_sync_bytes_total")
+	fmt.Printf("catch-up after %d publishes offline: converged %v after restart, sync moved %.0f bytes for %d bytes of missing bundles | ratio %.2f×\n",
+		*missed, converged.Round(time.Millisecond), moved, missingBytes, moved/float64(missingBytes))
+	return nil
+}
