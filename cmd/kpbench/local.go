@@ -23,8 +23,9 @@ import (
 )
 
 // startLocalNode starts one node (fsync on, as the binary runs) on loopback.
-func startLocalNode(ctx context.Context, dir string) (*node.Node, error) {
+func startLocalNode(ctx context.Context, dir string, mls protocol.MLSMode) (*node.Node, error) {
 	cfg := node.DefaultConfig()
+	cfg.Policy.MLS = mls
 	cfg.DataDir = dir
 	cfg.APIAddr = "127.0.0.1:0"
 	cfg.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
@@ -98,7 +99,7 @@ func getBench(args []string) error {
 	defer os.RemoveAll(dir)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	n, err := startLocalNode(ctx, dir)
+	n, err := startLocalNode(ctx, dir, protocol.MLSStrict)
 	if err != nil {
 		return err
 	}
@@ -179,7 +180,7 @@ func ingestBench(args []string) error {
 		return err
 	}
 
-	n, err := startLocalNode(ctx, filepath.Join(dir, "node"))
+	n, err := startLocalNode(ctx, filepath.Join(dir, "node"), protocol.MLSStrict)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,11 @@
 //	kpbench catchup [-missed 10000]
 //	    a node offline while bundles are published catches up by sync: time
 //	    to converge and sync bytes against the bytes of the missing bundles.
+//	kpbench lookup [-nodes 20] [-runs 100]
+//	    a light node's GET of an unseen device through the DHT, against a
+//	    bare DHT client's first provider plus one fetch round trip.
+//	kpbench memory [-bundles 100000]
+//	    process RSS with that many bundles stored.
 //	kpbench get [-clients 16] [-requests 50000]
 //	    local GET /v0/account throughput and p99 against a bare net/http
 //	    handler serving the same bytes from memory.
@@ -44,7 +49,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|get|ingest|burst [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|lookup|memory|get|ingest|burst [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -57,6 +62,10 @@ func main() {
 		err = fetchRTT(os.Args[2:])
 	case "catchup":
 		err = catchup(os.Args[2:])
+	case "lookup":
+		err = lookupBench(os.Args[2:])
+	case "memory":
+		err = memoryBench(os.Args[2:])
 	case "get":
 		err = getBench(os.Args[2:])
 	case "ingest":

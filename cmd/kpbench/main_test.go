@@ -32,6 +32,12 @@ func TestLocalBenchmarksRun(t *testing.T) {
 	if err := ingestBench([]string{"-count", "20", "-clients", "4"}); err != nil {
 		t.Fatal(err)
 	}
+	if err := memoryBench([]string{"-bundles", "50"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lookupBench([]string{"-nodes", "4", "-runs", "3"}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestQuantile(t *testing.T) {
