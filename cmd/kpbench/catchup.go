@@ -1,12 +1,10 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"net/http/httptest"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,23 +39,17 @@ func catchup(args []string) error {
 	if *missed < 1 || *missed > 100_000 {
 		return errors.New("missed must be 1..100000")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(20 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	c, err := testnet.Start(ctx, testnet.Options{Nodes: 3, Dir: dir})
+	defer e.close()
+	ctx := e.ctx
+	c, err := e.cluster(testnet.Options{Nodes: 3})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer wcancel()
-	if err := c.WaitReady(wctx); err != nil {
-		return err
-	}
 	fmt.Printf("generating %d KeyPackages...\n", *missed)
 	bundles, err := newBundles(*missed)
 	if err != nil {

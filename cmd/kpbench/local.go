@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -92,13 +91,12 @@ func getBench(args []string) error {
 	if *clients < 1 || *clients > 256 || *total < 1 || *total > 1_000_000 {
 		return errors.New("clients must be 1..256 and requests 1..1000000")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(10 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+	defer e.close()
+	ctx, dir := e.ctx, e.dir
 	n, err := startLocalNode(ctx, dir, protocol.MLSStrict)
 	if err != nil {
 		return err
@@ -163,13 +161,12 @@ func ingestBench(args []string) error {
 	if *count < 1 || *count > 100_000 || *clients < 1 || *clients > 256 {
 		return errors.New("count must be 1..100000 and clients 1..256")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(10 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+	defer e.close()
+	ctx, dir := e.ctx, e.dir
 	fmt.Printf("generating %d KeyPackages...\n", 2**count)
 	posted, err := newBundles(*count)
 	if err != nil {

@@ -38,25 +38,19 @@ func lookupBench(args []string) error {
 		return errors.New("nodes must be 2..50 and runs 1..1000")
 	}
 	const S = protocol.DefaultShardCount
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(15 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	c, err := testnet.Start(ctx, testnet.Options{Nodes: *count, Dir: dir, Configure: func(i int, cfg *node.Config) {
+	defer e.close()
+	ctx := e.ctx
+	c, err := e.cluster(testnet.Options{Nodes: *count, Configure: func(i int, cfg *node.Config) {
 		cfg.Shards, _ = protocol.ParseShardSet(fmt.Sprintf("%d,%d", (2*i)%S, (2*i+1)%S), S)
 	}})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	wctx, wcancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer wcancel()
-	if err := c.WaitReady(wctx); err != nil {
-		return err
-	}
 	light, err := c.Add(ctx, func(cfg *node.Config) { cfg.Light = true; cfg.Shards = protocol.NoShards(S) })
 	if err != nil {
 		return err
@@ -166,13 +160,12 @@ func memoryBench(args []string) error {
 	if *count < 1 || *count > 1_000_000 {
 		return errors.New("bundles must be 1..1000000")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(20 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
+	defer e.close()
+	ctx, dir := e.ctx, e.dir
 	n, err := startLocalNode(ctx, dir, protocol.MLSOff)
 	if err != nil {
 		return err

@@ -45,6 +45,7 @@ import (
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/mls/mlstest"
+	"github.com/kpnode/kpnode/testnet"
 )
 
 func main() {
@@ -172,4 +173,37 @@ func burst(args []string) error {
 	fmt.Printf("burst: %d bundles, %d clients: every bundle served by all %d nodes %v after the first POST (posting took %v)\n",
 		*count, *clients, len(nodes), all.Round(time.Millisecond), posted.Round(time.Millisecond))
 	return nil
+}
+
+// env is one benchmark run's scratch directory and deadline.
+type env struct {
+	ctx   context.Context
+	dir   string
+	close func()
+}
+
+func newEnv(timeout time.Duration) (*env, error) {
+	dir, err := os.MkdirTemp("", "kpbench-")
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	return &env{ctx: ctx, dir: dir, close: func() { cancel(); os.RemoveAll(dir) }}, nil
+}
+
+// cluster starts in-process nodes in the run's directory and waits until
+// they are ready.
+func (e *env) cluster(opts testnet.Options) (*testnet.Cluster, error) {
+	opts.Dir = e.dir
+	c, err := testnet.Start(e.ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	wctx, cancel := context.WithTimeout(e.ctx, 2*time.Minute)
+	defer cancel()
+	if err := c.WaitReady(wctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
 }

@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"sync"
 	"time"
 
@@ -83,26 +82,20 @@ func propagation(args []string) error {
 	if *count < 2 || *count > 50 || *runs < 1 || *runs > 1000 {
 		return errors.New("nodes must be 2..50 and runs 1..1000")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(10 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+	defer e.close()
+	ctx := e.ctx
 	tr := &storedTracker{nodes: *count}
-	c, err := testnet.Start(ctx, testnet.Options{Nodes: *count, Dir: dir, Configure: func(_ int, cfg *node.Config) {
+	c, err := e.cluster(testnet.Options{Nodes: *count, Configure: func(_ int, cfg *node.Config) {
 		cfg.OnBundleStored = func(_ protocol.Key, ref protocol.Ref) { tr.stored(ref) }
 	}})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer wcancel()
-	if err := c.WaitReady(wctx); err != nil {
-		return err
-	}
 	bundles, err := newBundles(*runs)
 	if err != nil {
 		return err
@@ -237,23 +230,17 @@ func fetchRTT(args []string) error {
 	if *runs < 1 || *runs > 100_000 {
 		return errors.New("runs must be 1..100000")
 	}
-	dir, err := os.MkdirTemp("", "kpbench-")
+	e, err := newEnv(10 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	c, err := testnet.Start(ctx, testnet.Options{Nodes: 2, Dir: dir})
+	defer e.close()
+	ctx := e.ctx
+	c, err := e.cluster(testnet.Options{Nodes: 2})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
-	defer wcancel()
-	if err := c.WaitReady(wctx); err != nil {
-		return err
-	}
 	bundles, err := newBundles(1)
 	if err != nil {
 		return err
