@@ -94,13 +94,22 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	return c, nil
 }
 
-func (c *Cluster) startNode(ctx context.Context, cfg node.Config) (*node.Node, error) {
+// startNode creates and starts a node, closing it if it cannot start.
+func startNode(ctx context.Context, cfg node.Config) (*node.Node, error) {
 	n, err := node.New(cfg)
 	if err != nil {
 		return nil, err
 	}
 	if err := n.Start(ctx); err != nil {
 		n.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+func (c *Cluster) startNode(ctx context.Context, cfg node.Config) (*node.Node, error) {
+	n, err := startNode(ctx, cfg)
+	if err != nil {
 		return nil, err
 	}
 	c.Nodes = append(c.Nodes, n)
@@ -118,12 +127,8 @@ func (c *Cluster) Restart(ctx context.Context, i int) (*node.Node, error) {
 	if i != 0 {
 		cfg.Bootstrap = c.Bootstrap()
 	}
-	n, err := node.New(cfg)
+	n, err := startNode(ctx, cfg)
 	if err != nil {
-		return nil, err
-	}
-	if err := n.Start(ctx); err != nil {
-		n.Close()
 		return nil, err
 	}
 	c.Nodes[i] = n

@@ -7,7 +7,6 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/kpnode/kpnode/node"
@@ -58,26 +57,8 @@ func catchup(args []string) error {
 	if err := c.Stop(2); err != nil {
 		return err
 	}
-	var wg sync.WaitGroup
-	var failed error
-	var mu sync.Mutex
-	for w := 0; w < 8; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; i < len(bundles); i += 8 {
-				if err := c.Nodes[0].SubmitBundle(ctx, &bundles[i]); err != nil {
-					mu.Lock()
-					failed = err
-					mu.Unlock()
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if failed != nil {
-		return failed
+	if err := parallel(ctx, 8, len(bundles), func(i int) error { return c.Nodes[0].SubmitBundle(ctx, &bundles[i]) }); err != nil {
+		return err
 	}
 	missingBytes := 0
 	for _, b := range bundles {

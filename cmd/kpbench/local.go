@@ -11,8 +11,6 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/kpnode/kpnode/node"
@@ -45,37 +43,22 @@ func startLocalNode(ctx context.Context, dir string, mls protocol.MLSMode) (*nod
 func loadGET(ctx context.Context, url string, clients, total int) ([]time.Duration, time.Duration, error) {
 	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}, Timeout: 10 * time.Second}
 	lat := make([]time.Duration, total)
-	var next atomic.Int64
-	var failed atomic.Value
-	var wg sync.WaitGroup
 	start := time.Now()
-	for w := 0; w < clients; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= total || ctx.Err() != nil {
-					return
-				}
-				t0 := time.Now()
-				resp, err := hc.Get(url)
-				if err != nil {
-					failed.Store(err)
-					return
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != 200 {
-					failed.Store(fmt.Errorf("status %d", resp.StatusCode))
-					return
-				}
-				lat[i] = time.Since(t0)
-			}
-		}()
-	}
-	wg.Wait()
-	if err, ok := failed.Load().(error); ok {
+	err := parallel(ctx, clients, total, func(i int) error {
+		t0 := time.Now()
+		resp, err := hc.Get(url)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		lat[i] = time.Since(t0)
+		return nil
+	})
+	if err != nil {
 		return nil, 0, err
 	}
 	return lat, time.Since(start), nil
@@ -183,31 +166,11 @@ func ingestBench(args []string) error {
 	}
 	defer n.Close()
 	api := httpapi.NewClient(n.APIAddr().String(), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: *clients}, Timeout: 30 * time.Second})
-	var next atomic.Int64
-	var failed atomic.Value
-	var wg sync.WaitGroup
 	start := time.Now()
-	for w := 0; w < *clients; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(posted) {
-					return
-				}
-				if err := api.PublishBundle(ctx, &posted[i]); err != nil {
-					failed.Store(err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	httpTime := time.Since(start)
-	if err, ok := failed.Load().(error); ok {
+	if err := parallel(ctx, *clients, len(posted), func(i int) error { return api.PublishBundle(ctx, &posted[i]) }); err != nil {
 		return err
 	}
+	httpTime := time.Since(start)
 
 	store, err := storage.Open(storage.Options{Dir: filepath.Join(dir, "loop"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -215,34 +178,19 @@ func ingestBench(args []string) error {
 	}
 	defer store.Close()
 	policy := protocol.DefaultPolicy()
-	next.Store(0)
 	start = time.Now()
-	for w := 0; w < *clients; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(looped) {
-					return
-				}
-				b := &looped[i]
-				info, err := policy.ValidateBundle(b, time.Now())
-				if err != nil {
-					failed.Store(err)
-					return
-				}
-				if _, err := store.PutBundle(ctx, &storage.Bundle{DeviceID: b.DeviceID, Ref: info.Ref, TimestampMS: info.TimestampMS,
-					LastResort: info.LastResort, Payload: bytes.Clone(b.Payload), Signature: b.Signature}); err != nil {
-					failed.Store(err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	err = parallel(ctx, *clients, len(looped), func(i int) error {
+		b := &looped[i]
+		info, err := policy.ValidateBundle(b, time.Now())
+		if err != nil {
+			return err
+		}
+		_, err = store.PutBundle(ctx, &storage.Bundle{DeviceID: b.DeviceID, Ref: info.Ref, TimestampMS: info.TimestampMS,
+			LastResort: info.LastResort, Payload: bytes.Clone(b.Payload), Signature: b.Signature})
+		return err
+	})
 	loopTime := time.Since(start)
-	if err, ok := failed.Load().(error); ok {
+	if err != nil {
 		return err
 	}
 	got, ceil := float64(*count)/httpTime.Seconds(), float64(*count)/loopTime.Seconds()

@@ -121,26 +121,16 @@ func burst(args []string) error {
 	defer cancel()
 	target := httpapi.NewClient(nodes[0].API, hc)
 	start := time.Now()
-	var next atomic.Int64
 	var failed atomic.Int64
-	var wg sync.WaitGroup
-	for w := 0; w < *clients; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(bundles) || ctx.Err() != nil {
-					return
-				}
-				if err := target.PublishBundle(ctx, &bundles[i]); err != nil {
-					failed.Add(1)
-					fmt.Fprintf(os.Stderr, "post %d: %v\n", i, err)
-				}
-			}
-		}()
+	if err := parallel(ctx, *clients, len(bundles), func(i int) error {
+		if err := target.PublishBundle(ctx, &bundles[i]); err != nil {
+			failed.Add(1)
+			fmt.Fprintf(os.Stderr, "post %d: %v\n", i, err)
+		}
+		return nil
+	}); err != nil {
+		return err
 	}
-	wg.Wait()
 	posted := time.Since(start)
 	fmt.Printf("posted %d bundles to node 1 in %v (%.0f/s), %d failed\n", *count, posted.Round(time.Millisecond), float64(*count)/posted.Seconds(), failed.Load())
 	// Each node is done when it serves the last-posted bundles and its
@@ -206,4 +196,35 @@ func (e *env) cluster(opts testnet.Options) (*testnet.Cluster, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// parallel calls fn(i) for i in [0, n) from workers goroutines, stopping at
+// the first error or when ctx ends, and returns that error.
+func parallel(ctx context.Context, workers, n int, fn func(i int) error) error {
+	var next atomic.Int64
+	var first error
+	var once sync.Once
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := fn(i); err != nil {
+					once.Do(func() { first = err })
+					next.Store(int64(n)) // the others stop too
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if first == nil {
+		first = ctx.Err()
+	}
+	return first
 }
