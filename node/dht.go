@@ -53,12 +53,12 @@ func startDHT(n *Node, h host.Host) (*discovery, error) {
 	}
 	d, err := dht.New(h,
 		dht.Mode(mode),
-		dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.cfg.Network))),
+		dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.netID))),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("dht: %w", err)
 	}
-	return &discovery{n: n, dht: d, log: n.log.With("component", "dht"), network: n.cfg.Network}, nil
+	return &discovery{n: n, dht: d, log: n.log.With("component", "dht"), network: n.netID}, nil
 }
 
 func (d *discovery) close() error { return d.dht.Close() }

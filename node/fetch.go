@@ -40,7 +40,7 @@ type fetchService struct {
 }
 
 func startFetch(n *Node, h host.Host) *fetchService {
-	f := &fetchService{n: n, h: h, proto: p2pprotocol.ID(protocol.FetchProtocol(n.cfg.Network)), log: n.log.With("component", "fetch")}
+	f := &fetchService{n: n, h: h, proto: p2pprotocol.ID(protocol.FetchProtocol(n.netID)), log: n.log.With("component", "fetch")}
 	h.SetStreamHandler(f.proto, f.handle)
 	return f
 }

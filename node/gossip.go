@@ -48,7 +48,7 @@ const (
 	opportunisticGraft = 5
 )
 
-func scoreParams(topics []string) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
+func scoreParams(topics []string, guard *peerGuard) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
 	tp := make(map[string]*pubsub.TopicScoreParams, len(topics))
 	for _, t := range topics {
 		tp[t] = &pubsub.TopicScoreParams{
@@ -69,7 +69,8 @@ func scoreParams(topics []string) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThr
 	params := &pubsub.PeerScoreParams{
 		SkipAtomicValidation: true,
 		Topics:               tp,
-		AppSpecificScore:     func(peer.ID) float64 { return 0 },
+		AppSpecificScore:     guard.appScore,
+		AppSpecificWeight:    1,
 		// Many peers behind one IP is a Sybil signal on the internet; on a
 		// loopback testnet it is every peer, so loopback is exempt.
 		IPColocationFactorWeight:    -10,
@@ -114,9 +115,9 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 	count := cfg.Shards.Count()
 	var all []string
 	for s := 0; s < count; s++ {
-		all = append(all, protocol.BundleTopic(cfg.Network, s), protocol.AccountTopic(cfg.Network, s))
+		all = append(all, protocol.BundleTopic(n.netID, s), protocol.AccountTopic(n.netID, s))
 	}
-	params, thresholds := scoreParams(all)
+	params, thresholds := scoreParams(all, n.guard)
 	opts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign),
 		pubsub.WithNoAuthor(),
@@ -141,7 +142,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 	self := h.ID()
 	for s := 0; s < count; s++ {
 		shard := s
-		bt, at := protocol.BundleTopic(cfg.Network, s), protocol.AccountTopic(cfg.Network, s)
+		bt, at := protocol.BundleTopic(n.netID, s), protocol.AccountTopic(n.netID, s)
 		if err := ps.RegisterTopicValidator(bt, g.guard(bt, func(ctx context.Context, from peer.ID, m *pubsub.Message) pubsub.ValidationResult {
 			return g.validateBundle(ctx, self, shard, from, m)
 		}), pubsub.WithValidatorTimeout(validatorTimeout), pubsub.WithValidatorConcurrency(validatorConcurrent)); err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
@@ -91,12 +90,12 @@ func resourceManager(network string) (p2pnetwork.ResourceManager, error) {
 
 // newHost builds the libp2p host: TCP and QUIC, the persisted identity,
 // deliberate connection and resource limits, metrics on reg.
-func newHost(cfg Config, sk crypto.PrivKey, reg prometheus.Registerer, log *slog.Logger) (host.Host, error) {
+func newHost(cfg Config, netID string, sk crypto.PrivKey, gater *peerGuard, reg prometheus.Registerer) (host.Host, error) {
 	cm, err := connmgr.NewConnManager(connLow, connHigh, connmgr.WithGracePeriod(connGrace))
 	if err != nil {
 		return nil, err
 	}
-	rm, err := resourceManager(cfg.Network)
+	rm, err := resourceManager(netID)
 	if err != nil {
 		return nil, err
 	}
@@ -105,6 +104,7 @@ func newHost(cfg Config, sk crypto.PrivKey, reg prometheus.Registerer, log *slog
 		libp2p.ListenAddrStrings(cfg.Listen...),
 		libp2p.ConnectionManager(cm),
 		libp2p.ResourceManager(rm),
+		libp2p.ConnectionGater(gater),
 		libp2p.PrometheusRegisterer(reg),
 		libp2p.UserAgent("kpnode/"+cfg.Version),
 	)

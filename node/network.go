@@ -17,11 +17,12 @@ import (
 // startNetwork brings up the libp2p host, gossip, fetch and the DHT, and
 // starts dialling the bootstrap peers.
 func (n *Node) startNetwork(ctx context.Context) error {
-	h, err := newHost(n.cfg, n.identity, n.registry, n.log)
+	h, err := newHost(n.cfg, n.netID, n.identity, n.guard, n.registry)
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
 	n.host = h
+	n.guard.host = h
 	n.fetch = startFetch(n, h)
 	if n.dht, err = startDHT(n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
@@ -34,7 +35,7 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	go n.bootstrapLoop(ctx)
 	go n.dht.provideLoop(ctx)
 	addrs, _ := n.P2PAddrs()
-	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.cfg.Network, "shards", n.cfg.Shards.String(),
+	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.netID, "shards", n.cfg.Shards.String(),
 		"light", n.cfg.Light, "addrs", addrs)
 	return nil
 }
@@ -185,3 +186,7 @@ func (n *Node) Provided() bool {
 	}
 	return n.dht != nil && n.dht.provided.Load()
 }
+
+// NetworkID returns the network name with the constants' tag, as topics,
+// protocol IDs and DHT keys embed it (protocol.Constants.NetworkID).
+func (n *Node) NetworkID() string { return n.netID }

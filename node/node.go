@@ -126,6 +126,13 @@ func DefaultListen(port int) []string {
 	}
 }
 
+// Constants returns the network constants this configuration implies: the
+// shard count and the validation settings a Reject depends on. Nodes
+// interoperate only when these and the network name are equal.
+func (c Config) Constants() protocol.Constants {
+	return protocol.Constants{ShardCount: c.Shards.Count(), MLS: c.Policy.MLS, MaxKeyPackageLifetime: c.Policy.MaxKeyPackageLifetime}
+}
+
 // Validate reports whether c is usable.
 func (c Config) Validate() error {
 	if c.DataDir == "" {
@@ -171,7 +178,10 @@ func (c Config) Validate() error {
 	if c.PruneInterval <= 0 {
 		return fmt.Errorf("prune interval must be positive, got %v", c.PruneInterval)
 	}
-	return c.Policy.Validate()
+	if err := c.Policy.Validate(); err != nil {
+		return err
+	}
+	return c.Constants().Validate()
 }
 
 // Node is a running kpnode.
@@ -183,6 +193,11 @@ type Node struct {
 	metrics  *metrics
 	api      http.Handler
 	identity crypto.PrivKey
+	// netID is the network name with the network constants' tag
+	// (protocol.Constants.NetworkID), embedded in every topic, protocol ID
+	// and DHT key.
+	netID string
+	guard *peerGuard
 
 	// Set by Start, read-only afterwards.
 	host   host.Host
@@ -233,7 +248,9 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity}
+	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
+		netID: cfg.Constants().NetworkID(cfg.Network)}
+	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry)
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	n.metrics = newMetrics(n.registry, store)
 	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})

@@ -59,7 +59,7 @@ type syncService struct {
 }
 
 func startSync(ctx context.Context, n *Node, h host.Host) *syncService {
-	s := &syncService{n: n, h: h, proto: p2pprotocol.ID(protocol.SyncProtocol(n.cfg.Network)),
+	s := &syncService{n: n, h: h, proto: p2pprotocol.ID(protocol.SyncProtocol(n.netID)),
 		log: n.log.With("component", "sync"), shardLocks: make([]sync.Mutex, n.cfg.Shards.Count())}
 	h.SetStreamHandler(s.proto, s.handle)
 	if !n.cfg.Shards.Empty() {

@@ -16,6 +16,11 @@ const (
 	SignatureSize = 64 // an Ed25519 signature
 	TimestampSize = 8  // the u64 little-endian timestamp_ms at the start of a bundle payload
 	RefSize       = 32 // a bundle ref (KeyPackageRef with SHA-256)
+	// MaxPayloadSize caps a bundle or account bundle payload: a protocol
+	// rule (payload_too_large) on every path. A suite 0x004D KeyPackage is
+	// about 2.9 KB; 64 KiB leaves room for large credentials (x509 chains)
+	// while bounding what one record costs to receive, store and forward.
+	MaxPayloadSize = 64 << 10
 )
 
 // Key is a 32-byte Ed25519 public key naming a device or an account.

@@ -11,7 +11,7 @@ import (
 // the key_package must be a valid RFC 9420 KeyPackage of an Ed25519 suite
 // whose leaf signature key is the device key. Rule names are "mls_" plus the
 // mls rule, e.g. mls_lifetime_expired.
-func (p Policy) validateKeyPackage(kp []byte, device Key, now time.Time) (Ref, bool, error) {
+func (p Policy) validateKeyPackage(kp []byte, device Key, now time.Time) (mls.Info, error) {
 	info, err := mls.Validate(kp, device[:], mls.Policy{Now: now, ClockSkew: p.ClockSkew, MaxLifetime: p.MaxKeyPackageLifetime})
 	if err != nil {
 		rule := RuleMLS
@@ -19,7 +19,7 @@ func (p Policy) validateKeyPackage(kp []byte, device Key, now time.Time) (Ref, b
 		if errors.As(err, &me) {
 			rule = RuleMLS + "_" + Rule(me.Rule)
 		}
-		return Ref{}, false, &ValidationError{Rule: rule, Field: "key_package", Detail: err.Error(), Err: err}
+		return mls.Info{}, &ValidationError{Rule: rule, Field: "key_package", Detail: err.Error(), Err: err}
 	}
-	return Ref(info.Ref), info.LastResort, nil
+	return info, nil
 }

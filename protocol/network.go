@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // DefaultNetwork is the registry network a node joins unless told otherwise.
@@ -152,3 +153,56 @@ func (s ShardSet) String() string {
 
 // ErrShardCount is returned for a shard count outside 1..256.
 var ErrShardCount = errors.New("shard count must be between 1 and 256")
+
+// Constants are the settings every node of one network must share, because
+// a node's verdict (Reject, which costs the sender peer score) depends on
+// them: the shard count (which topic a key belongs to), the MLS validation
+// mode and the longest KeyPackage lifetime accepted (both decide whether a
+// record is valid at all). MaxPayloadSize is fixed by the protocol version.
+// Local policy (retention, clock skew, quota per device, store budget) only
+// ever leads to Ignore, so it may differ between nodes.
+//
+// The constants are part of every topic, protocol ID and DHT key through
+// NetworkID: two nodes that differ in any of them never share a topic or a
+// stream protocol, so a setting can never make an honest peer look hostile.
+type Constants struct {
+	ShardCount            int
+	MLS                   MLSMode
+	MaxKeyPackageLifetime time.Duration
+}
+
+// DefaultConstants are the constants of a network run with default flags.
+func DefaultConstants() Constants {
+	return Constants{ShardCount: DefaultShardCount, MLS: MLSStrict, MaxKeyPackageLifetime: DefaultMaxKeyPackageLifetime}
+}
+
+// Validate reports whether the constants are usable.
+func (c Constants) Validate() error {
+	if c.ShardCount < 1 || c.ShardCount > 256 {
+		return ErrShardCount
+	}
+	if c.MLS != MLSStrict && c.MLS != MLSOff {
+		return fmt.Errorf("mls validation must be %q or %q, got %q", MLSStrict, MLSOff, c.MLS)
+	}
+	if c.MaxKeyPackageLifetime <= 0 || c.MaxKeyPackageLifetime%time.Second != 0 {
+		return fmt.Errorf("max KeyPackage lifetime must be a positive whole number of seconds, got %v", c.MaxKeyPackageLifetime)
+	}
+	return nil
+}
+
+// Tag is the constants as a short readable string: "s{S}-{mls}-l{seconds}",
+// e.g. "s8-strict-l7776000" for the defaults. Two nodes interoperate exactly
+// when their network names and tags are equal.
+func (c Constants) Tag() string {
+	return fmt.Sprintf("s%d-%s-l%d", c.ShardCount, c.MLS, int64(c.MaxKeyPackageLifetime/time.Second))
+}
+
+// NetworkID is what the topic, protocol and DHT names embed in place of the
+// bare network name: "{network}/{tag}", e.g. "kpnode-dev/s8-strict-l7776000".
+func (c Constants) NetworkID(network string) string { return network + "/" + c.Tag() }
+
+// ParseNetworkID splits a NetworkID into its network name and tag.
+func ParseNetworkID(id string) (network, tag string, ok bool) {
+	network, tag, ok = strings.Cut(id, "/")
+	return network, tag, ok && network != "" && tag != ""
+}

@@ -20,6 +20,7 @@ const (
 	RuleTimestampFuture  Rule = "timestamp_future"  // signed timestamp beyond now + clock skew
 	RuleTimestampExpired Rule = "timestamp_expired" // signed timestamp older than the retention
 	RuleAccountHeader    Rule = "account_header"    // account payload lacks domain, version or lamport
+	RulePayloadTooLarge  Rule = "payload_too_large" // payload over MaxPayloadSize (checked first, before any signature work)
 	RuleMLS              Rule = "mls"               // prefix of the MLS KeyPackage rules (mls_<rule>)
 )
 
@@ -120,6 +121,20 @@ type BundleInfo struct {
 	TimestampMS uint64 // the signed timestamp
 	Ref         Ref    // KeyPackageRef of the (inner, bare) KeyPackage
 	LastResort  bool   // the KeyPackage carries the last_resort extension
+	// NotAfterMS is the end of the KeyPackage's MLS lifetime in Unix ms
+	// (clamped to year 9999); 0 when the key_package is opaque
+	// (--mls-validation=off), which never expires by lifetime.
+	NotAfterMS int64
+}
+
+// checkPayloadSize applies rule 0 to a bundle or account payload. It runs
+// before any signature work, so an oversized record costs its reader no CPU.
+func checkPayloadSize(payload []byte) error {
+	if len(payload) > MaxPayloadSize {
+		return &ValidationError{Rule: RulePayloadTooLarge, Field: "payload",
+			Detail: fmt.Sprintf("%d bytes is larger than the maximum of %d", len(payload), MaxPayloadSize)}
+	}
+	return nil
 }
 
 // verifyKeyAndSignature applies the two signature rules shared by bundles and
@@ -136,11 +151,15 @@ func verifyKeyAndSignature(key Key, field string, payload []byte, sig *[Signatur
 	}
 }
 
-// ValidateBundle applies every bundle rule at time now, in the order the
-// HTTP API reports them: key is a point, strict signature, payload length,
+// ValidateBundle applies every bundle rule at time now: payload size first
+// (no signature work for an oversized record), then, in the order the HTTP
+// API reports them, key is a point, strict signature, payload length,
 // timestamp window, then the KeyPackage (strict MLS mode).
 func (p Policy) ValidateBundle(b *Bundle, now time.Time) (BundleInfo, error) {
 	var info BundleInfo
+	if err := checkPayloadSize(b.Payload); err != nil {
+		return info, err
+	}
 	if err := verifyKeyAndSignature(b.DeviceID, "device_id", b.Payload, &b.Signature); err != nil {
 		return info, err
 	}
@@ -156,11 +175,11 @@ func (p Policy) ValidateBundle(b *Bundle, now time.Time) (BundleInfo, error) {
 		info.Ref = KeyPackageRef(kp)
 		return info, nil
 	}
-	ref, lastResort, err := p.validateKeyPackage(kp, b.DeviceID, now)
+	kpi, err := p.validateKeyPackage(kp, b.DeviceID, now)
 	if err != nil {
 		return info, err
 	}
-	info.Ref, info.LastResort = ref, lastResort
+	info.Ref, info.LastResort, info.NotAfterMS = Ref(kpi.Ref), kpi.LastResort, kpi.NotAfter.UnixMilli()
 	return info, nil
 }
 
@@ -180,6 +199,9 @@ func (p Policy) checkTimestamp(ts uint64, now time.Time) error {
 // ValidateAccount applies the account bundle rules: key is a point, strict
 // signature, then the domain and lamport header. It returns the lamport.
 func (p Policy) ValidateAccount(a *AccountBundle) (lamport uint64, err error) {
+	if err := checkPayloadSize(a.Payload); err != nil {
+		return 0, err
+	}
 	if err := verifyKeyAndSignature(a.AccountPub, "account_pub", a.Payload, &a.Signature); err != nil {
 		return 0, err
 	}

@@ -94,7 +94,7 @@ func TestInvalidFloodIsGraylisted(t *testing.T) {
 	}
 	connectTo(t, ctx, h, victim)
 	const shard = 0
-	topic, err := ps.Join(protocol.BundleTopic("testnet", shard))
+	topic, err := ps.Join(protocol.BundleTopic(victim.NetworkID(), shard))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +172,7 @@ func TestFetchServerSurvivesHostileStreams(t *testing.T) {
 	}
 	h := rawHost(t)
 	id := connectTo(t, ctx, h, n)
-	proto := p2pprotocol.ID(protocol.FetchProtocol("testnet"))
+	proto := p2pprotocol.ID(protocol.FetchProtocol(n.NetworkID()))
 	open := func() network.Stream {
 		t.Helper()
 		s, err := h.NewStream(ctx, id, proto)

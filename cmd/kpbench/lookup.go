@@ -112,7 +112,7 @@ func lookupBench(args []string) error {
 		return err
 	}
 	defer h.Close()
-	d, err := dht.New(h, dht.Mode(dht.ModeClient), dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix("testnet"))))
+	d, err := dht.New(h, dht.Mode(dht.ModeClient), dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(light.NetworkID()))))
 	if err != nil {
 		return err
 	}
@@ -132,7 +132,7 @@ func lookupBench(args []string) error {
 	}
 	var ceiling []time.Duration
 	for i := range bundles {
-		sum, _ := mh.Sum(protocol.ShardProviderKey("testnet", protocol.Shard(bundles[i].DeviceID, S)), mh.SHA2_256, -1)
+		sum, _ := mh.Sum(protocol.ShardProviderKey(light.NetworkID(), protocol.Shard(bundles[i].DeviceID, S)), mh.SHA2_256, -1)
 		start := time.Now()
 		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
 		p, ok := <-d.FindProvidersAsync(fctx, cid.NewCidV1(cid.Raw, sum), 1)
