@@ -250,7 +250,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
 		netID: cfg.Constants().NetworkID(cfg.Network)}
-	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry)
+	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry, cfg.Now)
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	n.metrics = newMetrics(n.registry, store)
 	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})

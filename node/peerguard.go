@@ -4,7 +4,7 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -33,15 +33,23 @@ const (
 // peerGuard remembers banned peers. It is a libp2p connection gater and
 // the source of gossipsub's app-specific score. Safe for concurrent use.
 type peerGuard struct {
-	bans      *expirable.LRU[peer.ID, string] // peer → reason
+	// bans maps a peer to the end of its ban. (expirable.LRU would do the
+	// expiry itself, but it runs a goroutine that never ends.)
+	bans      *lru.Cache[peer.ID, time.Time]
+	now       func() time.Time
 	log       *slog.Logger
 	penalties *prometheus.CounterVec
 	host      host.Host // set once the host exists; nil before
 }
 
-func newPeerGuard(log *slog.Logger, reg prometheus.Registerer) *peerGuard {
+func newPeerGuard(log *slog.Logger, reg prometheus.Registerer, now func() time.Time) *peerGuard {
+	bans, err := lru.New[peer.ID, time.Time](maxBans)
+	if err != nil {
+		panic(err) // only for a size < 1
+	}
 	g := &peerGuard{
-		bans: expirable.NewLRU[peer.ID, string](maxBans, nil, banDuration),
+		bans: bans,
+		now:  now,
 		log:  log,
 		penalties: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_peer_penalties_total",
 			Help: "Peers cut off for breaking a protocol budget, by protocol and reason."}, []string{"protocol", "reason"}),
@@ -58,7 +66,7 @@ func (g *peerGuard) penalize(p peer.ID, proto, reason string) {
 		return
 	}
 	g.penalties.WithLabelValues(proto, reason).Inc()
-	g.bans.Add(p, proto+": "+reason)
+	g.bans.Add(p, g.now().Add(banDuration))
 	g.log.Info("peer cut off for breaking a budget", "peer", p, "protocol", proto, "reason", reason, "for", banDuration)
 	if g.host != nil {
 		_ = g.host.Network().ClosePeer(p)
@@ -67,7 +75,11 @@ func (g *peerGuard) penalize(p peer.ID, proto, reason string) {
 
 // banned reports whether p is banned now.
 func (g *peerGuard) banned(p peer.ID) bool {
-	_, ok := g.bans.Peek(p)
+	until, ok := g.bans.Peek(p)
+	if ok && !g.now().Before(until) {
+		g.bans.Remove(p)
+		return false
+	}
 	return ok
 }
 
