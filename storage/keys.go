@@ -145,3 +145,20 @@ func decodeAccountValue(a *Account, v []byte) error {
 	a.Payload = append([]byte(nil), v[accountValueHdr:]...)
 	return nil
 }
+
+const countKeyLen = 2 + protocol.KeySize
+
+// keyGroup returns the device part of a per-device key (b/, l/, r/, n/),
+// by which all of them sort first. k has its family's length.
+func keyGroup(k []byte) []byte { return k[2 : 2+protocol.KeySize] }
+
+// lastResortTwin returns the l/ key of a b/ key, bundleTwin the b/ key of an l/ key.
+func lastResortTwin(bkey []byte) []byte { return append([]byte{prefixLastResort}, bkey[1:]...) }
+func bundleTwin(lkey []byte) []byte     { return append([]byte{prefixBundle}, lkey[1:]...) }
+
+// refOfRefKey returns the ref of an r/ key of refKeyLen bytes.
+func refOfRefKey(k []byte) protocol.Ref {
+	var ref protocol.Ref
+	copy(ref[:], k[len(k)-protocol.RefSize:])
+	return ref
+}

@@ -23,8 +23,8 @@ const pruneChunk = 512
 
 // Prune deletes bundles whose signed timestamp and account bundles whose
 // last update are older than the retention.
-func (s *Store) Prune(ctx context.Context) (PruneStats, error) {
-	var st PruneStats
+func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
+	defer recoverCorrupt(&err)
 	cutoff := s.opts.Now().Add(-s.opts.Retention).UnixMilli()
 	if cutoff <= 0 {
 		return st, nil

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -175,6 +176,7 @@ type Store struct {
 	locks                      keyLocks
 	bundles, devices, accounts atomic.Int64
 	digests                    *shardDigests
+	repaired                   Repairs // what the check on Open fixed
 
 	mu      sync.Mutex // guards started and closed
 	started bool
@@ -217,6 +219,10 @@ func Open(opts Options) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if s.repaired, err = s.checkConsistency(); err != nil {
+		db.Close()
+		return nil, err
+	}
 	if err := s.recount(); err != nil {
 		db.Close()
 		return nil, err
@@ -251,8 +257,12 @@ func (s *Store) recount() error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
 		for it.Rewind(); it.Valid(); it.Next() {
 			k := it.Item().Key()
+			if len(k) != bundleKeyLen {
+				it.Close()
+				return fmt.Errorf("%w: bundle key of %d bytes", errCorrupt, len(k))
+			}
 			bundles++
-			if dev := k[2 : 2+protocol.KeySize]; !bytes.Equal(dev, lastDev) {
+			if dev := keyGroup(k); !bytes.Equal(dev, lastDev) {
 				devices++
 				lastDev = append(lastDev[:0], dev...)
 			}
@@ -378,8 +388,11 @@ func (l *keyLocks) lock(k protocol.Key) func() {
 // PutBundle stores a validated bundle unless it is already held (same ref
 // with the same or a newer timestamp) or the device already holds
 // MaxPerDevice newer bundles. When the device is full, the oldest bundles
-// are evicted to make room.
-func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
+// are evicted to make room. Every put of a device also evicts it down to
+// MaxPerDevice, so a quota lowered between restarts takes effect on the
+// device's next write.
+func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, err error) {
+	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
@@ -388,25 +401,18 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 	}
 	defer s.locks.lock(b.DeviceID)()
 	var (
-		outcome           PutOutcome
 		dBundles, dDevice int64
 		added, removed    [][]byte // b/ keys, for the sync digests
 	)
-	err := s.update(ctx, func(txn *badger.Txn) error {
+	err = s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dBundles, dDevice = 0, 0, 0
 		added, removed = nil, nil
 		rk := refKey(b.DeviceID, b.Ref)
 		var oldKey []byte
 		switch item, err := txn.Get(rk); {
 		case err == nil:
-			var oldTS uint64
-			if err := item.Value(func(v []byte) error {
-				if len(v) != 8 {
-					return fmt.Errorf("%w: ref value of %d bytes", errCorrupt, len(v))
-				}
-				oldTS = binary.BigEndian.Uint64(v)
-				return nil
-			}); err != nil {
+			oldTS, err := refTS(item)
+			if err != nil {
 				return err
 			}
 			if oldTS >= b.TimestampMS {
@@ -417,46 +423,61 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 		case !errors.Is(err, badger.ErrKeyNotFound):
 			return err
 		}
-
-		held, err := getCount(txn, b.DeviceID)
+		// The count is read so that concurrent writers of the device
+		// conflict; the keys themselves are the truth, so a count that
+		// drifted (or a quota lowered since they were written) is repaired
+		// here instead of trusted.
+		if _, err := getCount(txn, b.DeviceID); err != nil {
+			return err
+		}
+		keys, err := deviceKeys(txn, b.DeviceID)
 		if err != nil {
 			return err
 		}
-		wasEmpty := held == 0
-		newKey := bundleKey(prefixBundle, b.DeviceID, b.TimestampMS, b.Ref)
+		wasEmpty := len(keys) == 0
 		if oldKey != nil {
+			// The ref's entry moves to the new timestamp (or goes, below).
 			if err := deleteBundleKeys(txn, oldKey); err != nil {
 				return err
 			}
-			removed = append(removed, oldKey)
-			held--
-			dBundles--
+			if removeKey(&keys, oldKey) {
+				removed = append(removed, oldKey)
+				dBundles--
+			}
 			outcome = Refreshed
 		}
-		if max := s.opts.MaxPerDevice; held >= max {
-			keys, err := deviceKeys(txn, b.DeviceID)
-			if err != nil {
-				return err
-			}
+		newKey := bundleKey(prefixBundle, b.DeviceID, b.TimestampMS, b.Ref)
+		// pos: how many held bundles sort before (are newer than) this one.
+		pos := sort.Search(len(keys), func(i int) bool { return bytes.Compare(keys[i], newKey) > 0 })
+		max := s.opts.MaxPerDevice
+		keep := max - 1 // room for the new bundle
+		if pos >= max {
+			// Older than MaxPerDevice held bundles: not stored. A refresh
+			// gets here only when its old copy was already beyond a
+			// lowered quota; that copy is gone, and so is its ref entry,
+			// so the ref can come back later.
+			outcome, keep = OverQuota, max
 			if oldKey != nil {
-				keys = removeKey(keys, oldKey)
+				if err := txn.Delete(rk); err != nil {
+					return err
+				}
 			}
-			if bytes.Compare(newKey, keys[max-1]) > 0 {
-				// Older than every bundle kept: not stored. A refresh cannot
-				// get here, since it freed a place above.
-				outcome = OverQuota
-				return nil
-			}
-			for _, k := range keys[max-1:] {
+		}
+		if len(keys) > keep {
+			for _, k := range keys[keep:] {
 				if err := deleteBundle(txn, k); err != nil {
 					return err
 				}
 				removed = append(removed, k)
-				held--
 				dBundles--
 			}
+			keys = keys[:keep]
 		}
-		if err := setCount(txn, b.DeviceID, held+1); err != nil {
+		if outcome == OverQuota {
+			// keys is not empty here: an empty device takes any bundle.
+			return setCount(txn, b.DeviceID, len(keys))
+		}
+		if err := setCount(txn, b.DeviceID, len(keys)+1); err != nil {
 			return err
 		}
 		if err := txn.Set(newKey, encodeBundleValue(b)); err != nil {
@@ -487,6 +508,19 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (PutOutcome, error) {
 	s.devices.Add(dDevice)
 	s.digests.updateBundles(added, removed)
 	return outcome, nil
+}
+
+// refTS decodes an r/ value: the timestamp of the ref's b/ key.
+func refTS(item *badger.Item) (uint64, error) {
+	var ts uint64
+	err := item.Value(func(v []byte) error {
+		if len(v) != 8 {
+			return fmt.Errorf("%w: ref value of %d bytes", errCorrupt, len(v))
+		}
+		ts = binary.BigEndian.Uint64(v)
+		return nil
+	})
+	return ts, err
 }
 
 // getCount reads a device's bundle count (0 when it has none).
@@ -528,13 +562,15 @@ func deviceKeys(txn *badger.Txn, dev protocol.Key) ([][]byte, error) {
 	return keys, nil
 }
 
-func removeKey(keys [][]byte, k []byte) [][]byte {
-	for i := range keys {
-		if bytes.Equal(keys[i], k) {
-			return append(keys[:i], keys[i+1:]...)
+// removeKey removes k from *keys and reports whether it was there.
+func removeKey(keys *[][]byte, k []byte) bool {
+	for i, key := range *keys {
+		if bytes.Equal(key, k) {
+			*keys = append((*keys)[:i], (*keys)[i+1:]...)
+			return true
 		}
 	}
-	return keys
+	return false
 }
 
 // deleteBundleKeys deletes the b/ key and its l/ twin (present or not).
@@ -561,12 +597,13 @@ func deleteBundle(txn *badger.Txn, bkey []byte) error {
 // LatestBundle returns the bundle a chat client should get for a device: its
 // latest last-resort bundle if it has one, else its latest bundle, where
 // latest is the greatest signed timestamp (ties: smaller ref).
-func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (*Bundle, error) {
+func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (_ *Bundle, err error) {
+	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	var out *Bundle
-	err := s.db.View(func(txn *badger.Txn) error {
+	err = s.db.View(func(txn *badger.Txn) error {
 		key, err := firstKey(txn, devicePrefix(prefixLastResort, dev))
 		if err != nil {
 			return err
@@ -618,12 +655,13 @@ func bundleFromItem(item *badger.Item) (*Bundle, error) {
 }
 
 // Bundles returns every bundle held for a device, newest first.
-func (s *Store) Bundles(ctx context.Context, dev protocol.Key) ([]*Bundle, error) {
+func (s *Store) Bundles(ctx context.Context, dev protocol.Key) (_ []*Bundle, err error) {
+	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	var out []*Bundle
-	err := s.db.View(func(txn *badger.Txn) error {
+	err = s.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 16})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
@@ -644,7 +682,8 @@ func (s *Store) Bundles(ctx context.Context, dev protocol.Key) ([]*Bundle, error
 // PutAccount stores a validated account bundle under rule. It sets
 // UpdatedAtMS to now. A bundle that does not supersede the stored one is
 // ErrStale (AccountConverge reports an identical bundle as Duplicate).
-func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (PutOutcome, error) {
+func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_ PutOutcome, err error) {
+	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
@@ -652,7 +691,7 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (P
 	var outcome PutOutcome
 	var dAccounts int64
 	var replaced *Account
-	err := s.update(ctx, func(txn *badger.Txn) error {
+	err = s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dAccounts, replaced = 0, 0, nil
 		key := accountKey(a.AccountPub)
 		switch item, err := txn.Get(key); {
@@ -735,12 +774,13 @@ func (s *Store) tombstone(txn *badger.Txn, acct protocol.Key) (uint64, bool, err
 }
 
 // Account returns the account bundle held for an account key.
-func (s *Store) Account(ctx context.Context, acct protocol.Key) (*Account, error) {
+func (s *Store) Account(ctx context.Context, acct protocol.Key) (_ *Account, err error) {
+	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	a := &Account{AccountPub: acct}
-	err := s.db.View(func(txn *badger.Txn) error {
+	err = s.db.View(func(txn *badger.Txn) error {
 		item, err := txn.Get(accountKey(acct))
 		if err != nil {
 			return err

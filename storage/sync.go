@@ -167,6 +167,7 @@ func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []b
 // each of its 256 children (prefix ‖ b), and how many distinct keys the
 // items have, in one scan.
 func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, prefix []byte) (all protocol.Digest, children [256]protocol.Digest, keys int, err error) {
+	defer recoverCorrupt(&err)
 	var last protocol.Key
 	err = s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
 		all.Add(it.Hash)
@@ -181,9 +182,10 @@ func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, pref
 }
 
 // PrefixItems returns the item hashes of a shard's items under prefix.
-func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix []byte) ([][32]byte, error) {
+func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix []byte) (_ [][32]byte, err error) {
+	defer recoverCorrupt(&err)
 	var out [][32]byte
-	err := s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
+	err = s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
 		out = append(out, it.Hash)
 		return nil
 	})
@@ -191,7 +193,8 @@ func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix
 }
 
 // BundlesByID returns the bundles under prefix whose item IDs are in ids.
-func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*Bundle, error) {
+func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) (_ []*Bundle, err error) {
+	defer recoverCorrupt(&err)
 	var keys [][]byte
 	if err := s.scanSet(ctx, BundleSet, shard, prefix, func(it SyncItem) error {
 		if ids[protocol.ItemID(it.Hash)] {
@@ -202,7 +205,7 @@ func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids m
 		return nil, err
 	}
 	var out []*Bundle
-	err := s.db.View(func(txn *badger.Txn) error {
+	err = s.db.View(func(txn *badger.Txn) error {
 		for _, k := range keys {
 			item, err := txn.Get(k)
 			if err == badger.ErrKeyNotFound {
@@ -223,9 +226,10 @@ func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids m
 }
 
 // AccountsByID returns the account bundles under prefix whose item IDs are in ids.
-func (s *Store) AccountsByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*Account, error) {
+func (s *Store) AccountsByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) (_ []*Account, err error) {
+	defer recoverCorrupt(&err)
 	var out []*Account
-	err := s.scanSet(ctx, AccountSet, shard, prefix, func(it SyncItem) error {
+	err = s.scanSet(ctx, AccountSet, shard, prefix, func(it SyncItem) error {
 		if !ids[protocol.ItemID(it.Hash)] {
 			return nil
 		}

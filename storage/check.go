@@ -1,0 +1,244 @@
+package storage
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+// recoverCorrupt turns a panic in a storage call into an error wrapping
+// errCorrupt, so that a record damaged on disk fails the one call that
+// reads it instead of taking the process down.
+func recoverCorrupt(err *error) {
+	if r := recover(); r != nil {
+		*err = fmt.Errorf("%w: panic: %v", errCorrupt, r)
+	}
+}
+
+// Repairs counts what the startup consistency check fixed.
+type Repairs struct {
+	Malformed    int // per-device keys of a wrong length, deleted
+	DuplicateRef int // older b/ copies of a ref held twice, deleted
+	Refs         int // r/ entries missing or naming the wrong timestamp, rewritten
+	DanglingRefs int // r/ entries without their b/, deleted
+	LastResort   int // l/ entries without their b/, deleted
+	Counts       int // n/ counts that differed from the device's b/ keys, rewritten
+}
+
+// Total is the number of repairs.
+func (r Repairs) Total() int {
+	return r.Malformed + r.DuplicateRef + r.Refs + r.DanglingRefs + r.LastResort + r.Counts
+}
+
+func (r Repairs) logAttrs() []any {
+	return []any{"malformed", r.Malformed, "duplicate_refs", r.DuplicateRef, "refs", r.Refs,
+		"dangling_refs", r.DanglingRefs, "last_resort", r.LastResort, "counts", r.Counts}
+}
+
+// family iterates one per-device key family (b/, l/, r/ or n/) group by
+// group, where a group is one device's keys. All four families sort by
+// their group first, so the check walks them side by side and holds one
+// device's keys at a time.
+type family struct {
+	it       *badger.Iterator
+	keyLen   int
+	values   bool // r/ and n/: the (small, inline) values are needed
+	onBadKey func(k []byte)
+}
+
+type entry struct {
+	key, val []byte
+}
+
+func newFamily(txn *badger.Txn, prefix byte, keyLen int, values bool, onBadKey func([]byte)) *family {
+	f := &family{it: txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefix, '/'}}), keyLen: keyLen, values: values, onBadKey: onBadKey}
+	f.it.Rewind()
+	f.skipBad()
+	return f
+}
+
+// skipBad moves past keys of the wrong length, reporting each.
+func (f *family) skipBad() {
+	for ; f.it.Valid() && len(f.it.Item().Key()) != f.keyLen; f.it.Next() {
+		f.onBadKey(f.it.Item().KeyCopy(nil))
+	}
+}
+
+// group returns the current key's group, or nil when the family is done.
+func (f *family) group() []byte {
+	if !f.it.Valid() {
+		return nil
+	}
+	return keyGroup(f.it.Item().Key())
+}
+
+// take returns the entries of group g and moves past them.
+func (f *family) take(g []byte) ([]entry, error) {
+	var out []entry
+	for f.it.Valid() && bytes.Equal(keyGroup(f.it.Item().Key()), g) {
+		e := entry{key: f.it.Item().KeyCopy(nil)}
+		if f.values {
+			v, err := f.it.Item().ValueCopy(nil)
+			if err != nil {
+				return nil, err
+			}
+			e.val = v
+		}
+		out = append(out, e)
+		f.it.Next()
+		f.skipBad()
+	}
+	return out, nil
+}
+
+// checkConsistency walks every per-device key (keys only, plus the 8-byte
+// r/ and 4-byte n/ values) and repairs drift between them: the n/ count
+// equals the device's b/ keys, every r/ names an existing b/ with the same
+// timestamp, every b/ has its r/, every l/ has its b/, and a ref is held
+// once. It runs on Open, before any writer.
+func (s *Store) checkConsistency() (Repairs, error) {
+	var rep Repairs
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	var werr error
+	del := func(k []byte) {
+		if err := wb.Delete(k); err != nil && werr == nil {
+			werr = err
+		}
+	}
+	set := func(k, v []byte) {
+		if err := wb.Set(k, v); err != nil && werr == nil {
+			werr = err
+		}
+	}
+	bad := func(k []byte) { rep.Malformed++; del(k) }
+	err := s.db.View(func(txn *badger.Txn) error {
+		fb := newFamily(txn, prefixBundle, bundleKeyLen, false, bad)
+		defer fb.it.Close()
+		fl := newFamily(txn, prefixLastResort, bundleKeyLen, false, bad)
+		defer fl.it.Close()
+		fr := newFamily(txn, prefixRef, refKeyLen, true, bad)
+		defer fr.it.Close()
+		fn := newFamily(txn, prefixCount, countKeyLen, true, bad)
+		defer fn.it.Close()
+		for {
+			var g []byte
+			for _, f := range []*family{fb, fl, fr, fn} {
+				if fg := f.group(); fg != nil && (g == nil || bytes.Compare(fg, g) < 0) {
+					g = fg
+				}
+			}
+			if g == nil {
+				return werr
+			}
+			g = bytes.Clone(g)
+			bs, err := fb.take(g)
+			if err != nil {
+				return err
+			}
+			ls, err := fl.take(g)
+			if err != nil {
+				return err
+			}
+			rs, err := fr.take(g)
+			if err != nil {
+				return err
+			}
+			ns, err := fn.take(g)
+			if err != nil {
+				return err
+			}
+			s.repairDevice(&rep, bs, ls, rs, ns, set, del)
+			if werr != nil {
+				return werr
+			}
+		}
+	})
+	if err != nil {
+		return rep, fmt.Errorf("storage: consistency check: %w", err)
+	}
+	if err := wb.Flush(); err != nil {
+		return rep, fmt.Errorf("storage: consistency repair: %w", err)
+	}
+	if rep.Total() > 0 {
+		s.log.Warn("storage: repaired drift between records and indexes on open", rep.logAttrs()...)
+	} else {
+		s.log.Debug("storage: consistency check found no drift")
+	}
+	return rep, nil
+}
+
+// repairDevice checks one device's keys (each list in key order).
+func (s *Store) repairDevice(rep *Repairs, bs, ls, rs, ns []entry, set func(k, v []byte), del func(k []byte)) {
+	// b/ keys run newest first: the first copy of a ref is its newest.
+	kept := make(map[protocol.Ref]uint64, len(bs))
+	keptKeys := make(map[string]bool, len(bs))
+	var dev protocol.Key
+	for _, e := range bs {
+		d, ts, ref, err := parseBundleKey(e.key)
+		if err != nil { // cannot happen: lengths were checked
+			rep.Malformed++
+			del(e.key)
+			continue
+		}
+		dev = d
+		if _, dup := kept[ref]; dup {
+			rep.DuplicateRef++
+			del(e.key)
+			del(lastResortTwin(e.key))
+			continue
+		}
+		kept[ref] = ts
+		keptKeys[string(e.key)] = true
+	}
+	for _, e := range ls {
+		if !keptKeys[string(bundleTwin(e.key))] {
+			rep.LastResort++
+			del(e.key)
+		}
+	}
+	seen := make(map[protocol.Ref]bool, len(rs))
+	for _, e := range rs {
+		ref := refOfRefKey(e.key)
+		ts, ok := kept[ref]
+		switch {
+		case !ok:
+			rep.DanglingRefs++
+			del(e.key)
+		case len(e.val) != 8 || binary.BigEndian.Uint64(e.val) != ts:
+			rep.Refs++
+			set(e.key, binary.BigEndian.AppendUint64(nil, ts))
+		}
+		seen[ref] = true
+	}
+	for ref, ts := range kept {
+		if !seen[ref] {
+			rep.Refs++
+			set(refKey(dev, ref), binary.BigEndian.AppendUint64(nil, ts))
+		}
+	}
+	have := 0 // an absent n/ is a count of 0
+	var nkey []byte
+	for _, e := range ns {
+		nkey = e.key
+		have = -1 // malformed unless it is 4 bytes
+		if len(e.val) == 4 {
+			have = int(binary.BigEndian.Uint32(e.val))
+		}
+	}
+	if want := len(kept); have != want || (want == 0 && nkey != nil) {
+		rep.Counts++
+		switch {
+		case want == 0:
+			del(nkey)
+		case nkey != nil:
+			set(nkey, binary.BigEndian.AppendUint32(nil, uint32(want)))
+		default:
+			set(countKey(dev), binary.BigEndian.AppendUint32(nil, uint32(want)))
+		}
+	}
+}
