@@ -3,6 +3,7 @@ package storage
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/dgraph-io/badger/v4"
@@ -63,7 +64,7 @@ func newFamily(txn *badger.Txn, prefix byte, keyLen int, values bool, onBadKey f
 
 // skipBad moves past keys of the wrong length, reporting each.
 func (f *family) skipBad() {
-	for ; f.it.Valid() && len(f.it.Item().Key()) != f.keyLen; f.it.Next() {
+	for ; f.it.Valid() && !wellFormed(f.it.Item().Key(), f.keyLen); f.it.Next() {
 		f.onBadKey(f.it.Item().KeyCopy(nil))
 	}
 }
@@ -99,8 +100,9 @@ func (f *family) take(g []byte) ([]entry, error) {
 // r/ and 4-byte n/ values) and repairs drift between them: the n/ count
 // equals the device's b/ keys, every r/ names an existing b/ with the same
 // timestamp, every b/ has its r/, every l/ has its b/, and a ref is held
-// once. It runs on Open, before any writer.
-func (s *Store) checkConsistency() (Repairs, error) {
+// once. It runs on Open, before any writer. After a migration, which
+// leaves the counts to it, what it rebuilds is expected and logged at Info.
+func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 	var rep Repairs
 	wb := s.db.NewWriteBatch()
 	defer wb.Cancel()
@@ -152,7 +154,9 @@ func (s *Store) checkConsistency() (Repairs, error) {
 			if err != nil {
 				return err
 			}
-			s.repairDevice(&rep, bs, ls, rs, ns, set, del)
+			if err := s.repairDevice(txn, &rep, bs, ls, rs, ns, set, del); err != nil {
+				return err
+			}
 			if werr != nil {
 				return werr
 			}
@@ -164,7 +168,9 @@ func (s *Store) checkConsistency() (Repairs, error) {
 	if err := wb.Flush(); err != nil {
 		return rep, fmt.Errorf("storage: consistency repair: %w", err)
 	}
-	if rep.Total() > 0 {
+	if rep.Total() > 0 && migrated {
+		s.log.Info("storage: rebuilt indexes after the migration", rep.logAttrs()...)
+	} else if rep.Total() > 0 {
 		s.log.Warn("storage: repaired drift between records and indexes on open", rep.logAttrs()...)
 	} else {
 		s.log.Debug("storage: consistency check found no drift")
@@ -172,14 +178,15 @@ func (s *Store) checkConsistency() (Repairs, error) {
 	return rep, nil
 }
 
-// repairDevice checks one device's keys (each list in key order).
-func (s *Store) repairDevice(rep *Repairs, bs, ls, rs, ns []entry, set func(k, v []byte), del func(k []byte)) {
+// repairDevice checks one device's keys (each list in key order). It
+// reads a bundle's value only to rebuild its r/ entry; a value that does
+// not decode then is deleted with its keys.
+func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []entry, set func(k, v []byte), del func(k []byte)) error {
 	// b/ keys run newest first: the first copy of a ref is its newest.
-	kept := make(map[protocol.Ref]uint64, len(bs))
-	keptKeys := make(map[string]bool, len(bs))
+	kept := make(map[protocol.Ref][]byte, len(bs)) // ref -> its b/ key
 	var dev protocol.Key
 	for _, e := range bs {
-		d, ts, ref, err := parseBundleKey(e.key)
+		d, _, ref, err := parseBundleKey(e.key)
 		if err != nil { // cannot happen: lengths were checked
 			rep.Malformed++
 			del(e.key)
@@ -192,33 +199,64 @@ func (s *Store) repairDevice(rep *Repairs, bs, ls, rs, ns []entry, set func(k, v
 			del(lastResortTwin(e.key))
 			continue
 		}
-		kept[ref] = ts
-		keptKeys[string(e.key)] = true
+		kept[ref] = e.key
 	}
-	for _, e := range ls {
-		if !keptKeys[string(bundleTwin(e.key))] {
-			rep.LastResort++
-			del(e.key)
+	// rewriteRef rebuilds an r/ entry from the bundle's value, or drops a
+	// bundle whose value is damaged.
+	rewriteRef := func(rk []byte, ref protocol.Ref) error {
+		bkey := kept[ref]
+		item, err := txn.Get(bkey)
+		if err != nil {
+			return err
 		}
+		b, err := bundleFromItem(item)
+		if errors.Is(err, errCorrupt) {
+			rep.Malformed++
+			del(bkey)
+			del(lastResortTwin(bkey))
+			del(rk)
+			delete(kept, ref)
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		rep.Refs++
+		set(rk, refValue{TS: b.TimestampMS, Bytes: bundleBytes(b)}.encode())
+		return nil
 	}
 	seen := make(map[protocol.Ref]bool, len(rs))
 	for _, e := range rs {
 		ref := refOfRefKey(e.key)
-		ts, ok := kept[ref]
-		switch {
-		case !ok:
+		bkey, ok := kept[ref]
+		if !ok {
 			rep.DanglingRefs++
 			del(e.key)
-		case len(e.val) != 8 || binary.BigEndian.Uint64(e.val) != ts:
-			rep.Refs++
-			set(e.key, binary.BigEndian.AppendUint64(nil, ts))
+			continue
 		}
 		seen[ref] = true
+		_, ts, _, _ := parseBundleKey(bkey)
+		if rv, err := decodeRefValue(e.val); err != nil || rv.TS != ts {
+			if err := rewriteRef(e.key, ref); err != nil {
+				return err
+			}
+		}
 	}
-	for ref, ts := range kept {
+	for ref := range kept {
 		if !seen[ref] {
-			rep.Refs++
-			set(refKey(dev, ref), binary.BigEndian.AppendUint64(nil, ts))
+			if err := rewriteRef(refKey(dev, ref), ref); err != nil {
+				return err
+			}
+		}
+	}
+	held := make(map[string]bool, len(kept))
+	for _, k := range kept {
+		held[string(k)] = true
+	}
+	for _, e := range ls {
+		if !held[string(bundleTwin(e.key))] {
+			rep.LastResort++
+			del(e.key)
 		}
 	}
 	have := 0 // an absent n/ is a count of 0
@@ -241,4 +279,5 @@ func (s *Store) repairDevice(rep *Repairs, bs, ls, rs, ns []entry, set func(k, v
 			set(countKey(dev), binary.BigEndian.AppendUint32(nil, uint32(want)))
 		}
 	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -8,22 +9,33 @@ import (
 	"github.com/kpnode/kpnode/protocol"
 )
 
-// Key layout. All integers are big-endian so that byte order is numeric
-// order; timestamps are stored inverted (^ts) so a forward scan of a
+// Key layout (schema 2). All integers are big-endian so that byte order is
+// numeric order; timestamps are stored inverted (^ts) so a forward scan of a
 // device's prefix yields the newest bundle first and, at equal timestamps,
 // the smaller ref first, which is exactly the "latest" order.
 //
-//	b/<device 32>/<^ts 8>/<ref 32>  -> bundle value (flags, received_at, signature, payload)
-//	l/<device 32>/<^ts 8>/<ref 32>  -> empty; the subset of b/ that is last-resort
-//	r/<device 32>/<ref 32>          -> ts 8; dedups a ref and finds its b/ key
-//	n/<device 32>                   -> u32 count of the device's bundles; read and
-//	                                   written by every put, so concurrent puts
-//	                                   to one device conflict and retry
-//	x/<account 32>                  -> lamport u64 ‖ until_ms u64: tombstone of a
-//	                                   pruned account; refuses that lamport and
-//	                                   older until the retention has passed again
-//	a/<account 32>                  -> account value (updated_at, lamport, signature, payload)
-//	m/schema                        -> schema version
+// Every key of a device or account starts with h0 = sha256(key)[0], the
+// byte the shard is taken from (shard = h0 mod S), so the items of one
+// shard are the 256/S contiguous ranges h0 = s, s+S, ... whatever S is: a
+// sync round scans only its shard. Lookups compute h0 from the key.
+//
+//	b/<h0>/<device 32>/<^ts 8>/<ref 32>  -> bundle value (flags, received_at, signature, [not_after,] payload)
+//	l/<h0>/<device 32>/<^ts 8>/<ref 32>  -> empty; the subset of b/ that is last-resort
+//	r/<h0>/<device 32>/<ref 32>          -> ts u64 ‖ not_after_ms i64 ‖ bytes u32: dedups a
+//	                                        ref, finds its b/ key and says what the bundle
+//	                                        costs without reading it
+//	n/<h0>/<device 32>                   -> u32 count of the device's bundles; read and
+//	                                        written by every put, so concurrent puts
+//	                                        to one device conflict and retry
+//	a/<h0>/<account 32>                  -> account value (updated_at, lamport, signature, payload)
+//	x/<account 32>                       -> lamport u64 ‖ until_ms u64: tombstone of a
+//	                                        pruned account; refuses that lamport and
+//	                                        older until the retention has passed again
+//	m/schema                             -> schema version u32
+//
+// b/, l/, r/ and n/ all sort by <h0>/<device> first, so the startup check
+// walks them side by side one device at a time. Prefixes 'o' and 'f' are
+// reserved for other records of the node.
 const (
 	prefixBundle     = 'b'
 	prefixLastResort = 'l'
@@ -35,18 +47,33 @@ const (
 
 var schemaKey = []byte("m/schema")
 
-const schemaVersion = 1
+const schemaVersion = 2
 
 const (
-	bundleKeyLen = 2 + protocol.KeySize + 1 + 8 + 1 + protocol.RefSize
-	refKeyLen    = 2 + protocol.KeySize + 1 + protocol.RefSize
+	groupLen      = 1 + 1 + protocol.KeySize // <h0>/<key>
+	bundleKeyLen  = 2 + groupLen + 1 + 8 + 1 + protocol.RefSize
+	refKeyLen     = 2 + groupLen + 1 + protocol.RefSize
+	countKeyLen   = 2 + groupLen
+	accountKeyLen = 2 + groupLen
+	refValueLen   = 8 + 8 + 4
 )
 
+// h0 is the first byte of sha256(key): the shard is h0 mod S.
+func h0(k protocol.Key) byte {
+	h := sha256.Sum256(k[:])
+	return h[0]
+}
+
+// groupKey returns prefix/<h0>/<key>, the start of every key of a device
+// or account.
+func groupKey(prefix byte, k protocol.Key, capacity int) []byte {
+	out := make([]byte, 0, capacity)
+	out = append(out, prefix, '/', h0(k), '/')
+	return append(out, k[:]...)
+}
+
 func devicePrefix(prefix byte, dev protocol.Key) []byte {
-	k := make([]byte, 0, bundleKeyLen)
-	k = append(k, prefix, '/')
-	k = append(k, dev[:]...)
-	return append(k, '/')
+	return append(groupKey(prefix, dev, bundleKeyLen), '/')
 }
 
 func bundleKey(prefix byte, dev protocol.Key, ts uint64, ref protocol.Ref) []byte {
@@ -57,18 +84,13 @@ func bundleKey(prefix byte, dev protocol.Key, ts uint64, ref protocol.Ref) []byt
 }
 
 func refKey(dev protocol.Key, ref protocol.Ref) []byte {
-	k := make([]byte, 0, refKeyLen)
-	k = append(k, prefixRef, '/')
-	k = append(k, dev[:]...)
-	k = append(k, '/')
+	k := append(groupKey(prefixRef, dev, refKeyLen), '/')
 	return append(k, ref[:]...)
 }
 
-func countKey(dev protocol.Key) []byte {
-	k := make([]byte, 0, 2+protocol.KeySize)
-	k = append(k, prefixCount, '/')
-	return append(k, dev[:]...)
-}
+func countKey(dev protocol.Key) []byte { return groupKey(prefixCount, dev, countKeyLen) }
+
+func accountKey(acct protocol.Key) []byte { return groupKey(prefixAccount, acct, accountKeyLen) }
 
 func tombstoneKey(acct protocol.Key) []byte {
 	k := make([]byte, 0, 2+protocol.KeySize)
@@ -76,10 +98,18 @@ func tombstoneKey(acct protocol.Key) []byte {
 	return append(k, acct[:]...)
 }
 
-func accountKey(acct protocol.Key) []byte {
-	k := make([]byte, 0, 2+protocol.KeySize)
-	k = append(k, prefixAccount, '/')
-	return append(k, acct[:]...)
+// keyOf returns the device or account of a b/, l/, r/, n/ or a/ key
+// (of its family's length).
+func keyOf(k []byte) protocol.Key {
+	var key protocol.Key
+	copy(key[:], k[4:4+protocol.KeySize])
+	return key
+}
+
+// wellFormed reports whether a per-key record's key has its family's
+// length and the h0 of its key.
+func wellFormed(k []byte, keyLen int) bool {
+	return len(k) == keyLen && k[2] == h0(keyOf(k))
 }
 
 var errCorrupt = errors.New("storage: corrupt record")
@@ -89,11 +119,42 @@ func parseBundleKey(k []byte) (dev protocol.Key, ts uint64, ref protocol.Ref, er
 	if len(k) != bundleKeyLen {
 		return dev, 0, ref, fmt.Errorf("%w: bundle key of %d bytes", errCorrupt, len(k))
 	}
-	copy(dev[:], k[2:])
-	ts = ^binary.BigEndian.Uint64(k[2+protocol.KeySize+1:])
-	copy(ref[:], k[2+protocol.KeySize+1+8+1:])
+	dev = keyOf(k)
+	ts = ^binary.BigEndian.Uint64(k[2+groupLen+1:])
+	copy(ref[:], k[2+groupLen+1+8+1:])
 	return dev, ts, ref, nil
 }
+
+// refValue is what r/ holds about a bundle.
+type refValue struct {
+	TS         uint64
+	NotAfterMS int64
+	Bytes      uint32 // the bundle's logical size (see recordBytes)
+}
+
+func (r refValue) encode() []byte {
+	v := make([]byte, 0, refValueLen)
+	v = binary.BigEndian.AppendUint64(v, r.TS)
+	v = binary.BigEndian.AppendUint64(v, uint64(r.NotAfterMS))
+	return binary.BigEndian.AppendUint32(v, r.Bytes)
+}
+
+func decodeRefValue(v []byte) (refValue, error) {
+	if len(v) != refValueLen {
+		return refValue{}, fmt.Errorf("%w: ref value of %d bytes", errCorrupt, len(v))
+	}
+	return refValue{
+		TS:         binary.BigEndian.Uint64(v),
+		NotAfterMS: int64(binary.BigEndian.Uint64(v[8:])),
+		Bytes:      binary.BigEndian.Uint32(v[16:]),
+	}, nil
+}
+
+// recordOverhead is what a record costs in the store budget beyond its
+// payload: its keys, index entries and value header, rounded up.
+const recordOverhead = 512
+
+func bundleBytes(b *Bundle) uint32 { return uint32(len(b.Payload) + recordOverhead) }
 
 // Bundle value: flags u8 ‖ received_at_ms u64 ‖ signature 64 ‖ payload.
 const (
@@ -146,11 +207,9 @@ func decodeAccountValue(a *Account, v []byte) error {
 	return nil
 }
 
-const countKeyLen = 2 + protocol.KeySize
-
-// keyGroup returns the device part of a per-device key (b/, l/, r/, n/),
-// by which all of them sort first. k has its family's length.
-func keyGroup(k []byte) []byte { return k[2 : 2+protocol.KeySize] }
+// keyGroup returns <h0>/<key> of a per-key record's key, by which all of
+// b/, l/, r/ and n/ sort first. k has its family's length.
+func keyGroup(k []byte) []byte { return k[2 : 2+groupLen] }
 
 // lastResortTwin returns the l/ key of a b/ key, bundleTwin the b/ key of an l/ key.
 func lastResortTwin(bkey []byte) []byte { return append([]byte{prefixLastResort}, bkey[1:]...) }

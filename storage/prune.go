@@ -1,15 +1,12 @@
 package storage
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 
 	"github.com/dgraph-io/badger/v4"
-
-	"github.com/kpnode/kpnode/protocol"
 )
 
 // PruneStats counts what one Prune removed.
@@ -77,48 +74,35 @@ func (s *Store) expiredBundleKeys(cutoff uint64) ([][]byte, error) {
 	return out, err
 }
 
-// pruneBundles deletes the given b/ keys (all of one scan) in one
-// transaction, re-checking each inside it so a concurrent put is never undone.
+// pruneBundles deletes the given b/ keys in one transaction, re-checking
+// each inside it so a concurrent put is never undone.
 func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
 	var removed, emptied int
 	var deleted [][]byte
 	err := s.update(ctx, func(txn *badger.Txn) error {
 		removed, emptied, deleted = 0, 0, nil
-		// Group by device: keys of one device are adjacent in scan order.
-		for start := 0; start < len(keys); {
-			end := start + 1
-			for end < len(keys) && bytes.Equal(keys[end][:2+protocol.KeySize], keys[start][:2+protocol.KeySize]) {
-				end++
+		for _, k := range keys {
+			if _, err := txn.Get(k); errors.Is(err, badger.ErrKeyNotFound) {
+				continue // evicted or refreshed meanwhile
+			} else if err != nil {
+				return err
 			}
-			dev, _, _, err := parseBundleKey(keys[start])
+			dev := keyOf(k)
+			held, err := getCount(txn, dev) // sees this transaction's own updates
 			if err != nil {
 				return err
 			}
-			held, err := getCount(txn, dev)
-			if err != nil {
+			if _, err := deleteBundleRecord(txn, k, true); err != nil {
 				return err
 			}
-			n := 0
-			for _, k := range keys[start:end] {
-				if _, err := txn.Get(k); errors.Is(err, badger.ErrKeyNotFound) {
-					continue // evicted or refreshed meanwhile
-				} else if err != nil {
-					return err
-				}
-				if err := s.deleteExpired(txn, k); err != nil {
-					return err
-				}
-				deleted = append(deleted, k)
-				n++
-			}
-			removed += n
-			if err := setCount(txn, dev, held-n); err != nil {
+			if err := setCount(txn, dev, held-1); err != nil {
 				return err
 			}
-			if n > 0 && held-n <= 0 {
+			if held-1 <= 0 {
 				emptied++
 			}
-			start = end
+			deleted = append(deleted, k)
+			removed++
 		}
 		return nil
 	})
@@ -129,31 +113,6 @@ func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
 	s.devices.Add(-int64(emptied))
 	s.digests.updateBundles(nil, deleted)
 	return removed, nil
-}
-
-// deleteExpired deletes a bundle and its ref entry if the ref still points at it.
-func (s *Store) deleteExpired(txn *badger.Txn, bkey []byte) error {
-	dev, ts, ref, err := parseBundleKey(bkey)
-	if err != nil {
-		return err
-	}
-	if err := deleteBundleKeys(txn, bkey); err != nil {
-		return err
-	}
-	rk := refKey(dev, ref)
-	item, err := txn.Get(rk)
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	return item.Value(func(v []byte) error {
-		if len(v) == 8 && binary.BigEndian.Uint64(v) == ts {
-			return txn.Delete(rk)
-		}
-		return nil
-	})
 }
 
 func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
@@ -202,7 +161,7 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 				if err := txn.Delete(k); err != nil {
 					return err
 				}
-				copy(a.AccountPub[:], k[2:])
+				a.AccountPub = keyOf(k)
 				until := s.opts.Now().Add(s.opts.Retention).UnixMilli()
 				tomb := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, a.Lamport), uint64(until))
 				if err := txn.Set(tombstoneKey(a.AccountPub), tomb); err != nil {

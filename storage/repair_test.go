@@ -22,7 +22,7 @@ func assertExact(t *testing.T, s *Store, want Counts) {
 	for shard := 0; shard < s.opts.ShardCount; shard++ {
 		digests = append(digests, s.ShardDigest(BundleSet, shard))
 	}
-	if rep, err := s.checkConsistency(); err != nil || rep.Total() != 0 {
+	if rep, err := s.checkConsistency(false); err != nil || rep.Total() != 0 {
 		t.Fatalf("consistency check: %+v %v", rep, err)
 	}
 	if err := s.recount(); err != nil {

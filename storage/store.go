@@ -176,7 +176,8 @@ type Store struct {
 	locks                      keyLocks
 	bundles, devices, accounts atomic.Int64
 	digests                    *shardDigests
-	repaired                   Repairs // what the check on Open fixed
+	repaired                   Repairs      // what the check on Open fixed
+	scanned                    atomic.Int64 // items visited by sync scans, for tests
 
 	mu      sync.Mutex // guards started and closed
 	started bool
@@ -215,37 +216,26 @@ func Open(opts Options) (*Store, error) {
 	}
 	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{}),
 		digests: newShardDigests(opts.ShardCount)}
-	if err := s.checkSchema(); err != nil {
+	migrated, err := s.openSchema()
+	if err != nil {
 		db.Close()
 		return nil, err
 	}
-	if s.repaired, err = s.checkConsistency(); err != nil {
+	if s.repaired, err = s.checkConsistency(migrated); err != nil {
 		db.Close()
 		return nil, err
+	}
+	if migrated {
+		if err := s.setSchema(); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("storage: set schema: %w", err)
+		}
 	}
 	if err := s.recount(); err != nil {
 		db.Close()
 		return nil, err
 	}
 	return s, nil
-}
-
-func (s *Store) checkSchema() error {
-	return s.db.Update(func(txn *badger.Txn) error {
-		item, err := txn.Get(schemaKey)
-		if errors.Is(err, badger.ErrKeyNotFound) {
-			return txn.Set(schemaKey, binary.BigEndian.AppendUint32(nil, schemaVersion))
-		}
-		if err != nil {
-			return err
-		}
-		return item.Value(func(v []byte) error {
-			if len(v) != 4 || binary.BigEndian.Uint32(v) != schemaVersion {
-				return fmt.Errorf("storage: data dir has schema %x, this build reads %d", v, schemaVersion)
-			}
-			return nil
-		})
-	})
 }
 
 // recount sets the counters from a key-only scan.
@@ -411,15 +401,15 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		var oldKey []byte
 		switch item, err := txn.Get(rk); {
 		case err == nil:
-			oldTS, err := refTS(item)
+			old, err := refFromItem(item)
 			if err != nil {
 				return err
 			}
-			if oldTS >= b.TimestampMS {
+			if old.TS >= b.TimestampMS {
 				outcome = Duplicate
 				return nil
 			}
-			oldKey = bundleKey(prefixBundle, b.DeviceID, oldTS, b.Ref)
+			oldKey = bundleKey(prefixBundle, b.DeviceID, old.TS, b.Ref)
 		case !errors.Is(err, badger.ErrKeyNotFound):
 			return err
 		}
@@ -437,7 +427,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		wasEmpty := len(keys) == 0
 		if oldKey != nil {
 			// The ref's entry moves to the new timestamp (or goes, below).
-			if err := deleteBundleKeys(txn, oldKey); err != nil {
+			if _, err := deleteBundleRecord(txn, oldKey, false); err != nil {
 				return err
 			}
 			if removeKey(&keys, oldKey) {
@@ -465,7 +455,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		}
 		if len(keys) > keep {
 			for _, k := range keys[keep:] {
-				if err := deleteBundle(txn, k); err != nil {
+				if _, err := deleteBundleRecord(txn, k, true); err != nil {
 					return err
 				}
 				removed = append(removed, k)
@@ -488,7 +478,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 				return err
 			}
 		}
-		if err := txn.Set(rk, binary.BigEndian.AppendUint64(nil, b.TimestampMS)); err != nil {
+		if err := txn.Set(rk, refValue{TS: b.TimestampMS, Bytes: bundleBytes(b)}.encode()); err != nil {
 			return err
 		}
 		added = append(added, newKey)
@@ -508,19 +498,6 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	s.devices.Add(dDevice)
 	s.digests.updateBundles(added, removed)
 	return outcome, nil
-}
-
-// refTS decodes an r/ value: the timestamp of the ref's b/ key.
-func refTS(item *badger.Item) (uint64, error) {
-	var ts uint64
-	err := item.Value(func(v []byte) error {
-		if len(v) != 8 {
-			return fmt.Errorf("%w: ref value of %d bytes", errCorrupt, len(v))
-		}
-		ts = binary.BigEndian.Uint64(v)
-		return nil
-	})
-	return ts, err
 }
 
 // getCount reads a device's bundle count (0 when it has none).
@@ -571,27 +548,6 @@ func removeKey(keys *[][]byte, k []byte) bool {
 		}
 	}
 	return false
-}
-
-// deleteBundleKeys deletes the b/ key and its l/ twin (present or not).
-func deleteBundleKeys(txn *badger.Txn, bkey []byte) error {
-	if err := txn.Delete(bkey); err != nil {
-		return err
-	}
-	lkey := append([]byte{prefixLastResort}, bkey[1:]...)
-	return txn.Delete(lkey)
-}
-
-// deleteBundle deletes a bundle entirely: b/, l/ and its r/ index entry.
-func deleteBundle(txn *badger.Txn, bkey []byte) error {
-	dev, _, ref, err := parseBundleKey(bkey)
-	if err != nil {
-		return err
-	}
-	if err := deleteBundleKeys(txn, bkey); err != nil {
-		return err
-	}
-	return txn.Delete(refKey(dev, ref))
 }
 
 // LatestBundle returns the bundle a chat client should get for a device: its

@@ -1,8 +1,10 @@
 package storage
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"sort"
 	"sync"
 
 	"github.com/dgraph-io/badger/v4"
@@ -112,51 +114,55 @@ type SyncItem struct {
 }
 
 // scanSet calls fn for every item of a shard's set whose key starts with
-// prefix (0 to 31 bytes of device_id or account_pub), in key order.
+// prefix (0 to 31 bytes of device_id or account_pub). Keys lead with h0,
+// so the shard is the 256/S ranges h0 = shard, shard+S, ... with prefix
+// appended, and nothing outside them is read. Items come grouped by h0,
+// in key order within a group (one key's items are adjacent).
 func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []byte, fn func(SyncItem) error) error {
 	if len(prefix) >= protocol.KeySize {
 		return fmt.Errorf("storage: sync prefix of %d bytes", len(prefix))
 	}
-	p := byte(prefixBundle)
-	if kind == AccountSet {
-		p = prefixAccount
+	if shard < 0 || shard >= s.opts.ShardCount {
+		return fmt.Errorf("storage: shard %d of %d", shard, s.opts.ShardCount)
 	}
-	dbPrefix := append([]byte{p, '/'}, prefix...)
+	p, keyLen := byte(prefixBundle), bundleKeyLen
+	if kind == AccountSet {
+		p, keyLen = prefixAccount, accountKeyLen
+	}
 	return s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: dbPrefix, PrefetchValues: kind == AccountSet})
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{p, '/'}, PrefetchValues: kind == AccountSet})
 		defer it.Close()
-		var lastKey protocol.Key
-		lastShard, n := -1, 0
-		for it.Rewind(); it.Valid(); it.Next() {
-			if n++; n%4096 == 0 && ctx.Err() != nil {
-				return ctx.Err()
-			}
-			item := it.Item()
-			k := item.Key()
-			var key protocol.Key
-			copy(key[:], k[2:])
-			if lastShard < 0 || key != lastKey {
-				lastKey, lastShard = key, protocol.Shard(key, s.opts.ShardCount)
-			}
-			if lastShard != shard {
-				continue
-			}
-			si := SyncItem{Key: key, key: item.KeyCopy(nil)}
-			if kind == AccountSet {
-				a, err := accountFromItem(item)
-				if err != nil {
+		n := 0
+		dbPrefix := make([]byte, 0, 4+len(prefix))
+		for h := shard; h < 256; h += s.opts.ShardCount {
+			dbPrefix = append(append(dbPrefix[:0], p, '/', byte(h), '/'), prefix...)
+			for it.Seek(dbPrefix); it.ValidForPrefix(dbPrefix); it.Next() {
+				s.scanned.Add(1)
+				if n++; n%4096 == 0 && ctx.Err() != nil {
+					return ctx.Err()
+				}
+				item := it.Item()
+				k := item.Key()
+				if len(k) != keyLen {
+					return fmt.Errorf("%w: key of %d bytes in a %c/ scan", errCorrupt, len(k), p)
+				}
+				si := SyncItem{Key: keyOf(k), key: item.KeyCopy(nil)}
+				if kind == AccountSet {
+					a, err := accountFromItem(item)
+					if err != nil {
+						return err
+					}
+					si.Hash = protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)
+				} else {
+					dev, ts, ref, err := parseBundleKey(k)
+					if err != nil {
+						return err
+					}
+					si.Hash = protocol.BundleItem(dev, ts, ref)
+				}
+				if err := fn(si); err != nil {
 					return err
 				}
-				si.Hash = protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)
-			} else {
-				dev, ts, ref, err := parseBundleKey(k)
-				if err != nil {
-					return err
-				}
-				si.Hash = protocol.BundleItem(dev, ts, ref)
-			}
-			if err := fn(si); err != nil {
-				return err
 			}
 		}
 		return nil
@@ -184,11 +190,18 @@ func (s *Store) PrefixDigests(ctx context.Context, kind SetKind, shard int, pref
 // PrefixItems returns the item hashes of a shard's items under prefix.
 func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix []byte) (_ [][32]byte, err error) {
 	defer recoverCorrupt(&err)
-	var out [][32]byte
+	var items []SyncItem
 	err = s.scanSet(ctx, kind, shard, prefix, func(it SyncItem) error {
-		out = append(out, it.Hash)
+		items = append(items, it)
 		return nil
 	})
+	// Key order, as one scan of device_ids would give (a key's own items
+	// keep their order: a device's newest first).
+	sort.SliceStable(items, func(i, j int) bool { return bytes.Compare(items[i].Key[:], items[j].Key[:]) < 0 })
+	out := make([][32]byte, len(items))
+	for i, it := range items {
+		out[i] = it.Hash
+	}
 	return out, err
 }
 
@@ -244,7 +257,10 @@ func (s *Store) AccountsByID(ctx context.Context, shard int, prefix []byte, ids 
 
 func accountFromItem(item *badger.Item) (*Account, error) {
 	a := &Account{}
-	copy(a.AccountPub[:], item.Key()[2:])
+	if len(item.Key()) != accountKeyLen {
+		return nil, fmt.Errorf("%w: account key of %d bytes", errCorrupt, len(item.Key()))
+	}
+	a.AccountPub = keyOf(item.Key())
 	if err := item.Value(func(v []byte) error { return decodeAccountValue(a, v) }); err != nil {
 		return nil, err
 	}
