@@ -222,7 +222,7 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []ent
 			return err
 		}
 		rep.Refs++
-		set(rk, refValue{TS: b.TimestampMS, Bytes: bundleBytes(b)}.encode())
+		set(rk, refValue{TS: b.TimestampMS, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}.encode())
 		return nil
 	}
 	seen := make(map[protocol.Ref]bool, len(rs))

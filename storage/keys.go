@@ -156,21 +156,30 @@ const recordOverhead = 512
 
 func bundleBytes(b *Bundle) uint32 { return uint32(len(b.Payload) + recordOverhead) }
 
-// Bundle value: flags u8 ‖ received_at_ms u64 ‖ signature 64 ‖ payload.
+// Bundle value: flags u8 ‖ received_at_ms u64 ‖ signature 64 ‖
+// [not_after_ms u64, when flagNotAfter] ‖ payload. Values written before
+// the flag existed decode with no lifetime.
 const (
 	flagLastResort = 1 << 0
+	flagNotAfter   = 1 << 1
 	bundleValueHdr = 1 + 8 + protocol.SignatureSize
 )
 
 func encodeBundleValue(b *Bundle) []byte {
-	v := make([]byte, 0, bundleValueHdr+len(b.Payload))
+	v := make([]byte, 0, bundleValueHdr+8+len(b.Payload))
 	var flags byte
 	if b.LastResort {
 		flags |= flagLastResort
 	}
+	if b.NotAfterMS != 0 {
+		flags |= flagNotAfter
+	}
 	v = append(v, flags)
 	v = binary.BigEndian.AppendUint64(v, uint64(b.ReceivedAtMS))
 	v = append(v, b.Signature[:]...)
+	if b.NotAfterMS != 0 {
+		v = binary.BigEndian.AppendUint64(v, uint64(b.NotAfterMS))
+	}
 	return append(v, b.Payload...)
 }
 
@@ -178,11 +187,46 @@ func decodeBundleValue(b *Bundle, v []byte) error {
 	if len(v) < bundleValueHdr {
 		return fmt.Errorf("%w: bundle value of %d bytes", errCorrupt, len(v))
 	}
-	b.LastResort = v[0]&flagLastResort != 0
+	flags := v[0]
+	b.LastResort = flags&flagLastResort != 0
 	b.ReceivedAtMS = int64(binary.BigEndian.Uint64(v[1:]))
 	copy(b.Signature[:], v[9:])
-	b.Payload = append([]byte(nil), v[bundleValueHdr:]...)
+	v = v[bundleValueHdr:]
+	b.NotAfterMS = 0
+	if flags&flagNotAfter != 0 {
+		if len(v) < 8 {
+			return fmt.Errorf("%w: bundle value without its not_after", errCorrupt)
+		}
+		b.NotAfterMS = int64(binary.BigEndian.Uint64(v))
+		v = v[8:]
+	}
+	b.Payload = append([]byte(nil), v...)
 	return nil
+}
+
+// usable reports whether a bundle may be served at nowMS: its KeyPackage
+// lifetime, if it has one, has not ended.
+func (b *Bundle) usable(nowMS int64) bool { return b.NotAfterMS == 0 || b.NotAfterMS >= nowMS }
+
+// Lifetime index: e/<not_after_ms u64>/<b/ key> -> empty, for bundles with
+// a KeyPackage lifetime, so the ones whose lifetime has ended are a
+// prefix of one scan.
+const prefixLifetime = 'e'
+
+func lifetimeKey(notAfterMS int64, bkey []byte) []byte {
+	k := make([]byte, 0, 2+8+1+len(bkey))
+	k = append(k, prefixLifetime, '/')
+	k = binary.BigEndian.AppendUint64(k, uint64(notAfterMS))
+	k = append(k, '/')
+	return append(k, bkey...)
+}
+
+// parseLifetimeKey returns the not_after and the b/ key of an e/ key.
+func parseLifetimeKey(k []byte) (int64, []byte, error) {
+	if len(k) != 2+8+1+bundleKeyLen {
+		return 0, nil, fmt.Errorf("%w: lifetime key of %d bytes", errCorrupt, len(k))
+	}
+	return int64(binary.BigEndian.Uint64(k[2:])), k[11:], nil
 }
 
 // Account value: updated_at_ms u64 ‖ lamport u64 ‖ signature 64 ‖ payload.

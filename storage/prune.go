@@ -11,15 +11,17 @@ import (
 
 // PruneStats counts what one Prune removed.
 type PruneStats struct {
-	Bundles  int
-	Accounts int
+	Bundles       int // past the retention
+	LifetimeEnded int // KeyPackage lifetime ended more than ClockSkew ago
+	Accounts      int
 }
 
 // pruneChunk bounds the deletions of one transaction.
 const pruneChunk = 512
 
 // Prune deletes bundles whose signed timestamp and account bundles whose
-// last update are older than the retention.
+// last update are older than the retention, and bundles whose KeyPackage
+// lifetime ended more than ClockSkew ago.
 func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 	defer recoverCorrupt(&err)
 	cutoff := s.opts.Now().Add(-s.opts.Retention).UnixMilli()
@@ -35,12 +37,16 @@ func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 			return st, err
 		}
 		n := min(pruneChunk, len(expired))
-		removed, err := s.pruneBundles(ctx, expired[:n])
+		removed, err := s.pruneBundles(ctx, expired[:n], nil)
 		st.Bundles += removed
 		if err != nil {
 			return st, fmt.Errorf("storage: prune bundles: %w", err)
 		}
 		expired = expired[n:]
+	}
+	st.LifetimeEnded, err = s.pruneLifetimes(ctx)
+	if err != nil {
+		return st, err
 	}
 	st.Accounts, err = s.pruneAccounts(ctx, cutoff)
 	if err != nil {
@@ -75,13 +81,23 @@ func (s *Store) expiredBundleKeys(cutoff uint64) ([][]byte, error) {
 }
 
 // pruneBundles deletes the given b/ keys in one transaction, re-checking
-// each inside it so a concurrent put is never undone.
-func (s *Store) pruneBundles(ctx context.Context, keys [][]byte) (int, error) {
+// each inside it so a concurrent put is never undone. idx, if not nil, are
+// the index entries the keys were found by (one per key), deleted too,
+// even when their bundle is already gone.
+func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, error) {
 	var removed, emptied int
 	var deleted [][]byte
 	err := s.update(ctx, func(txn *badger.Txn) error {
 		removed, emptied, deleted = 0, 0, nil
-		for _, k := range keys {
+		for i, k := range keys {
+			if idx != nil {
+				if err := txn.Delete(idx[i]); err != nil {
+					return err
+				}
+			}
+			if k == nil {
+				continue
+			}
 			if _, err := txn.Get(k); errors.Is(err, badger.ErrKeyNotFound) {
 				continue // evicted or refreshed meanwhile
 			} else if err != nil {
@@ -224,4 +240,47 @@ func (s *Store) pruneTombstones(ctx context.Context) error {
 		}
 	}
 	return wb.Flush()
+}
+
+// pruneLifetimes deletes the bundles whose KeyPackage lifetime ended more
+// than ClockSkew ago: no node's validation accepts them any more, so sync
+// cannot bring them back. The e/ index makes this a scan of exactly those.
+func (s *Store) pruneLifetimes(ctx context.Context) (total int, err error) {
+	defer recoverCorrupt(&err)
+	cutoff := s.opts.Now().Add(-s.opts.ClockSkew).UnixMilli()
+	for {
+		var keys, idx [][]byte
+		err := s.db.View(func(txn *badger.Txn) error {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixLifetime, '/'}})
+			defer it.Close()
+			for it.Rewind(); it.Valid() && len(keys) < pruneChunk; it.Next() {
+				k := it.Item().KeyCopy(nil)
+				na, bkey, err := parseLifetimeKey(k)
+				if err != nil {
+					// Not ours to read: drop the entry, keep the bundle.
+					keys, idx = append(keys, nil), append(idx, k)
+					continue
+				}
+				if na >= cutoff {
+					break
+				}
+				keys, idx = append(keys, bkey), append(idx, k)
+			}
+			return nil
+		})
+		if err != nil {
+			return total, fmt.Errorf("storage: lifetime prune scan: %w", err)
+		}
+		if len(keys) == 0 {
+			return total, nil
+		}
+		n, err := s.pruneBundles(ctx, keys, idx)
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("storage: lifetime prune: %w", err)
+		}
+		if len(keys) < pruneChunk {
+			return total, nil
+		}
+	}
 }

@@ -39,7 +39,7 @@ func bundleMeta(txn *badger.Txn, bkey []byte) (rv refValue, ok bool, err error) 
 	if err != nil {
 		return rv, false, err
 	}
-	return refValue{TS: ts, Bytes: bundleBytes(b)}, false, nil
+	return refValue{TS: ts, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}, false, nil
 }
 
 // deleteBundleRecord deletes the bundle at bkey with its l/ twin and its
@@ -55,6 +55,11 @@ func deleteBundleRecord(txn *badger.Txn, bkey []byte, dropRef bool) (refValue, e
 	}
 	if err := txn.Delete(lastResortTwin(bkey)); err != nil {
 		return rv, err
+	}
+	if rv.NotAfterMS != 0 {
+		if err := txn.Delete(lifetimeKey(rv.NotAfterMS, bkey)); err != nil {
+			return rv, err
+		}
 	}
 	if dropRef && refOK {
 		dev, _, ref, _ := parseBundleKey(bkey)

@@ -35,8 +35,13 @@ type Bundle struct {
 	TimestampMS  uint64 // the signed timestamp
 	LastResort   bool
 	ReceivedAtMS int64 // local time the bundle was first stored, Unix ms
-	Payload      []byte
-	Signature    [protocol.SignatureSize]byte
+	// NotAfterMS is the end of the KeyPackage's MLS lifetime in Unix ms
+	// (protocol.BundleInfo.NotAfterMS); 0 when there is none (MLS
+	// validation off), and then the bundle never expires by lifetime.
+	// After it the bundle is no longer served; ClockSkew later it is pruned.
+	NotAfterMS int64
+	Payload    []byte
+	Signature  [protocol.SignatureSize]byte
 }
 
 // Account is a validated account bundle as the store keeps it.
@@ -111,6 +116,16 @@ type Options struct {
 	// ShardCount is the network's S, for the per-shard sync digests.
 	// Default protocol.DefaultShardCount.
 	ShardCount int
+	// ClockSkew is the validation policy's clock skew: a bundle whose
+	// KeyPackage lifetime ended is held (not served) until ClockSkew after
+	// its end, since until then a peer's validation still accepts it and
+	// sync would bring it back. 0 means protocol.DefaultClockSkew; negative
+	// means none.
+	ClockSkew time.Duration
+	// LifetimePruneInterval is how often the background loop prunes the
+	// bundles whose KeyPackage lifetime has ended (a cheap indexed scan).
+	// Default 1 min.
+	LifetimePruneInterval time.Duration
 }
 
 // Defaults of Options.
@@ -118,6 +133,7 @@ const (
 	DefaultMaxPerDevice  = 100
 	DefaultRetention     = protocol.DefaultRetention
 	DefaultPruneInterval = time.Hour
+	DefaultLifetimePrune = time.Minute
 )
 
 func (o *Options) setDefaults() {
@@ -139,6 +155,15 @@ func (o *Options) setDefaults() {
 	if o.ShardCount == 0 {
 		o.ShardCount = protocol.DefaultShardCount
 	}
+	switch {
+	case o.ClockSkew == 0:
+		o.ClockSkew = protocol.DefaultClockSkew
+	case o.ClockSkew < 0:
+		o.ClockSkew = 0
+	}
+	if o.LifetimePruneInterval == 0 {
+		o.LifetimePruneInterval = DefaultLifetimePrune
+	}
 }
 
 // Validate reports whether the options are usable (after defaults).
@@ -152,6 +177,8 @@ func (o Options) Validate() error {
 		return fmt.Errorf("storage: Retention must be positive, got %v", o.Retention)
 	case o.PruneInterval <= 0:
 		return fmt.Errorf("storage: PruneInterval must be positive, got %v", o.PruneInterval)
+	case o.LifetimePruneInterval <= 0:
+		return fmt.Errorf("storage: LifetimePruneInterval must be positive, got %v", o.LifetimePruneInterval)
 	case o.ShardCount < 1 || o.ShardCount > 256:
 		return fmt.Errorf("storage: %w", protocol.ErrShardCount)
 	}
@@ -319,23 +346,37 @@ func (s *Store) Close() error {
 	return s.db.Close()
 }
 
+// pruneLoop runs the retention prune every PruneInterval and the lifetime
+// prune every LifetimePruneInterval.
 func (s *Store) pruneLoop(ctx context.Context) {
 	defer close(s.done)
 	t := time.NewTicker(s.opts.PruneInterval)
 	defer t.Stop()
+	lt := time.NewTicker(s.opts.LifetimePruneInterval)
+	defer lt.Stop()
+	retention := true
 	for {
-		if st, err := s.Prune(ctx); err != nil {
-			s.log.Warn("prune failed", "err", err)
-		} else if st.Bundles+st.Accounts > 0 {
-			s.log.Info("pruned expired records", "bundles", st.Bundles, "accounts", st.Accounts)
+		if retention {
+			if st, err := s.Prune(ctx); err != nil {
+				s.log.Warn("prune failed", "err", err)
+			} else if st.Bundles+st.Accounts > 0 {
+				s.log.Info("pruned expired records", "bundles", st.Bundles, "lifetime_ended", st.LifetimeEnded, "accounts", st.Accounts)
+			}
+			s.gcValueLog()
+		} else if n, err := s.pruneLifetimes(ctx); err != nil {
+			s.log.Warn("lifetime prune failed", "err", err)
+		} else if n > 0 {
+			s.log.Debug("pruned bundles whose KeyPackage lifetime ended", "bundles", n)
 		}
-		s.gcValueLog()
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.stop:
 			return
 		case <-t.C:
+			retention = true
+		case <-lt.C:
+			retention = false
 		}
 	}
 }
@@ -388,6 +429,9 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	}
 	if b.ReceivedAtMS == 0 {
 		b.ReceivedAtMS = s.opts.Now().UnixMilli()
+	}
+	if b.NotAfterMS < 0 {
+		b.NotAfterMS = 1 // ended before 1970: ended
 	}
 	defer s.locks.lock(b.DeviceID)()
 	var (
@@ -478,8 +522,13 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 				return err
 			}
 		}
-		if err := txn.Set(rk, refValue{TS: b.TimestampMS, Bytes: bundleBytes(b)}.encode()); err != nil {
+		if err := txn.Set(rk, refValue{TS: b.TimestampMS, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}.encode()); err != nil {
 			return err
+		}
+		if b.NotAfterMS != 0 {
+			if err := txn.Set(lifetimeKey(b.NotAfterMS, newKey), nil); err != nil {
+				return err
+			}
 		}
 		added = append(added, newKey)
 		dBundles++
@@ -551,33 +600,55 @@ func removeKey(keys *[][]byte, k []byte) bool {
 }
 
 // LatestBundle returns the bundle a chat client should get for a device: its
-// latest last-resort bundle if it has one, else its latest bundle, where
-// latest is the greatest signed timestamp (ties: smaller ref).
+// latest usable last-resort bundle if it has one, else its latest usable
+// bundle, where latest is the greatest signed timestamp (ties: smaller ref)
+// and usable means its KeyPackage lifetime has not ended (NotAfterMS).
 func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (_ *Bundle, err error) {
 	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	now := s.opts.Now().UnixMilli()
 	var out *Bundle
 	err = s.db.View(func(txn *badger.Txn) error {
-		key, err := firstKey(txn, devicePrefix(prefixLastResort, dev))
-		if err != nil {
-			return err
+		// Last-resort bundles first: l/ keys name them, newest first.
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixLastResort, dev)})
+		for it.Rewind(); it.Valid(); it.Next() {
+			item, err := txn.Get(bundleTwin(it.Item().Key()))
+			if errors.Is(err, badger.ErrKeyNotFound) {
+				continue
+			}
+			if err != nil {
+				it.Close()
+				return err
+			}
+			b, err := bundleFromItem(item)
+			if err != nil {
+				it.Close()
+				return err
+			}
+			if b.usable(now) {
+				out = b
+				break
+			}
 		}
-		if key != nil {
-			key[0] = prefixBundle
-		} else if key, err = firstKey(txn, devicePrefix(prefixBundle, dev)); err != nil {
-			return err
+		it.Close()
+		if out != nil {
+			return nil
 		}
-		if key == nil {
-			return ErrNotFound
+		it = txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 4})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			b, err := bundleFromItem(it.Item())
+			if err != nil {
+				return err
+			}
+			if b.usable(now) {
+				out = b
+				return nil
+			}
 		}
-		item, err := txn.Get(key)
-		if err != nil {
-			return err
-		}
-		out, err = bundleFromItem(item)
-		return err
+		return ErrNotFound
 	})
 	if err != nil {
 		if errors.Is(err, ErrNotFound) {
@@ -586,16 +657,6 @@ func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (_ *Bundle, 
 		return nil, fmt.Errorf("storage: latest bundle: %w", err)
 	}
 	return out, nil
-}
-
-func firstKey(txn *badger.Txn, prefix []byte) ([]byte, error) {
-	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
-	defer it.Close()
-	it.Rewind()
-	if !it.Valid() {
-		return nil, nil
-	}
-	return it.Item().KeyCopy(nil), nil
 }
 
 func bundleFromItem(item *badger.Item) (*Bundle, error) {
@@ -610,12 +671,14 @@ func bundleFromItem(item *badger.Item) (*Bundle, error) {
 	return b, nil
 }
 
-// Bundles returns every bundle held for a device, newest first.
+// Bundles returns every usable bundle held for a device (KeyPackage
+// lifetime not ended), newest first.
 func (s *Store) Bundles(ctx context.Context, dev protocol.Key) (_ []*Bundle, err error) {
 	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	now := s.opts.Now().UnixMilli()
 	var out []*Bundle
 	err = s.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 16})
@@ -625,7 +688,9 @@ func (s *Store) Bundles(ctx context.Context, dev protocol.Key) (_ []*Bundle, err
 			if err != nil {
 				return err
 			}
-			out = append(out, b)
+			if b.usable(now) {
+				out = append(out, b)
+			}
 		}
 		return nil
 	})

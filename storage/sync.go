@@ -205,7 +205,10 @@ func (s *Store) PrefixItems(ctx context.Context, kind SetKind, shard int, prefix
 	return out, err
 }
 
-// BundlesByID returns the bundles under prefix whose item IDs are in ids.
+// BundlesByID returns the bundles under prefix whose item IDs are in ids,
+// leaving out those whose KeyPackage lifetime has ended: they are held
+// until ClockSkew after the end (so they stay in the digests and are not
+// pulled again) but never offered.
 func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) (_ []*Bundle, err error) {
 	defer recoverCorrupt(&err)
 	var keys [][]byte
@@ -217,6 +220,7 @@ func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids m
 	}); err != nil {
 		return nil, err
 	}
+	now := s.opts.Now().UnixMilli()
 	var out []*Bundle
 	err = s.db.View(func(txn *badger.Txn) error {
 		for _, k := range keys {
@@ -231,7 +235,9 @@ func (s *Store) BundlesByID(ctx context.Context, shard int, prefix []byte, ids m
 			if err != nil {
 				return err
 			}
-			out = append(out, b)
+			if b.usable(now) { // an ended KeyPackage is held, never sent
+				out = append(out, b)
+			}
 		}
 		return nil
 	})
