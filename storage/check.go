@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -28,16 +29,19 @@ type Repairs struct {
 	DanglingRefs int // r/ entries without their b/, deleted
 	LastResort   int // l/ entries without their b/, deleted
 	Counts       int // n/ counts that differed from the device's b/ keys, rewritten
+	TimeIndex    int // t/ entries dropped and written again (the index is rebuilt when it drifted)
+	LifetimeIdx  int // e/ entries dropped and written again (likewise)
 }
 
 // Total is the number of repairs.
 func (r Repairs) Total() int {
-	return r.Malformed + r.DuplicateRef + r.Refs + r.DanglingRefs + r.LastResort + r.Counts
+	return r.Malformed + r.DuplicateRef + r.Refs + r.DanglingRefs + r.LastResort + r.Counts + r.TimeIndex + r.LifetimeIdx
 }
 
 func (r Repairs) logAttrs() []any {
 	return []any{"malformed", r.Malformed, "duplicate_refs", r.DuplicateRef, "refs", r.Refs,
-		"dangling_refs", r.DanglingRefs, "last_resort", r.LastResort, "counts", r.Counts}
+		"dangling_refs", r.DanglingRefs, "last_resort", r.LastResort, "counts", r.Counts,
+		"time_index", r.TimeIndex, "lifetime_index", r.LifetimeIdx}
 }
 
 // family iterates one per-device key family (b/, l/, r/ or n/) group by
@@ -118,7 +122,13 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 		}
 	}
 	bad := func(k []byte) { rep.Malformed++; del(k) }
+	seed := maphash.MakeSeed()
+	want := newIndexSums(seed) // what t/ and e/ should hold, from the b/ walk
+	have := newIndexSums(seed) // what they hold
 	err := s.db.View(func(txn *badger.Txn) error {
+		if err := have.scan(txn); err != nil {
+			return err
+		}
 		fb := newFamily(txn, prefixBundle, bundleKeyLen, false, bad)
 		defer fb.it.Close()
 		fl := newFamily(txn, prefixLastResort, bundleKeyLen, false, bad)
@@ -154,7 +164,7 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 			if err != nil {
 				return err
 			}
-			if err := s.repairDevice(txn, &rep, bs, ls, rs, ns, set, del); err != nil {
+			if err := s.repairDevice(txn, &rep, want, bs, ls, rs, ns, set, del); err != nil {
 				return err
 			}
 			if werr != nil {
@@ -167,6 +177,20 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 	}
 	if err := wb.Flush(); err != nil {
 		return rep, fmt.Errorf("storage: consistency repair: %w", err)
+	}
+	if want.time != have.time {
+		n, err := s.rebuildIndex(prefixTime)
+		if err != nil {
+			return rep, fmt.Errorf("storage: rebuild the time index: %w", err)
+		}
+		rep.TimeIndex = n
+	}
+	if want.lifetime != have.lifetime {
+		n, err := s.rebuildIndex(prefixLifetime)
+		if err != nil {
+			return rep, fmt.Errorf("storage: rebuild the lifetime index: %w", err)
+		}
+		rep.LifetimeIdx = n
 	}
 	if rep.Total() > 0 && migrated {
 		s.log.Info("storage: rebuilt indexes after the migration", rep.logAttrs()...)
@@ -181,9 +205,10 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 // repairDevice checks one device's keys (each list in key order). It
 // reads a bundle's value only to rebuild its r/ entry; a value that does
 // not decode then is deleted with its keys.
-func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []entry, set func(k, v []byte), del func(k []byte)) error {
+func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, want *indexSums, bs, ls, rs, ns []entry, set func(k, v []byte), del func(k []byte)) error {
 	// b/ keys run newest first: the first copy of a ref is its newest.
 	kept := make(map[protocol.Ref][]byte, len(bs)) // ref -> its b/ key
+	notAfter := make(map[protocol.Ref]int64, len(bs))
 	var dev protocol.Key
 	for _, e := range bs {
 		d, _, ref, err := parseBundleKey(e.key)
@@ -223,6 +248,7 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []ent
 		}
 		rep.Refs++
 		set(rk, refValue{TS: b.TimestampMS, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}.encode())
+		notAfter[ref] = b.NotAfterMS
 		return nil
 	}
 	seen := make(map[protocol.Ref]bool, len(rs))
@@ -240,6 +266,8 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []ent
 			if err := rewriteRef(e.key, ref); err != nil {
 				return err
 			}
+		} else {
+			notAfter[ref] = rv.NotAfterMS
 		}
 	}
 	for ref := range kept {
@@ -250,8 +278,9 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []ent
 		}
 	}
 	held := make(map[string]bool, len(kept))
-	for _, k := range kept {
+	for ref, k := range kept {
 		held[string(k)] = true
+		want.add(k, notAfter[ref])
 	}
 	for _, e := range ls {
 		if !held[string(bundleTwin(e.key))] {
@@ -280,4 +309,105 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, bs, ls, rs, ns []ent
 		}
 	}
 	return nil
+}
+
+// indexSums summarise the t/ and e/ indexes as sums of a hash of their
+// entries, so that the check compares them with the b/ keys in constant
+// memory; an index that differs is rebuilt.
+type indexSums struct {
+	seed           maphash.Seed
+	time, lifetime uint64
+}
+
+func newIndexSums(seed maphash.Seed) *indexSums { return &indexSums{seed: seed} }
+
+func (x *indexSums) add(bkey []byte, notAfterMS int64) {
+	x.time += maphash.Bytes(x.seed, bkey)
+	if notAfterMS != 0 {
+		x.lifetime += maphash.Bytes(x.seed, lifetimeKey(notAfterMS, bkey))
+	}
+}
+
+// scan sums the t/ and e/ entries as add would have (keys only).
+func (x *indexSums) scan(txn *badger.Txn) error {
+	for _, prefix := range []byte{prefixTime, prefixLifetime} {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefix, '/'}})
+		for it.Rewind(); it.Valid(); it.Next() {
+			k := it.Item().Key()
+			if prefix == prefixLifetime {
+				x.lifetime += maphash.Bytes(x.seed, k)
+				continue
+			}
+			_, bkey, err := parseIndexKey(k)
+			if err != nil || !bytes.Equal(timeKey(bkey), k) {
+				x.time++ // a malformed entry: the sums differ, the index is rebuilt
+				continue
+			}
+			x.time += maphash.Bytes(x.seed, bkey)
+		}
+		it.Close()
+	}
+	return nil
+}
+
+// rebuildIndex drops every entry of t/ or e/ and writes it again from the
+// b/ keys (t/) or the r/ entries (e/). It runs only when the check found
+// the index drifted.
+func (s *Store) rebuildIndex(prefix byte) (n int, err error) {
+	drop := s.db.NewWriteBatch()
+	defer drop.Cancel()
+	err = s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefix, '/'}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+			if err := drop.Delete(it.Item().KeyCopy(nil)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = drop.Flush()
+	}
+	if err != nil {
+		return 0, err
+	}
+	add := s.db.NewWriteBatch()
+	defer add.Cancel()
+	err = s.db.View(func(txn *badger.Txn) error {
+		if prefix == prefixTime {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
+			defer it.Close()
+			for it.Rewind(); it.Valid(); it.Next() {
+				n++
+				if err := add.Set(timeKey(it.Item().KeyCopy(nil)), nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixRef, '/'}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			rv, err := refFromItem(it.Item())
+			if err != nil {
+				return err
+			}
+			if rv.NotAfterMS == 0 {
+				continue
+			}
+			k := it.Item().Key()
+			bkey := bundleKey(prefixBundle, keyOf(k), rv.TS, refOfRefKey(k))
+			n++
+			if err := add.Set(lifetimeKey(rv.NotAfterMS, bkey), nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = add.Flush()
+	}
+	return n, err
 }

@@ -221,14 +221,6 @@ func lifetimeKey(notAfterMS int64, bkey []byte) []byte {
 	return append(k, bkey...)
 }
 
-// parseLifetimeKey returns the not_after and the b/ key of an e/ key.
-func parseLifetimeKey(k []byte) (int64, []byte, error) {
-	if len(k) != 2+8+1+bundleKeyLen {
-		return 0, nil, fmt.Errorf("%w: lifetime key of %d bytes", errCorrupt, len(k))
-	}
-	return int64(binary.BigEndian.Uint64(k[2:])), k[11:], nil
-}
-
 // Account value: updated_at_ms u64 ‖ lamport u64 ‖ signature 64 ‖ payload.
 const accountValueHdr = 8 + 8 + protocol.SignatureSize
 

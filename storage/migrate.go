@@ -170,6 +170,9 @@ func (s *Store) migrateV1Bundle(txn *badger.Txn, k []byte) error {
 		if err := txn.Set(refKey(dev, ref), refValue{TS: ts, Bytes: bundleBytes(b)}.encode()); err != nil {
 			return err
 		}
+		if err := txn.Set(timeKey(nk), nil); err != nil {
+			return err
+		}
 	}
 	for _, old := range [][]byte{k, oldL, oldR} {
 		if err := txn.Delete(old); err != nil {

@@ -28,21 +28,9 @@ func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 	if cutoff <= 0 {
 		return st, nil
 	}
-	expired, err := s.expiredBundleKeys(uint64(cutoff))
+	st.Bundles, err = s.pruneIndex(ctx, prefixTime, func(ts uint64) bool { return ts < uint64(cutoff) })
 	if err != nil {
-		return st, fmt.Errorf("storage: prune scan: %w", err)
-	}
-	for len(expired) > 0 {
-		if err := ctx.Err(); err != nil {
-			return st, err
-		}
-		n := min(pruneChunk, len(expired))
-		removed, err := s.pruneBundles(ctx, expired[:n], nil)
-		st.Bundles += removed
-		if err != nil {
-			return st, fmt.Errorf("storage: prune bundles: %w", err)
-		}
-		expired = expired[n:]
+		return st, fmt.Errorf("storage: prune bundles: %w", err)
 	}
 	st.LifetimeEnded, err = s.pruneLifetimes(ctx)
 	if err != nil {
@@ -58,37 +46,16 @@ func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 	return st, nil
 }
 
-// expiredBundleKeys scans b/ keys (no values) for timestamps below cutoff.
-// Within a device keys run newest first, so the expired ones are a suffix.
-func (s *Store) expiredBundleKeys(cutoff uint64) ([][]byte, error) {
-	var out [][]byte
-	err := s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixBundle, '/'}})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			k := it.Item().Key()
-			_, ts, _, err := parseBundleKey(k)
-			if err != nil {
-				return err
-			}
-			if ts < cutoff {
-				out = append(out, it.Item().KeyCopy(nil))
-			}
-		}
-		return nil
-	})
-	return out, err
-}
-
 // pruneBundles deletes the given b/ keys in one transaction, re-checking
 // each inside it so a concurrent put is never undone. idx, if not nil, are
 // the index entries the keys were found by (one per key), deleted too,
 // even when their bundle is already gone.
 func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, error) {
 	var removed, emptied int
+	var freed int64
 	var deleted [][]byte
 	err := s.update(ctx, func(txn *badger.Txn) error {
-		removed, emptied, deleted = 0, 0, nil
+		removed, emptied, freed, deleted = 0, 0, 0, nil
 		for i, k := range keys {
 			if idx != nil {
 				if err := txn.Delete(idx[i]); err != nil {
@@ -108,9 +75,11 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 			if err != nil {
 				return err
 			}
-			if _, err := deleteBundleRecord(txn, k, true); err != nil {
+			rv, err := deleteBundleRecord(txn, k, true)
+			if err != nil {
 				return err
 			}
+			freed += int64(rv.Bytes)
 			if err := setCount(txn, dev, held-1); err != nil {
 				return err
 			}
@@ -127,6 +96,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 	}
 	s.bundles.Add(-int64(removed))
 	s.devices.Add(-int64(emptied))
+	s.bytes.Add(-freed)
 	s.digests.updateBundles(nil, deleted)
 	return removed, nil
 }
@@ -193,6 +163,7 @@ func (s *Store) pruneAccounts(ctx context.Context, cutoff int64) (int, error) {
 		}
 		s.accounts.Add(-int64(removed))
 		for _, a := range gone {
+			s.bytes.Add(-accountBytes(a))
 			s.digests.updateAccount(nil, a)
 		}
 		total += removed
@@ -245,42 +216,50 @@ func (s *Store) pruneTombstones(ctx context.Context) error {
 // pruneLifetimes deletes the bundles whose KeyPackage lifetime ended more
 // than ClockSkew ago: no node's validation accepts them any more, so sync
 // cannot bring them back. The e/ index makes this a scan of exactly those.
-func (s *Store) pruneLifetimes(ctx context.Context) (total int, err error) {
+func (s *Store) pruneLifetimes(ctx context.Context) (n int, err error) {
 	defer recoverCorrupt(&err)
 	cutoff := s.opts.Now().Add(-s.opts.ClockSkew).UnixMilli()
+	n, err = s.pruneIndex(ctx, prefixLifetime, func(na uint64) bool { return int64(na) < cutoff })
+	if err != nil {
+		return n, fmt.Errorf("storage: lifetime prune: %w", err)
+	}
+	return n, nil
+}
+
+// pruneIndex deletes the bundles of an index (t/ or e/, ordered by a u64)
+// from its start while due(value) holds, pruneChunk per transaction.
+func (s *Store) pruneIndex(ctx context.Context, prefix byte, due func(uint64) bool) (int, error) {
+	total := 0
 	for {
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
 		var keys, idx [][]byte
 		err := s.db.View(func(txn *badger.Txn) error {
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixLifetime, '/'}})
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefix, '/'}})
 			defer it.Close()
 			for it.Rewind(); it.Valid() && len(keys) < pruneChunk; it.Next() {
 				k := it.Item().KeyCopy(nil)
-				na, bkey, err := parseLifetimeKey(k)
+				v, bkey, err := parseIndexKey(k)
 				if err != nil {
-					// Not ours to read: drop the entry, keep the bundle.
+					// Not an entry this build wrote: drop it, keep the bundle.
 					keys, idx = append(keys, nil), append(idx, k)
 					continue
 				}
-				if na >= cutoff {
+				if !due(v) {
 					break
 				}
 				keys, idx = append(keys, bkey), append(idx, k)
 			}
 			return nil
 		})
-		if err != nil {
-			return total, fmt.Errorf("storage: lifetime prune scan: %w", err)
-		}
-		if len(keys) == 0 {
-			return total, nil
+		if err != nil || len(keys) == 0 {
+			return total, err
 		}
 		n, err := s.pruneBundles(ctx, keys, idx)
 		total += n
-		if err != nil {
-			return total, fmt.Errorf("storage: lifetime prune: %w", err)
-		}
-		if len(keys) < pruneChunk {
-			return total, nil
+		if err != nil || len(keys) < pruneChunk {
+			return total, err
 		}
 	}
 }

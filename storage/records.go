@@ -56,6 +56,9 @@ func deleteBundleRecord(txn *badger.Txn, bkey []byte, dropRef bool) (refValue, e
 	if err := txn.Delete(lastResortTwin(bkey)); err != nil {
 		return rv, err
 	}
+	if err := txn.Delete(timeKey(bkey)); err != nil {
+		return rv, err
+	}
 	if rv.NotAfterMS != 0 {
 		if err := txn.Delete(lifetimeKey(rv.NotAfterMS, bkey)); err != nil {
 			return rv, err

@@ -17,7 +17,7 @@ import (
 // that the store holds want bundles.
 func assertExact(t *testing.T, s *Store, want Counts) {
 	t.Helper()
-	live := s.Counts()
+	live, liveBytes := s.Counts(), s.Bytes()
 	var digests []protocol.Digest
 	for shard := 0; shard < s.opts.ShardCount; shard++ {
 		digests = append(digests, s.ShardDigest(BundleSet, shard))
@@ -30,6 +30,9 @@ func assertExact(t *testing.T, s *Store, want Counts) {
 	}
 	if got := s.Counts(); got != live {
 		t.Fatalf("live counts %+v differ from a recount %+v", live, got)
+	}
+	if got := s.Bytes(); got != liveBytes {
+		t.Fatalf("live byte count %d differs from a recount %d", liveBytes, got)
 	}
 	for shard, d := range digests {
 		if d.Fingerprint() != s.ShardDigest(BundleSet, shard).Fingerprint() {
@@ -123,6 +126,7 @@ func TestOpenRepairsCorruptedIndexes(t *testing.T) {
 	}
 	a1, a2, a3 := bundle(a, 1000, "a1", true), bundle(a, 2000, "a2", false), bundle(a, 3000, "a3", false)
 	ghost := bundle(b, 9000, "ghost", false)
+	now := int64(5000)
 	rawUpdate(t, s, func(txn *badger.Txn) error {
 		u32 := func(n uint32) []byte { return binary.BigEndian.AppendUint32(nil, n) }
 		u64 := func(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
@@ -138,6 +142,8 @@ func TestOpenRepairsCorruptedIndexes(t *testing.T) {
 			{k: countKey(c), v: u32(3)},                                            // count of a device with nothing
 			{k: []byte("b/short")},                                                 // malformed key
 			{k: bundleKey(prefixBundle, a, 500, a1.Ref), v: encodeBundleValue(a1)}, // a1 held twice
+			{k: timeKey(bundleKey(prefixBundle, b, 1000, bundle(b, 1000, "b1", false).Ref)), del: true}, // b/ without t/
+			{k: lifetimeKey(now, bundleKey(prefixBundle, c, 1, ghost.Ref))},                             // e/ without b/
 		} {
 			var err error
 			if op.del {
@@ -156,7 +162,9 @@ func TestOpenRepairsCorruptedIndexes(t *testing.T) {
 	}
 
 	s = openStore(t, dir, func(o *Options) { o.MaxPerDevice = 5 })
-	want := Repairs{Malformed: 1, DuplicateRef: 1, Refs: 2, DanglingRefs: 1, LastResort: 1, Counts: 2}
+	// The time index is rebuilt: its 5 entries dropped, 6 written; the
+	// lifetime index: its one dangling entry dropped.
+	want := Repairs{Malformed: 1, DuplicateRef: 1, Refs: 2, DanglingRefs: 1, LastResort: 1, Counts: 2, TimeIndex: 11, LifetimeIdx: 1}
 	if s.repaired != want {
 		t.Fatalf("repaired %+v, want %+v", s.repaired, want)
 	}

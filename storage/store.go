@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"sort"
 	"sync"
@@ -122,6 +123,17 @@ type Options struct {
 	// sync would bring it back. 0 means protocol.DefaultClockSkew; negative
 	// means none.
 	ClockSkew time.Duration
+	// MaxBytes bounds the logical bytes held (payloads plus a fixed
+	// overhead per record); see budget.go for the eviction order. 0 means
+	// DefaultMaxBytes, negative no budget.
+	MaxBytes int64
+	// MinFreeDisk is the free space (bytes, on the filesystem of Dir) below
+	// which writes are refused with ErrStoreFull. Badger writes its value
+	// log and memtables through memory maps of sparse files, so a disk that
+	// fills under it kills the process (SIGBUS) instead of failing a
+	// write; this reserve keeps the node clear of that. 0 means
+	// DefaultMinFreeDisk, negative no check.
+	MinFreeDisk int64
 	// LifetimePruneInterval is how often the background loop prunes the
 	// bundles whose KeyPackage lifetime has ended (a cheap indexed scan).
 	// Default 1 min.
@@ -160,6 +172,12 @@ func (o *Options) setDefaults() {
 		o.ClockSkew = protocol.DefaultClockSkew
 	case o.ClockSkew < 0:
 		o.ClockSkew = 0
+	}
+	if o.MaxBytes == 0 {
+		o.MaxBytes = DefaultMaxBytes
+	}
+	if o.MinFreeDisk == 0 {
+		o.MinFreeDisk = DefaultMinFreeDisk
 	}
 	if o.LifetimePruneInterval == 0 {
 		o.LifetimePruneInterval = DefaultLifetimePrune
@@ -202,9 +220,11 @@ type Store struct {
 
 	locks                      keyLocks
 	bundles, devices, accounts atomic.Int64
+	bytes                      atomic.Int64 // logical bytes held, for MaxBytes
 	digests                    *shardDigests
 	repaired                   Repairs      // what the check on Open fixed
 	scanned                    atomic.Int64 // items visited by sync scans, for tests
+	diskFree                   func() (int64, error)
 
 	mu      sync.Mutex // guards started and closed
 	started bool
@@ -242,7 +262,7 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("storage: open %s: %w", opts.Dir, err)
 	}
 	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{}),
-		digests: newShardDigests(opts.ShardCount)}
+		digests: newShardDigests(opts.ShardCount), diskFree: func() (int64, error) { return diskFree(opts.Dir) }}
 	migrated, err := s.openSchema()
 	if err != nil {
 		db.Close()
@@ -289,6 +309,7 @@ func (s *Store) recount() error {
 			}
 		}
 		it.Close()
+		var size int64
 		it = txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}, PrefetchValues: true})
 		for it.Rewind(); it.Valid(); it.Next() {
 			accounts++
@@ -298,8 +319,21 @@ func (s *Store) recount() error {
 				return err
 			}
 			dig.addAccount(a)
+			size += accountBytes(a)
 		}
 		it.Close()
+		// r/ values (inline, 20 bytes) carry each bundle's size.
+		it = txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixRef, '/'}})
+		for it.Rewind(); it.Valid(); it.Next() {
+			rv, err := refFromItem(it.Item())
+			if err != nil {
+				it.Close()
+				return err
+			}
+			size += int64(rv.Bytes)
+		}
+		it.Close()
+		s.bytes.Store(size)
 		s.digests.replace(dig)
 		s.bundles.Store(bundles)
 		s.devices.Store(devices)
@@ -391,7 +425,7 @@ func (s *Store) update(ctx context.Context, fn func(txn *badger.Txn) error) erro
 			if errors.Is(err, badger.ErrDBClosed) {
 				return ErrClosed
 			}
-			return err
+			return mapWriteErr(err)
 		}
 		// Back off with jitter so that writers colliding on one key spread out.
 		t := time.NewTimer(backoff/2 + time.Duration(rand.Int64N(int64(backoff))))
@@ -433,13 +467,16 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	if b.NotAfterMS < 0 {
 		b.NotAfterMS = 1 // ended before 1970: ended
 	}
+	if err := s.checkDisk(len(b.Payload)); err != nil {
+		return 0, fmt.Errorf("storage: put bundle: %w", err)
+	}
 	defer s.locks.lock(b.DeviceID)()
 	var (
-		dBundles, dDevice int64
-		added, removed    [][]byte // b/ keys, for the sync digests
+		dBundles, dDevice, dBytes int64
+		added, removed            [][]byte // b/ keys, for the sync digests
 	)
 	err = s.update(ctx, func(txn *badger.Txn) error {
-		outcome, dBundles, dDevice = 0, 0, 0
+		outcome, dBundles, dDevice, dBytes = 0, 0, 0, 0
 		added, removed = nil, nil
 		rk := refKey(b.DeviceID, b.Ref)
 		var oldKey []byte
@@ -471,9 +508,11 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		wasEmpty := len(keys) == 0
 		if oldKey != nil {
 			// The ref's entry moves to the new timestamp (or goes, below).
-			if _, err := deleteBundleRecord(txn, oldKey, false); err != nil {
+			rv, err := deleteBundleRecord(txn, oldKey, false)
+			if err != nil {
 				return err
 			}
+			dBytes -= int64(rv.Bytes)
 			if removeKey(&keys, oldKey) {
 				removed = append(removed, oldKey)
 				dBundles--
@@ -499,9 +538,11 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		}
 		if len(keys) > keep {
 			for _, k := range keys[keep:] {
-				if _, err := deleteBundleRecord(txn, k, true); err != nil {
+				rv, err := deleteBundleRecord(txn, k, true)
+				if err != nil {
 					return err
 				}
+				dBytes -= int64(rv.Bytes)
 				removed = append(removed, k)
 				dBundles--
 			}
@@ -511,7 +552,21 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 			// keys is not empty here: an empty device takes any bundle.
 			return setCount(txn, b.DeviceID, len(keys))
 		}
+		dBytes += int64(bundleBytes(b))
+		if over := s.over(dBytes); over > 0 {
+			ev, err := s.makeRoom(txn, over, b.TimestampMS, &b.DeviceID)
+			if err != nil {
+				return err
+			}
+			dBytes -= ev.freed
+			dBundles -= ev.bundles
+			dDevice -= ev.emptied
+			removed = append(removed, ev.removed...)
+		}
 		if err := setCount(txn, b.DeviceID, len(keys)+1); err != nil {
+			return err
+		}
+		if err := txn.Set(timeKey(newKey), nil); err != nil {
 			return err
 		}
 		if err := txn.Set(newKey, encodeBundleValue(b)); err != nil {
@@ -533,7 +588,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		added = append(added, newKey)
 		dBundles++
 		if wasEmpty {
-			dDevice = 1
+			dDevice++
 		}
 		if outcome == 0 {
 			outcome = Stored
@@ -545,6 +600,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	}
 	s.bundles.Add(dBundles)
 	s.devices.Add(dDevice)
+	s.bytes.Add(dBytes)
 	s.digests.updateBundles(added, removed)
 	return outcome, nil
 }
@@ -708,12 +764,17 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
+	if err := s.checkDisk(len(a.Payload)); err != nil {
+		return 0, fmt.Errorf("storage: put account: %w", err)
+	}
 	defer s.locks.lock(a.AccountPub)()
 	var outcome PutOutcome
-	var dAccounts int64
+	var dAccounts, dBytes, dBundles, dDevices int64
 	var replaced *Account
+	var evicted [][]byte
 	err = s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dAccounts, replaced = 0, 0, nil
+		dBytes, dBundles, dDevices, evicted = 0, 0, 0, nil
 		key := accountKey(a.AccountPub)
 		switch item, err := txn.Get(key); {
 		case err == nil:
@@ -755,6 +816,20 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 		default:
 			return err
 		}
+		dBytes = accountBytes(a)
+		if replaced != nil {
+			dBytes -= accountBytes(replaced)
+		}
+		if over := s.over(dBytes); over > 0 {
+			// Accounts are never evicted; bundles make room, any signed
+			// timestamp being older than an account update.
+			ev, err := s.makeRoom(txn, over, math.MaxUint64, nil)
+			if err != nil {
+				return err
+			}
+			dBytes -= ev.freed
+			dBundles, dDevices, evicted = -ev.bundles, -ev.emptied, ev.removed
+		}
 		a.UpdatedAtMS = s.opts.Now().UnixMilli()
 		outcome = Stored
 		return txn.Set(key, encodeAccountValue(a))
@@ -766,6 +841,10 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 		return 0, fmt.Errorf("storage: put account: %w", err)
 	}
 	s.accounts.Add(dAccounts)
+	s.bytes.Add(dBytes)
+	s.bundles.Add(dBundles)
+	s.devices.Add(dDevices)
+	s.digests.updateBundles(nil, evicted)
 	if outcome == Stored {
 		s.digests.updateAccount(a, replaced)
 	}
