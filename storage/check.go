@@ -23,7 +23,7 @@ func recoverCorrupt(err *error) {
 
 // Repairs counts what the startup consistency check fixed.
 type Repairs struct {
-	Malformed    int // per-device keys of a wrong length, deleted
+	Malformed    int // keys of a wrong shape and values that do not decode, deleted
 	DuplicateRef int // older b/ copies of a ref held twice, deleted
 	Refs         int // r/ entries missing or naming the wrong timestamp, rewritten
 	DanglingRefs int // r/ entries without their b/, deleted
@@ -129,6 +129,20 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 		if err := have.scan(txn); err != nil {
 			return err
 		}
+		// Account bundles: a key of the wrong shape cannot be looked up and
+		// a value that does not decode cannot be served or synced.
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixAccount, '/'}, PrefetchValues: true})
+		for it.Rewind(); it.Valid(); it.Next() {
+			if !wellFormed(it.Item().Key(), accountKeyLen) {
+				bad(it.Item().KeyCopy(nil))
+			} else if _, err := accountFromItem(it.Item()); errors.Is(err, errCorrupt) {
+				bad(it.Item().KeyCopy(nil))
+			} else if err != nil {
+				it.Close()
+				return err
+			}
+		}
+		it.Close()
 		fb := newFamily(txn, prefixBundle, bundleKeyLen, false, bad)
 		defer fb.it.Close()
 		fl := newFamily(txn, prefixLastResort, bundleKeyLen, false, bad)

@@ -6,7 +6,14 @@
 // smaller bundle ref), preferring a last-resort bundle when the device has
 // one. A bundle ref stored twice keeps the newer timestamp, so a replayed old
 // bundle never becomes latest and never extends its retention. Account bundles
-// follow the lamport rule. A background loop prunes what the retention ends.
+// follow the lamport rule. A bundle whose KeyPackage lifetime has ended is
+// never served or offered to sync, and is pruned once the clock skew has
+// passed. A background loop prunes what the retention or the lifetime
+// ends. MaxBytes bounds the store: see budget.go for the eviction order.
+//
+// Keys lead with the byte of sha256(key) the shard is taken from, so a
+// shard's items are a few contiguous ranges (see keys.go). Open migrates
+// an older layout and repairs any drift between records and their indexes.
 //
 // Every write that returns nil is committed (and, with SyncWrites, synced to
 // disk) before the call returns.

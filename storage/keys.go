@@ -31,6 +31,10 @@ import (
 //	x/<account 32>                       -> lamport u64 ‖ until_ms u64: tombstone of a
 //	                                        pruned account; refuses that lamport and
 //	                                        older until the retention has passed again
+//	t/<ts u64>/<b/ key>                  -> empty; every bundle by signed timestamp,
+//	                                        oldest first (retention prune, budget eviction)
+//	e/<not_after_ms u64>/<b/ key>        -> empty; bundles with a KeyPackage lifetime,
+//	                                        earliest end first (lifetime prune, eviction)
 //	m/schema                             -> schema version u32
 //
 // b/, l/, r/ and n/ all sort by <h0>/<device> first, so the startup check

@@ -141,6 +141,7 @@ func TestOpenRepairsCorruptedIndexes(t *testing.T) {
 			{k: bundleKey(prefixLastResort, b, 42, ghost.Ref)},                     // l/ without b/
 			{k: countKey(c), v: u32(3)},                                            // count of a device with nothing
 			{k: []byte("b/short")},                                                 // malformed key
+			{k: accountKey(dev(9)), v: []byte{1, 2}},                               // account value that does not decode
 			{k: bundleKey(prefixBundle, a, 500, a1.Ref), v: encodeBundleValue(a1)}, // a1 held twice
 			{k: timeKey(bundleKey(prefixBundle, b, 1000, bundle(b, 1000, "b1", false).Ref)), del: true}, // b/ without t/
 			{k: lifetimeKey(now, bundleKey(prefixBundle, c, 1, ghost.Ref))},                             // e/ without b/
@@ -164,7 +165,7 @@ func TestOpenRepairsCorruptedIndexes(t *testing.T) {
 	s = openStore(t, dir, func(o *Options) { o.MaxPerDevice = 5 })
 	// The time index is rebuilt: its 5 entries dropped, 6 written; the
 	// lifetime index: its one dangling entry dropped.
-	want := Repairs{Malformed: 1, DuplicateRef: 1, Refs: 2, DanglingRefs: 1, LastResort: 1, Counts: 2, TimeIndex: 11, LifetimeIdx: 1}
+	want := Repairs{Malformed: 2, DuplicateRef: 1, Refs: 2, DanglingRefs: 1, LastResort: 1, Counts: 2, TimeIndex: 11, LifetimeIdx: 1}
 	if s.repaired != want {
 		t.Fatalf("repaired %+v, want %+v", s.repaired, want)
 	}
