@@ -73,6 +73,14 @@ func TestStoreBudgetEvictsInOrderThenRefuses(t *testing.T) {
 	}
 	held(2, 3, 5, 6, 7)
 
+	// A bundle whose KeyPackage has ended never evicts a usable one.
+	ended := bundle(dev(9), uint64(now+2), "kp9", false)
+	ended.NotAfterMS = now - 1
+	if _, err := s.PutBundle(ctx, ended); !errors.Is(err, ErrStoreFull) {
+		t.Fatalf("an ended bundle into a full store: %v, want ErrStoreFull", err)
+	}
+	held(2, 3, 5, 6, 7)
+
 	// A device's own put at its quota frees its own bytes first: no eviction.
 	mustPut(t, s, bundle(dev(7), uint64(now+1), "kp7", false), Duplicate)
 

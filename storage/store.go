@@ -554,6 +554,11 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		}
 		dBytes += int64(bundleBytes(b))
 		if over := s.over(dBytes); over > 0 {
+			if !b.usable(s.opts.Now().UnixMilli()) {
+				// Held only so that it is not pulled again: not worth a
+				// usable bundle's place.
+				return fmt.Errorf("%w: no room for a bundle whose KeyPackage lifetime has ended", ErrStoreFull)
+			}
 			ev, err := s.makeRoom(txn, over, b.TimestampMS, &b.DeviceID)
 			if err != nil {
 				return err
