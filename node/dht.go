@@ -82,10 +82,8 @@ func (d *discovery) provideLoop(ctx context.Context) {
 			d.provided.Store(true)
 			backoff = firstBackoff
 		}
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, wait) {
 			return
-		case <-time.After(wait):
 		}
 	}
 }

@@ -2,14 +2,17 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -33,28 +36,62 @@ const (
 	// DefaultNegativeTTL is how long a miss is remembered, so that lookups of
 	// random keys cannot turn into a storm of DHT queries.
 	DefaultNegativeTTL = 10 * time.Second
+	// DefaultOutboxMax caps the acknowledged publications waiting for a
+	// holder (Config.OutboxMax).
+	DefaultOutboxMax = 10_000
 )
 
+// Lookup rules. A lookup does not stop at the first valid answer: a hostile
+// or lagging holder that answers first would roll the record back. It keeps
+// asking the holders the DHT names, up to lookupMaxHolders of them, until
+// lookupGrace after the first acceptable answer (or until every holder
+// asked has answered and the DHT query has ended), and serves the best
+// answer by the convergence rules. A record older than the key's floor (the
+// best version this node has served, kept on disk) is refused.
+const (
+	lookupGrace      = 150 * time.Millisecond
+	lookupMaxHolders = 32
+	// maxRefreshes bounds the background refreshes of cache entries in
+	// flight at once.
+	maxRefreshes = 64
+	// floorExtendSlack: an account floor (void a retention after it was last
+	// confirmed) is rewritten for the same version at most this often.
+	floorExtendSlack = time.Hour
+)
+
+// ErrUnavailable: the registry network could not answer in time (no holder
+// reachable, every fetch failed, only records older than the floor
+// offered). Unlike a miss it is not remembered, and the API answers 503.
+var ErrUnavailable = httpapi.ErrUnavailable
+
 // lookup finds records of shards this node does not hold: DHT providers of
-// the shard, then fetch from them in parallel; the first answer that
-// validates wins. Results are cached, misses negative-cached, and concurrent
-// lookups of one key share one network query.
+// the shard, then fetch from them in parallel, keeping the best answer.
+// Results are cached, misses negative-cached, and concurrent lookups of one
+// key share one network query.
 type lookup struct {
 	n        *Node
 	bundles  *recordCache[*storage.Bundle]
 	accounts *recordCache[*storage.Account]
 	misses   *expirable.LRU[string, struct{}]
 	flight   singleflight.Group
+
+	mu         sync.Mutex // guards refreshing
+	refreshing map[string]bool
 }
 
 // recordCache caches one kind of fetched record.
 type recordCache[T any] struct {
-	kind    string // "bundle" or "account": metrics label and singleflight key prefix
-	entries *expirable.LRU[protocol.Key, cached[T]]
-	fetch   func(ctx context.Context, p peer.ID, key protocol.Key) (T, error)
+	kind      string // "bundle" or "account": metrics label and singleflight key prefix
+	floorKind storage.FloorKind
+	entries   *expirable.LRU[protocol.Key, cached[T]]
+	// fetch asks one holder and validates its answer; it returns the
+	// record's version as a floor.
+	fetch func(ctx context.Context, p peer.ID, key protocol.Key) (T, storage.Floor, error)
 	// better reports whether a fetched record replaces a cached one, so a
 	// lagging holder cannot roll a cached record back.
 	better func(fetched, cached T) bool
+	// cmp orders two versions as better does (positive: a is better).
+	cmp func(a, b storage.Floor) int
 }
 
 type cached[T any] struct {
@@ -64,41 +101,98 @@ type cached[T any] struct {
 }
 
 func newLookup(n *Node) *lookup {
-	l := &lookup{n: n, misses: expirable.NewLRU[string, struct{}](n.cfg.CacheSize, nil, n.cfg.NegativeTTL)}
+	l := &lookup{n: n, misses: expirable.NewLRU[string, struct{}](n.cfg.CacheSize, nil, n.cfg.NegativeTTL), refreshing: map[string]bool{}}
+	retentionMS := n.cfg.Policy.Retention.Milliseconds()
 	l.bundles = &recordCache[*storage.Bundle]{
-		kind:    "bundle",
-		entries: expirable.NewLRU[protocol.Key, cached[*storage.Bundle]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
-		fetch: func(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, error) {
+		kind:      "bundle",
+		floorKind: storage.FloorBundle,
+		entries:   expirable.NewLRU[protocol.Key, cached[*storage.Bundle]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		fetch: func(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, storage.Floor, error) {
 			b, info, err := n.fetch.fetchLatest(ctx, p, device)
 			if err != nil {
-				return nil, err
+				return nil, storage.Floor{}, err
+			}
+			// A bundle's floor is void once honest holders stop serving it:
+			// after the retention, or at the end of its KeyPackage lifetime.
+			until := int64(info.TimestampMS) + retentionMS
+			if info.NotAfterMS > 0 && int64(info.NotAfterMS) < until {
+				until = int64(info.NotAfterMS)
 			}
 			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort,
-				ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature}, nil
+					ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature},
+				storage.Floor{LastResort: info.LastResort, TimestampMS: info.TimestampMS, Ref: info.Ref, UntilMS: until}, nil
 		},
 		better: betterBundle,
+		cmp:    cmpBundleFloor,
 	}
 	l.accounts = &recordCache[*storage.Account]{
-		kind:    "account",
-		entries: expirable.NewLRU[protocol.Key, cached[*storage.Account]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
-		fetch: func(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, error) {
+		kind:      "account",
+		floorKind: storage.FloorAccount,
+		entries:   expirable.NewLRU[protocol.Key, cached[*storage.Account]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		fetch: func(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, storage.Floor, error) {
 			a, lamport, updatedAt, err := n.fetch.fetchAccount(ctx, p, account)
 			if err != nil {
-				return nil, err
+				return nil, storage.Floor{}, err
 			}
+			now := n.cfg.Now().UnixMilli()
 			if updatedAt <= 0 {
-				updatedAt = n.cfg.Now().UnixMilli()
+				updatedAt = now
 			}
-			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: a.Payload, Signature: a.Signature}, nil
+			// An account's floor is void a retention after this node last
+			// saw it, as holders prune an account not updated within the
+			// retention.
+			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: a.Payload, Signature: a.Signature},
+				storage.Floor{Lamport: lamport, PayloadHash: sha256.Sum256(a.Payload), UntilMS: now + retentionMS}, nil
 		},
 		better: func(fetched, cached *storage.Account) bool {
 			return protocol.AccountSupersedes(fetched.Lamport, fetched.Payload, cached.Lamport, cached.Payload)
 		},
+		cmp: cmpAccountFloor,
 	}
 	return l
 }
 
-// errLookupMiss: no holder answered with a valid record in time.
+// cmpBundleFloor orders bundle versions by the "latest" rule (betterBundle).
+func cmpBundleFloor(a, b storage.Floor) int {
+	switch {
+	case a.LastResort != b.LastResort:
+		if a.LastResort {
+			return 1
+		}
+		return -1
+	case a.TimestampMS != b.TimestampMS:
+		if a.TimestampMS > b.TimestampMS {
+			return 1
+		}
+		return -1
+	case a.Ref != b.Ref:
+		if string(a.Ref[:]) < string(b.Ref[:]) {
+			return 1
+		}
+		return -1
+	}
+	return 0
+}
+
+// cmpAccountFloor orders account versions by the convergence rule
+// (protocol.AccountSupersedes).
+func cmpAccountFloor(a, b storage.Floor) int {
+	switch {
+	case a.Lamport != b.Lamport:
+		if a.Lamport > b.Lamport {
+			return 1
+		}
+		return -1
+	case a.PayloadHash != b.PayloadHash:
+		if string(a.PayloadHash[:]) < string(b.PayloadHash[:]) {
+			return 1
+		}
+		return -1
+	}
+	return 0
+}
+
+// errLookupMiss: holders answered and none has the record.
 var errLookupMiss = errors.New("not found in the network")
 
 func (l *lookup) bundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error) {
@@ -110,7 +204,8 @@ func (l *lookup) account(ctx context.Context, account protocol.Key) (*storage.Ac
 }
 
 // lookupRecord serves key from the cache (refreshing an old entry in the
-// background), else from the network, remembering misses.
+// background), else from the network, remembering misses (not outages).
+// Errors are storage.ErrNotFound or ErrUnavailable.
 func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
 	var zero T
 	flightKey := c.kind + string(key[:])
@@ -118,8 +213,7 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 	if e, ok := c.entries.Get(key); ok && now.Sub(e.verifiedAt) <= l.n.cfg.CacheTTL {
 		l.n.metrics.lookups.WithLabelValues(c.kind, "cache_hit").Inc()
 		if now.Sub(e.triedAt) > l.n.cfg.CacheRefresh {
-			// DoChan does not wait; its buffered channel is dropped.
-			l.flight.DoChan(flightKey, func() (any, error) { return fetchInto(l, c, key) })
+			l.refresh(flightKey, func() { fetchInto(l, c, key) })
 		}
 		return e.v, nil
 	}
@@ -127,30 +221,61 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 		l.n.metrics.lookups.WithLabelValues(c.kind, "negative_hit").Inc()
 		return zero, storage.ErrNotFound
 	}
+	// The shared query runs under the node's lifetime, not this request's:
+	// a caller that gives up does not fail the others. It ends within the
+	// lookup timeout, so waiting for it is bounded.
 	v, err, _ := l.flight.Do(flightKey, func() (any, error) {
 		v, err := fetchInto(l, c, key)
-		if err != nil {
+		if errors.Is(err, errLookupMiss) {
 			l.misses.Add(flightKey, struct{}{})
 		}
 		return v, err
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, errLookupMiss):
+		return zero, fmt.Errorf("%w: %v", storage.ErrNotFound, err)
+	case err != nil:
 		return zero, err
 	}
 	return v.(T), nil
+}
+
+// refresh runs fn (a refresh of flightKey) in a tracked goroutine, unless
+// one is already running for that key or maxRefreshes are.
+func (l *lookup) refresh(flightKey string, fn func()) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.refreshing[flightKey] || len(l.refreshing) >= maxRefreshes {
+		return
+	}
+	l.refreshing[flightKey] = true
+	started := l.n.goTracked(func(context.Context) {
+		defer func() {
+			l.mu.Lock()
+			delete(l.refreshing, flightKey)
+			l.mu.Unlock()
+		}()
+		l.flight.Do(flightKey, func() (any, error) { fn(); return nil, nil })
+	})
+	if !started {
+		delete(l.refreshing, flightKey)
+	}
 }
 
 // fetchInto asks the network for key and caches what it finds, unless the
 // cache holds a better record. A failed attempt keeps the cached entry and
 // is remembered, so an outage costs one attempt per CacheRefresh per key.
 func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
-	v, err := firstAnswer(l, protocol.Shard(key, l.n.cfg.Shards.Count()), func(ctx context.Context, p peer.ID) (T, error) {
-		return c.fetch(ctx, p, key)
-	})
+	v, err := bestAnswer(l, c, key)
 	now := l.n.cfg.Now()
 	old, had := c.entries.Peek(key)
 	if err != nil {
-		l.n.metrics.lookups.WithLabelValues(c.kind, "miss").Inc()
+		result := "miss"
+		if !errors.Is(err, errLookupMiss) {
+			result = "unavailable"
+		}
+		l.n.metrics.lookups.WithLabelValues(c.kind, result).Inc()
+		l.n.log.Debug("lookup failed", "kind", c.kind, "key", key, "err", err)
 		if had {
 			old.triedAt = now
 			c.entries.Add(key, old)
@@ -167,24 +292,46 @@ func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error)
 	return v, nil
 }
 
-// firstAnswer asks every provider of shard (as the DHT reports them) with
-// fetch, in parallel, and returns the first valid answer. It gives up after
-// the node's lookup timeout. It runs detached from any caller's context so a
-// request that gives up does not fail the lookup other callers share.
-func firstAnswer[T any](l *lookup, shard int, fetch func(context.Context, peer.ID) (T, error)) (T, error) {
+// bestAnswer asks the providers of key's shard (as the DHT reports them,
+// at most lookupMaxHolders) in parallel and returns the best valid answer
+// that is not below the key's floor, collected until lookupGrace after the
+// first one, then raises the floor to it. With no acceptable answer it
+// returns errLookupMiss if a holder said it has no record, else
+// ErrUnavailable. It runs detached from any caller's context, within the
+// node's lookup timeout, and returns only when every fetch it started has.
+func bestAnswer[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error) {
 	var zero T
-	ctx, cancel := context.WithTimeout(l.n.runCtx, l.n.cfg.LookupTimeout)
-	defer cancel()
-	type result struct {
-		v   T
-		err error
+	n := l.n
+	shard := protocol.Shard(key, n.cfg.Shards.Count())
+	floor, hasFloor, err := n.store.Floor(n.runCtx, c.floorKind, key, n.cfg.Now().UnixMilli())
+	if err != nil {
+		n.log.Warn("lookup: read floor", "key", key, "err", err)
 	}
-	results := make(chan result)
-	asked := 0
-	self := l.n.host.ID()
-	providers := l.n.dht.holders(ctx, shard)
-	var lastErr error = errLookupMiss
-	for providers != nil || asked > 0 {
+	ctx, cancel := context.WithTimeout(n.runCtx, n.cfg.LookupTimeout)
+	type result struct {
+		v     T
+		floor storage.Floor
+		err   error
+	}
+	// Buffered for every fetch, so none blocks once the lookup has decided.
+	results := make(chan result, lookupMaxHolders)
+	var fetches sync.WaitGroup
+	defer func() {
+		cancel()
+		fetches.Wait()
+	}()
+
+	var (
+		best                                       T
+		bestFloor                                  storage.Floor
+		have                                       bool
+		asked, answered, notFound, refused, failed int
+		grace                                      <-chan time.Time
+		self                                       = n.host.ID()
+	)
+	providers := n.dht.holders(ctx, shard)
+collect:
+	for providers != nil || answered < asked {
 		select {
 		case p, ok := <-providers:
 			if !ok {
@@ -195,28 +342,61 @@ func firstAnswer[T any](l *lookup, shard int, fetch func(context.Context, peer.I
 				continue
 			}
 			if len(p.Addrs) > 0 {
-				l.n.host.Peerstore().AddAddrs(p.ID, p.Addrs, time.Minute)
+				n.host.Peerstore().AddAddrs(p.ID, p.Addrs, time.Minute)
 			}
 			asked++
+			if asked >= lookupMaxHolders {
+				providers = nil // ask no more; the query ends with ctx
+			}
+			fetches.Add(1)
 			go func() {
-				v, err := fetch(ctx, p.ID)
-				select {
-				case results <- result{v, err}:
-				case <-ctx.Done():
-				}
+				defer fetches.Done()
+				v, f, err := c.fetch(ctx, p.ID, key)
+				results <- result{v, f, err}
 			}()
 		case r := <-results:
-			asked--
-			if r.err == nil {
-				return r.v, nil
+			answered++
+			switch {
+			case r.err == nil && hasFloor && c.cmp(r.floor, floor) < 0:
+				refused++
+				n.metrics.lookups.WithLabelValues(c.kind, "refused_below_floor").Inc()
+				n.log.Debug("lookup: refused a record older than the floor", "kind", c.kind, "key", key)
+			case r.err == nil:
+				if !have || c.cmp(r.floor, bestFloor) > 0 {
+					best, bestFloor = r.v, r.floor
+				}
+				if !have {
+					have = true
+					t := time.NewTimer(lookupGrace)
+					defer t.Stop()
+					grace = t.C
+				}
+			case errors.Is(r.err, errNoRecord):
+				notFound++
+			case errors.Is(r.err, errNotHeld):
+				// A stale provider record: no answer.
+			default:
+				failed++
+				n.log.Debug("lookup: fetch failed", "kind", c.kind, "err", r.err)
 			}
-			if !errors.Is(r.err, errNoRecord) && !errors.Is(r.err, errNotHeld) {
-				l.n.log.Debug("lookup: fetch failed", "err", r.err)
-			}
-			lastErr = r.err
+		case <-grace:
+			break collect
 		case <-ctx.Done():
-			return zero, fmt.Errorf("%w: %v", errLookupMiss, ctx.Err())
+			break collect
 		}
 	}
-	return zero, fmt.Errorf("%w: %v", errLookupMiss, lastErr)
+	if have {
+		if hasFloor && c.cmp(bestFloor, floor) == 0 && bestFloor.UntilMS <= floor.UntilMS+floorExtendSlack.Milliseconds() {
+			return best, nil // the floor already says so
+		}
+		if _, err := n.store.RaiseFloor(n.runCtx, c.floorKind, key, bestFloor, n.cfg.Now().UnixMilli(), c.cmp); err != nil {
+			n.log.Warn("lookup: write floor", "key", key, "err", err)
+		}
+		return best, nil
+	}
+	if notFound > 0 {
+		return zero, fmt.Errorf("%w: %d of %d holders have no record", errLookupMiss, notFound, asked)
+	}
+	return zero, fmt.Errorf("%w: %d holders asked, %d answered, %d failed, %d below the floor (%v)",
+		ErrUnavailable, asked, answered, failed, refused, context.Cause(ctx))
 }

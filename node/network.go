@@ -32,8 +32,8 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	}
 	n.lookup = newLookup(n)
 	n.sync = startSync(ctx, n, h)
-	go n.bootstrapLoop(ctx)
-	go n.dht.provideLoop(ctx)
+	n.goTracked(n.bootstrapLoop)
+	n.goTracked(n.dht.provideLoop)
 	addrs, _ := n.P2PAddrs()
 	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.netID, "shards", n.cfg.Shards.String(),
 		"light", n.cfg.Light, "addrs", addrs)
@@ -95,11 +95,21 @@ func (n *Node) bootstrapLoop(ctx context.Context) {
 				backoff = min(2*backoff, 30*time.Second)
 			}
 		}
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, backoff) {
 			return
-		case <-time.After(backoff):
 		}
+	}
+}
+
+// sleep waits for d or until ctx ends; it reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 

@@ -65,6 +65,10 @@ type Config struct {
 	StreamTimeout time.Duration
 	// MaxPerDevice caps the bundles kept per device.
 	MaxPerDevice int
+	// OutboxMax caps the publications (of shards the node does not hold)
+	// waiting on disk for a holder; when full, a POST is refused with 503
+	// rather than acknowledged.
+	OutboxMax int
 	// Policy is the validation policy (retention, clock skew, MLS mode).
 	Policy protocol.Policy
 	// PruneInterval is how often expired records are pruned.
@@ -109,6 +113,7 @@ func DefaultConfig() Config {
 		StreamTimeout: DefaultStreamTimeout,
 		SyncInterval:  DefaultSyncInterval,
 		MaxPerDevice:  storage.DefaultMaxPerDevice,
+		OutboxMax:     DefaultOutboxMax,
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
 		Version:       "dev",
@@ -172,6 +177,9 @@ func (c Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {
 		return fmt.Errorf("api address %q: %w", c.APIAddr, err)
 	}
+	if c.OutboxMax < 1 {
+		return fmt.Errorf("outbox max must be at least 1, got %d", c.OutboxMax)
+	}
 	if c.MaxPerDevice < 1 {
 		return fmt.Errorf("max per device must be at least 1, got %d", c.MaxPerDevice)
 	}
@@ -198,6 +206,8 @@ type Node struct {
 	// and DHT key.
 	netID string
 	guard *peerGuard
+	// outboxDone counts finished outbox entries by result.
+	outboxDone *prometheus.CounterVec
 
 	// Set by Start, read-only afterwards.
 	host   host.Host
@@ -207,14 +217,43 @@ type Node struct {
 	dht    *discovery
 	lookup *lookup
 
-	runCtx context.Context // the context of Start; cancelled by Close
+	// outbox holds acknowledged publications for shards the node does not
+	// hold until a holder has them; outboxWake nudges its worker.
+	outbox     *storage.Outbox
+	outboxWake chan struct{}
+
+	// runCtx is the node's lifetime: derived by Start from no caller's
+	// context, cancelled by Close. Every goroutine the node starts runs
+	// under it and is joined by Close (see goTracked).
+	runCtx context.Context
+	wg     sync.WaitGroup
+	goMu   sync.Mutex // guards stopping, runCtx and cancel; held while adding to wg
+	// stopping is set by Close before it waits: no goroutine starts after.
+	stopping bool
+	cancel   context.CancelFunc
 
 	mu       sync.Mutex // guards the fields below
 	listener net.Listener
 	server   *http.Server
-	cancel   context.CancelFunc
 	serveErr chan error
 	closed   bool
+}
+
+// goTracked runs f(runCtx) in a goroutine that Close waits for. It reports
+// false (and runs nothing) before Start and once Close has begun.
+func (n *Node) goTracked(f func(ctx context.Context)) bool {
+	n.goMu.Lock()
+	defer n.goMu.Unlock()
+	if n.stopping || n.runCtx == nil {
+		return false
+	}
+	n.wg.Add(1)
+	ctx := n.runCtx
+	go func() {
+		defer n.wg.Done()
+		f(ctx)
+	}()
+	return true
 }
 
 // New opens the node's store and builds its API; Start begins serving.
@@ -248,11 +287,22 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
+	outbox, err := store.OpenOutbox(context.Background(), cfg.OutboxMax)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("node: %w", err)
+	}
 	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
-		netID: cfg.Constants().NetworkID(cfg.Network)}
+		netID: cfg.Constants().NetworkID(cfg.Network), outbox: outbox, outboxWake: make(chan struct{}, 1)}
 	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry, cfg.Now)
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	n.metrics = newMetrics(n.registry, store)
+	n.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kpnode_outbox_pending",
+		Help: "Acknowledged publications of shards the node does not hold, waiting for a holder to have them."},
+		func() float64 { return float64(outbox.Len()) }))
+	n.outboxDone = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_outbox_done_total",
+		Help: "Outbox entries finished, by result (confirmed: a holder has the record; dropped: it can no longer be delivered)."}, []string{"result"})
+	n.registry.MustRegister(n.outboxDone)
 	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})
 	if err != nil {
 		store.Close()
@@ -265,7 +315,9 @@ func New(cfg Config) (*Node, error) {
 func (n *Node) Handler() http.Handler { return n.api }
 
 // Start listens on the API address and starts background work. It returns
-// once the API accepts connections.
+// once the API accepts connections. ctx bounds the start only: the node
+// runs under a lifetime context of its own (keeping ctx's values) until
+// Close.
 func (n *Node) Start(ctx context.Context) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -275,20 +327,28 @@ func (n *Node) Start(ctx context.Context) error {
 	if n.listener != nil {
 		return errors.New("node: already started")
 	}
-	ctx, n.cancel = context.WithCancel(ctx)
-	n.runCtx = ctx
-	if err := n.startNetwork(ctx); err != nil {
-		n.cancel()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("node: start: %w", err)
+	}
+	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	n.goMu.Lock()
+	n.runCtx, n.cancel = life, cancel
+	n.goMu.Unlock()
+	fail := func(err error) error {
+		n.stopGoroutines()
 		n.stopNetwork()
 		return err
 	}
+	if err := n.startNetwork(life); err != nil {
+		return fail(err)
+	}
 	ln, err := net.Listen("tcp", n.cfg.APIAddr)
 	if err != nil {
-		n.cancel()
-		n.stopNetwork()
-		return fmt.Errorf("node: api listen: %w", err)
+		return fail(fmt.Errorf("node: api listen: %w", err))
 	}
-	n.store.Start(ctx)
+	n.store.Start(life)
+	n.goTracked(n.outboxLoop)
+	n.goTracked(n.maintenanceLoop)
 	n.listener = ln
 	n.server = &http.Server{
 		Handler:           n.api,
@@ -297,11 +357,12 @@ func (n *Node) Start(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
+		BaseContext:       func(net.Listener) context.Context { return life },
 		ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelDebug),
 	}
 	n.serveErr = make(chan error, 1)
-	go func() { n.serveErr <- n.server.Serve(ln) }()
+	server := n.server
+	n.goTracked(func(context.Context) { n.serveErr <- server.Serve(ln) })
 	n.log.Info("http api listening", "addr", ln.Addr().String())
 	return nil
 }
@@ -316,8 +377,10 @@ func (n *Node) APIAddr() net.Addr {
 	return n.listener.Addr()
 }
 
-// Close stops serving (letting requests in flight finish for up to 5 s)
-// and closes the store. It is safe to call more than once.
+// Close stops serving (letting requests in flight finish for up to 5 s),
+// cancels the node's lifetime context, waits for every goroutine the node
+// started, leaves the network and closes the store. It is safe to call
+// more than once.
 func (n *Node) Close() error {
 	n.mu.Lock()
 	if n.closed {
@@ -325,7 +388,7 @@ func (n *Node) Close() error {
 		return nil
 	}
 	n.closed = true
-	server, cancel := n.server, n.cancel
+	server := n.server
 	n.mu.Unlock()
 
 	var errs []error
@@ -339,9 +402,7 @@ func (n *Node) Close() error {
 			errs = append(errs, fmt.Errorf("http serve: %w", err))
 		}
 	}
-	if cancel != nil {
-		cancel()
-	}
+	n.stopGoroutines()
 	if err := n.stopNetwork(); err != nil {
 		errs = append(errs, err)
 	}
@@ -349,4 +410,35 @@ func (n *Node) Close() error {
 		errs = append(errs, fmt.Errorf("store close: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// stopGoroutines cancels the lifetime context and waits for every tracked
+// goroutine.
+func (n *Node) stopGoroutines() {
+	n.goMu.Lock()
+	n.stopping = true
+	cancel := n.cancel
+	n.goMu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	n.wg.Wait()
+}
+
+// maintenanceLoop prunes void lookup floors every PruneInterval.
+func (n *Node) maintenanceLoop(ctx context.Context) {
+	t := time.NewTicker(n.cfg.PruneInterval)
+	defer t.Stop()
+	for {
+		if k, err := n.store.PruneFloors(ctx, n.cfg.Now().UnixMilli()); err != nil && ctx.Err() == nil {
+			n.log.Warn("prune lookup floors", "err", err)
+		} else if k > 0 {
+			n.log.Debug("pruned lookup floors", "count", k)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

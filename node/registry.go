@@ -3,9 +3,7 @@ package node
 import (
 	"context"
 	"errors"
-	"time"
-
-	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"fmt"
 
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -72,69 +70,57 @@ func (n *Node) ingestAccount(ctx context.Context, a *protocol.AccountBundle, rul
 // SubmitBundle takes a bundle from the local API: validate, store, then
 // gossip it to its shard's holders. A bundle the node already holds is
 // accepted again (idempotent) and re-gossiped, which repairs a peer that
-// missed it.
+// missed it. For a shard the node does not hold, the bundle is also put in
+// the outbox before SubmitBundle returns (see publish).
 func (n *Node) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
 	outcome, _, err := n.ingestBundle(ctx, b, sourceHTTP)
 	if err != nil {
 		return err
 	}
-	if outcome != storage.OverQuota && n.gossip != nil {
-		topic := n.gossip.bundles[protocol.Shard(b.DeviceID, n.cfg.Shards.Count())]
-		n.publish(ctx, b.DeviceID, topic, func(ctx context.Context) error { return n.gossip.publishBundle(ctx, b) })
+	if outcome == storage.OverQuota {
+		return nil
 	}
-	return nil
+	return n.publish(ctx, &storage.OutboxEntry{Kind: storage.OutboxBundle, Key: b.DeviceID, Signature: b.Signature, Payload: b.Payload})
 }
 
 // SubmitAccount takes an account bundle from the local API. Its lamport must
 // be greater than the stored one's (storage.ErrStale otherwise, as in
-// chat-store); then it is gossiped.
+// chat-store); then it is gossiped, as SubmitBundle.
 func (n *Node) SubmitAccount(ctx context.Context, a *protocol.AccountBundle) error {
 	rec, _, err := n.ingestAccount(ctx, a, storage.AccountMustIncrease, sourceHTTP)
 	if err != nil {
 		return err
 	}
-	if n.gossip != nil {
-		topic := n.gossip.accounts[protocol.Shard(a.AccountPub, n.cfg.Shards.Count())]
-		n.publish(ctx, a.AccountPub, topic, func(ctx context.Context) error { return n.gossip.publishAccount(ctx, a, rec.UpdatedAtMS) })
-	}
-	return nil
+	return n.publish(ctx, &storage.OutboxEntry{Kind: storage.OutboxAccount, Key: a.AccountPub, Signature: a.Signature,
+		Payload: a.Payload, UpdatedAtMS: rec.UpdatedAtMS})
 }
-
-// publishTimeout bounds how long a node that does not hold a record's shard
-// waits for a holder to publish to.
-const publishTimeout = time.Minute
 
 // publish gossips a record the node has stored. For a shard the node holds,
 // it publishes at once: if no peer hears it, sync spreads it from this
 // node's store. For a shard it does not hold (every shard, on a light node)
-// no peer will ever pull it from here, so it waits in the background until
-// the topic has a subscriber, a holder, to publish to. (gossipsub's own
-// readiness option counts mesh peers only, which a node that does not
-// subscribe to the topic never has.)
-func (n *Node) publish(ctx context.Context, key protocol.Key, topic *pubsub.Topic, send func(context.Context) error) {
-	if n.cfg.Shards.HasKey(key) {
-		if err := send(ctx); err != nil {
-			n.log.Warn("gossip publish failed; the record is stored and sync will spread it", "key", key, "err", err)
+// no peer will ever pull it from here, so the record goes to the outbox on
+// disk, and publish returns only once that is committed: the caller's 204
+// then never stands for a publication a crash or an outage could lose. (A
+// crash between the store write and the outbox write loses no
+// acknowledgement: no 204 was sent, the client posts again, and a record
+// already held is queued again.) The outbox worker publishes it once a
+// holder is present and deletes it once a holder has it.
+func (n *Node) publish(ctx context.Context, e *storage.OutboxEntry) error {
+	if n.cfg.Shards.HasKey(e.Key) {
+		if n.gossip == nil {
+			return nil
 		}
-		return
+		if err := n.gossipEntry(ctx, e); err != nil {
+			n.log.Warn("gossip publish failed; the record is stored and sync will spread it", "key", e.Key, "err", err)
+		}
+		return nil
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(n.runCtx, publishTimeout)
-		defer cancel()
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for len(topic.ListPeers()) == 0 {
-			select {
-			case <-ctx.Done():
-				n.log.Warn("gossip publish failed: no holder of the shard reachable", "key", key, "topic", topic.String())
-				return
-			case <-tick.C:
-			}
-		}
-		if err := send(ctx); err != nil {
-			n.log.Warn("gossip publish failed", "key", key, "err", err)
-		}
-	}()
+	e.NextAttemptMS = n.cfg.Now().UnixMilli()
+	if err := n.outbox.Add(ctx, e); err != nil {
+		return fmt.Errorf("node: queue publication: %w", err)
+	}
+	n.wakeOutbox()
+	return nil
 }
 
 // LatestBundle returns the bundle to hand a chat client for a device. A
@@ -149,7 +135,7 @@ func (n *Node) LatestBundle(ctx context.Context, device protocol.Key) (*storage.
 	remote, rerr := n.lookup.bundle(ctx, device)
 	switch {
 	case rerr != nil && local == nil:
-		return nil, storage.ErrNotFound
+		return nil, rerr
 	case rerr != nil:
 		return local, nil
 	case local == nil || betterBundle(remote, local):
@@ -187,7 +173,7 @@ func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Acco
 	remote, rerr := n.lookup.account(ctx, account)
 	switch {
 	case rerr != nil && local == nil:
-		return nil, storage.ErrNotFound
+		return nil, rerr
 	case rerr != nil:
 		return local, nil
 	case local == nil || protocol.AccountSupersedes(remote.Lamport, remote.Payload, local.Lamport, local.Payload):
@@ -215,6 +201,9 @@ type Status struct {
 	Devices       int64    `json:"devices"`
 	Bundles       int64    `json:"bundles"`
 	Accounts      int64    `json:"accounts"`
+	// PendingPublications: acknowledged publications of shards the node
+	// does not hold that no holder has confirmed yet (the outbox).
+	PendingPublications int `json:"pending_publications"`
 }
 
 // Status reports the node's state.
@@ -232,6 +221,8 @@ func (n *Node) Status(ctx context.Context) any {
 		Bundles:       c.Bundles,
 		Accounts:      c.Accounts,
 		Peers:         []string{},
+
+		PendingPublications: n.outbox.Len(),
 	}
 	if st.Shards == nil {
 		st.Shards = []int{}

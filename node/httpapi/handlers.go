@@ -15,7 +15,14 @@ const (
 	msgNoAccount    = "no account bundle for account_pub"
 	msgStale        = "stale bundle: lamport is not newer than the stored one"
 	msgInternal     = "internal error"
+	// Answers of 503: nothing is wrong with the request; the client should
+	// try again later (Retry-After says when).
+	msgUnavailable = "registry network unreachable, try again"
+	msgOutboxFull  = "too many publications waiting for the registry network, try again"
 )
+
+// retryAfterSeconds is the Retry-After of a 503.
+const retryAfterSeconds = "5"
 
 // backendError maps a Backend error to its answer.
 func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, notFound string) int {
@@ -28,6 +35,14 @@ func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, no
 		return writeError(w, http.StatusConflict, msgStale)
 	case errors.Is(err, storage.ErrNotFound):
 		return writeError(w, http.StatusNotFound, notFound)
+	case errors.Is(err, ErrUnavailable):
+		a.log.Debug("unavailable", "route", r.URL.Path, "err", err)
+		w.Header().Set("Retry-After", retryAfterSeconds)
+		return writeError(w, http.StatusServiceUnavailable, msgUnavailable)
+	case errors.Is(err, storage.ErrOutboxFull):
+		a.log.Warn("publication refused: outbox full", "route", r.URL.Path)
+		w.Header().Set("Retry-After", retryAfterSeconds)
+		return writeError(w, http.StatusServiceUnavailable, msgOutboxFull)
 	default:
 		if r.Context().Err() == nil {
 			a.log.Error("backend failed", "route", r.URL.Path, "err", err)

@@ -23,9 +23,15 @@ import (
 	"github.com/kpnode/kpnode/storage"
 )
 
+// ErrUnavailable is the error a Backend returns (wrapped) when it cannot
+// answer for now: the registry network did not answer in time or could not
+// be reached. It is a 503, never a 404: the record may well exist.
+var ErrUnavailable = errors.New("registry network unavailable")
+
 // Backend is what the API serves. Errors it returns are mapped once:
 // *protocol.ValidationError → 400 with its text, storage.ErrStale → 409,
-// storage.ErrNotFound → 404, anything else → 500 "internal error".
+// storage.ErrNotFound → 404, ErrUnavailable and storage.ErrOutboxFull → 503
+// (with Retry-After), anything else → 500 "internal error".
 type Backend interface {
 	SubmitBundle(ctx context.Context, b *protocol.Bundle) error
 	LatestBundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error)
