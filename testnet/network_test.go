@@ -320,12 +320,12 @@ func TestLightNodeCacheRefreshesAndSurvivesOutage(t *testing.T) {
 		n.Close()
 	}
 	clk.Advance(2 * node.DefaultCacheRefresh) // the next hit tries the network, and fails
-	missesBefore := metricValue(t, light, `kpnode_lookups_total{kind="account",result="miss"}`)
+	missesBefore := metricValue(t, light, `kpnode_lookups_total{kind="account",result="unavailable"}`)
 	if a, err := light.Account(ctx, v1.AccountPub); err != nil || a.Lamport != 2 {
 		t.Fatalf("during the outage: %v %v", a, err)
 	}
 	if err := eventually(ctx, func() bool {
-		return metricValue(t, light, `kpnode_lookups_total{kind="account",result="miss"}`) > missesBefore
+		return metricValue(t, light, `kpnode_lookups_total{kind="account",result="unavailable"}`) > missesBefore
 	}); err != nil {
 		t.Fatal("the background refresh never ran")
 	}
