@@ -21,6 +21,8 @@ import (
 // not hold.
 const (
 	DefaultLookupTimeout = 2 * time.Second
+	// DefaultLookupGrace is Config.LookupGrace's default.
+	DefaultLookupGrace = 250 * time.Millisecond
 	// DefaultCacheSize bounds the fetched bundles and account bundles a node
 	// keeps in memory (each kind).
 	DefaultCacheSize = 10_000
@@ -44,12 +46,11 @@ const (
 // Lookup rules. A lookup does not stop at the first valid answer: a hostile
 // or lagging holder that answers first would roll the record back. It keeps
 // asking the holders the DHT names, up to lookupMaxHolders of them, until
-// lookupGrace after the first acceptable answer (or until every holder
-// asked has answered and the DHT query has ended), and serves the best
-// answer by the convergence rules. A record older than the key's floor (the
-// best version this node has served, kept on disk) is refused.
+// Config.LookupGrace after the first acceptable answer (or until every
+// holder asked has answered and the DHT query has ended), and serves the
+// best answer by the convergence rules. A record older than the key's floor
+// (the best version this node has served, kept on disk) is refused.
 const (
-	lookupGrace      = 150 * time.Millisecond
 	lookupMaxHolders = 32
 	// maxRefreshes bounds the background refreshes of cache entries in
 	// flight at once.
@@ -294,7 +295,7 @@ func fetchInto[T any](l *lookup, c *recordCache[T], key protocol.Key) (T, error)
 
 // bestAnswer asks the providers of key's shard (as the DHT reports them,
 // at most lookupMaxHolders) in parallel and returns the best valid answer
-// that is not below the key's floor, collected until lookupGrace after the
+// that is not below the key's floor, collected until LookupGrace after the
 // first one, then raises the floor to it. With no acceptable answer it
 // returns errLookupMiss if a holder said it has no record, else
 // ErrUnavailable. It runs detached from any caller's context, within the
@@ -367,7 +368,7 @@ collect:
 				}
 				if !have {
 					have = true
-					t := time.NewTimer(lookupGrace)
+					t := time.NewTimer(n.cfg.LookupGrace)
 					defer t.Stop()
 					grace = t.C
 				}

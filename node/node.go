@@ -51,6 +51,10 @@ type Config struct {
 	// LookupTimeout bounds a network lookup for a key of a shard the node
 	// does not hold.
 	LookupTimeout time.Duration
+	// LookupGrace is how long a lookup keeps collecting holders' answers
+	// after the first acceptable one, so that one fast (hostile or lagging)
+	// holder cannot roll a record back.
+	LookupGrace time.Duration
 	// CacheSize and CacheTTL bound the cache of fetched records; a hit older
 	// than CacheRefresh is refreshed in the background; NegativeTTL is how
 	// long a miss is remembered.
@@ -106,6 +110,7 @@ func DefaultConfig() Config {
 		Listen:        DefaultListen(4001),
 		Shards:        protocol.AllShards(protocol.DefaultShardCount),
 		LookupTimeout: DefaultLookupTimeout,
+		LookupGrace:   DefaultLookupGrace,
 		CacheSize:     DefaultCacheSize,
 		CacheTTL:      DefaultCacheTTL,
 		CacheRefresh:  DefaultCacheRefresh,
@@ -170,6 +175,9 @@ func (c Config) Validate() error {
 	}
 	if c.StreamTimeout <= 0 || c.SyncInterval < time.Second {
 		return errors.New("stream timeout must be positive and sync interval at least 1s")
+	}
+	if c.LookupGrace <= 0 || c.LookupGrace > c.LookupTimeout {
+		return fmt.Errorf("lookup grace must be positive and at most the lookup timeout, got %v", c.LookupGrace)
 	}
 	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.CacheRefresh <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")

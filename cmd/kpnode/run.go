@@ -27,6 +27,8 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&shards, "shards", shards, "shards this full node holds: all, or a list such as 0,2,4-7")
 	fs.BoolVar(&cfg.Light, "light", false, "run a light node: hold no shards, find holders through the DHT, cache what it fetches")
 	fs.DurationVar(&cfg.LookupTimeout, "lookup-timeout", cfg.LookupTimeout, "how long a GET may search the network for a key of a shard the node does not hold")
+	fs.DurationVar(&cfg.LookupGrace, "lookup-grace", cfg.LookupGrace, "how long a lookup keeps collecting holders' answers after the first valid one (the best wins)")
+	fs.IntVar(&cfg.OutboxMax, "outbox-max", cfg.OutboxMax, "publications of shards the node does not hold kept on disk until a holder has them; when full, POSTs get 503")
 	fs.IntVar(&cfg.MaxPerDevice, "max-per-device", cfg.MaxPerDevice, "bundles kept per device (newest by signed timestamp)")
 	retention := durationFlag{&cfg.Policy.Retention}
 	fs.Var(retention, "retention", "how long bundles and account bundles are kept (e.g. 30d, 720h)")
