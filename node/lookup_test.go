@@ -1,0 +1,130 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// lightNode starts a light node with no bootstrap peer (no holder reachable).
+func lightNode(t testing.TB, mutate func(*Config)) (*Node, string) {
+	return testNode(t, func(c *Config) {
+		c.Light = true
+		c.Shards = protocol.NoShards(protocol.DefaultShardCount)
+		if mutate != nil {
+			mutate(c)
+		}
+	})
+}
+
+// fullNodes starts two full nodes, the second bootstrapping from the first,
+// both also dialling extra (e.g. a light node).
+func fullNodes(t testing.TB, extra []string) (*Node, *Node) {
+	t.Helper()
+	a, _ := testNode(t, func(c *Config) { c.Bootstrap = extra })
+	aAddrs, err := a.P2PAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := testNode(t, func(c *Config) { c.Bootstrap = append(append([]string(nil), aAddrs...), extra...) })
+	return a, b
+}
+
+func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A lookup that reaches no holder is a 503 with a JSON error, not a 404,
+// and is not remembered: the first GET once a holder is reachable finds the
+// record. A real miss stays a 404.
+func TestUnreachableNetworkIs503NotCachedMiss(t *testing.T) {
+	light, base := lightNode(t, nil)
+	acct := seedKey(41)
+	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
+	url := base + "/v0/account/" + a.AccountPub.String()
+
+	start := time.Now()
+	r := do(t, "GET", url, "", "")
+	expect(t, r, 503, `{"error":"registry network unreachable, try again"}`)
+	if d := time.Since(start); d > DefaultLookupTimeout+time.Second {
+		t.Fatalf("the 503 took %v", d)
+	}
+	if _, err := light.Account(context.Background(), a.AccountPub); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Account: %v, want ErrUnavailable", err)
+	}
+
+	// The network comes back: two holders dial the light node.
+	addrs, err := light.P2PAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, h2 := fullNodes(t, addrs)
+	if err := h1.SubmitAccount(context.Background(), &a); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "holders ready", 30*time.Second, func() bool {
+		_, err := h2.Account(context.Background(), a.AccountPub)
+		return err == nil && h1.Provided() && h2.Provided() && light.DHTPeers() > 0
+	})
+	r = do(t, "GET", url, "", "")
+	if r.code != 200 {
+		t.Fatalf("first GET after the network came back: %d %s (an outage must not be negatively cached)", r.code, r.body)
+	}
+	// A key the holders answer NOT_FOUND for is a real miss: 404, remembered.
+	var unknown protocol.Key
+	unknown[0] = 7
+	expect(t, do(t, "GET", base+"/v0/account/"+unknown.String(), "", ""), 404, `{"error":"no account bundle for account_pub"}`)
+	if _, err := light.Account(context.Background(), unknown); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("Account of an unknown key: %v, want ErrNotFound", err)
+	}
+}
+
+// The floor table: raised only by a better version, extended by the same
+// one, void after its time, pruned.
+func TestFloorRaiseAndPrune(t *testing.T) {
+	n, _ := lightNode(t, nil)
+	ctx := context.Background()
+	var k protocol.Key
+	k[0] = 1
+	now := time.Now().UnixMilli()
+	f := func(lamport uint64, until int64) storage.Floor { return storage.Floor{Lamport: lamport, UntilMS: until} }
+	for _, step := range []struct {
+		f     storage.Floor
+		wrote bool
+		want  uint64
+	}{
+		{f(2, now+1000), true, 2},
+		{f(1, now+5000), false, 2}, // lower: refused
+		{f(2, now+500), false, 2},  // same, not longer
+		{f(2, now+5000), true, 2},  // same, longer
+		{f(3, now+10), true, 3},    // higher
+	} {
+		wrote, err := n.store.RaiseFloor(ctx, storage.FloorAccount, k, step.f, now, cmpAccountFloor)
+		if err != nil || wrote != step.wrote {
+			t.Fatalf("raise %+v: wrote %v err %v, want %v", step.f, wrote, err, step.wrote)
+		}
+		got, ok, err := n.store.Floor(ctx, storage.FloorAccount, k, now)
+		if err != nil || !ok || got.Lamport != step.want {
+			t.Fatalf("floor %+v %v %v, want lamport %d", got, ok, err, step.want)
+		}
+	}
+	// Void after UntilMS: a lower version may then be written, and pruning
+	// deletes what is void.
+	if _, ok, _ := n.store.Floor(ctx, storage.FloorAccount, k, now+10); ok {
+		t.Fatal("a floor applies after its UntilMS")
+	}
+	if k, err := n.store.PruneFloors(ctx, now+10); err != nil || k != 1 {
+		t.Fatalf("prune: %d %v", k, err)
+	}
+}

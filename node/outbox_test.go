@@ -1,0 +1,187 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+func pendingPublications(t testing.TB, base string) int {
+	t.Helper()
+	r := do(t, "GET", base+"/v1/status", "", "")
+	var st Status
+	if err := json.Unmarshal([]byte(r.body), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.PendingPublications
+}
+
+func outboxGauge(t testing.TB, n *Node) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for _, line := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(line, "kpnode_outbox_pending ") {
+			return strings.TrimPrefix(line, "kpnode_outbox_pending ")
+		}
+	}
+	return ""
+}
+
+// A light node that reaches no holder acknowledges a POST, is restarted,
+// and once a holder comes up the bundle and the account bundle reach it:
+// an acknowledged publication survives an outage and a restart.
+func TestOutboxDeliversAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	cfg := func(c *Config) { c.DataDir = dir }
+	light, base := lightNode(t, cfg)
+	dev, acct := seedKey(51), seedKey(52)
+	b := protocol.SignBundle(dev, nowMS(), []byte("an opaque keypackage"))
+	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, []protocol.Key{b.DeviceID}))
+	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
+	expect(t, postJSON(t, base+"/v0/account", accountJSON(a)), 204, "")
+	// Posting the same bundle again queues it once.
+	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
+	if got := pendingPublications(t, base); got != 2 {
+		t.Fatalf("pending_publications %d, want 2", got)
+	}
+	if got := outboxGauge(t, light); got != "2" {
+		t.Fatalf("kpnode_outbox_pending %q, want 2", got)
+	}
+	if err := light.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	light, base = lightNode(t, cfg)
+	if got := pendingPublications(t, base); got != 2 {
+		t.Fatalf("after restart: pending_publications %d, want 2", got)
+	}
+	addrs, err := light.P2PAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, h2 := fullNodes(t, addrs)
+	ctx := context.Background()
+	waitFor(t, "the publications to reach both holders and leave the outbox", 30*time.Second, func() bool {
+		for _, h := range []*Node{h1, h2} {
+			got, err := h.store.LatestBundle(ctx, b.DeviceID)
+			if err != nil || !bytes.Equal(got.Payload, b.Payload) {
+				return false
+			}
+			if _, err := h.store.Account(ctx, a.AccountPub); err != nil {
+				return false
+			}
+		}
+		return light.outbox.Len() == 0
+	})
+	if got := pendingPublications(t, base); got != 0 {
+		t.Fatalf("pending_publications %d after delivery", got)
+	}
+}
+
+// A full outbox refuses a POST with 503 rather than acknowledging a
+// publication it could lose; a shard the node holds needs no outbox.
+func TestOutboxFullIs503(t *testing.T) {
+	_, base := testNode(t, func(c *Config) {
+		c.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+		c.OutboxMax = 1
+	})
+	var foreign []protocol.Bundle
+	var held *protocol.Bundle
+	for i := byte(60); len(foreign) < 2 || held == nil; i++ {
+		b := protocol.SignBundle(seedKey(i), nowMS(), []byte("an opaque keypackage"))
+		if protocol.Shard(b.DeviceID, protocol.DefaultShardCount) == 0 {
+			if held == nil {
+				held = &b
+			}
+		} else if len(foreign) < 2 {
+			foreign = append(foreign, b)
+		}
+	}
+	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(foreign[0])), 204, "")
+	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(foreign[1])), 503,
+		`{"error":"too many publications waiting for the registry network, try again"}`)
+	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(*held)), 204, "")
+	if got := pendingPublications(t, base); got != 1 {
+		t.Fatalf("pending_publications %d, want 1", got)
+	}
+}
+
+// The outbox on disk: entries survive reopening, are deduplicated, come
+// back due in order, and leave when removed.
+func TestOutboxStore(t *testing.T) {
+	dir := t.TempDir()
+	open := func() *storage.Store {
+		s, err := storage.Open(storage.Options{Dir: dir, NoSync: true, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	ctx := context.Background()
+	s := open()
+	o, err := s.OpenOutbox(ctx, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []*storage.OutboxEntry
+	for i := range 3 {
+		e := &storage.OutboxEntry{Kind: storage.OutboxAccount, Payload: []byte{byte(i)}, UpdatedAtMS: int64(i), NextAttemptMS: 100}
+		e.Key[0], e.Signature[0] = byte(i), byte(i)
+		if err := o.Add(ctx, e); err != nil {
+			t.Fatal(err)
+		}
+		entries = append(entries, e)
+	}
+	dup := *entries[1]
+	if err := o.Add(ctx, &dup); err != nil || dup.Seq != entries[1].Seq || o.Len() != 3 {
+		t.Fatalf("duplicate: %v seq %d len %d", err, dup.Seq, o.Len())
+	}
+	extra := &storage.OutboxEntry{Kind: storage.OutboxBundle}
+	extra.Key[0] = 9
+	if err := o.Add(ctx, extra); !errors.Is(err, storage.ErrOutboxFull) {
+		t.Fatalf("add to a full outbox: %v", err)
+	}
+	if err := o.Reschedule(ctx, entries[0].Seq, 4, 500); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s = open()
+	defer s.Close()
+	if o, err = s.OpenOutbox(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	due, next, err := o.Due(ctx, 200, 10, nil)
+	if err != nil || len(due) != 2 || next != 500 {
+		t.Fatalf("due: %d entries, next %d, err %v", len(due), next, err)
+	}
+	if due[0].Seq != entries[1].Seq || !bytes.Equal(due[1].Payload, []byte{2}) || due[1].UpdatedAtMS != 2 {
+		t.Fatalf("due entries %+v %+v", due[0], due[1])
+	}
+	due, _, _ = o.Due(ctx, 600, 10, func(_ storage.OutboxKind, k protocol.Key) bool { return k[0] == 1 })
+	if len(due) != 2 || due[0].Attempts != 4 {
+		t.Fatalf("due with skip: %d entries", len(due))
+	}
+	for _, e := range entries {
+		if err := o.Remove(ctx, e.Seq); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if o.Len() != 0 {
+		t.Fatalf("len %d after removing all", o.Len())
+	}
+	if err := o.Add(ctx, extra); err != nil || extra.Seq != entries[2].Seq+1 {
+		t.Fatalf("add after removal: %v seq %d", err, extra.Seq)
+	}
+}
