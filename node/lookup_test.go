@@ -98,7 +98,9 @@ func TestFloorRaiseAndPrune(t *testing.T) {
 	var k protocol.Key
 	k[0] = 1
 	now := time.Now().UnixMilli()
-	f := func(lamport uint64, until int64) storage.Floor { return storage.Floor{Lamport: lamport, UntilMS: until} }
+	f := func(lamport uint64, until int64) storage.Floor {
+		return storage.Floor{Lamport: lamport, UntilMS: until}
+	}
 	for _, step := range []struct {
 		f     storage.Floor
 		wrote bool
