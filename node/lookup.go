@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"golang.org/x/sync/singleflight"
 
@@ -73,8 +73,11 @@ type lookup struct {
 	n        *Node
 	bundles  *recordCache[*storage.Bundle]
 	accounts *recordCache[*storage.Account]
-	misses   *expirable.LRU[string, struct{}]
-	flight   singleflight.Group
+	// misses maps a key to when a lookup found no record. (The caches are
+	// plain LRUs with ages checked on read: golang-lru's expirable LRU runs
+	// a goroutine that never ends.)
+	misses *lru.Cache[string, time.Time]
+	flight singleflight.Group
 
 	mu         sync.Mutex // guards refreshing
 	refreshing map[string]bool
@@ -84,7 +87,7 @@ type lookup struct {
 type recordCache[T any] struct {
 	kind      string // "bundle" or "account": metrics label and singleflight key prefix
 	floorKind storage.FloorKind
-	entries   *expirable.LRU[protocol.Key, cached[T]]
+	entries   *lru.Cache[protocol.Key, cached[T]]
 	// fetch asks one holder and validates its answer; it returns the
 	// record's version as a floor.
 	fetch func(ctx context.Context, p peer.ID, key protocol.Key) (T, storage.Floor, error)
@@ -102,12 +105,12 @@ type cached[T any] struct {
 }
 
 func newLookup(n *Node) *lookup {
-	l := &lookup{n: n, misses: expirable.NewLRU[string, struct{}](n.cfg.CacheSize, nil, n.cfg.NegativeTTL), refreshing: map[string]bool{}}
+	l := &lookup{n: n, misses: newLRU[string, time.Time](n.cfg.CacheSize), refreshing: map[string]bool{}}
 	retentionMS := n.cfg.Policy.Retention.Milliseconds()
 	l.bundles = &recordCache[*storage.Bundle]{
 		kind:      "bundle",
 		floorKind: storage.FloorBundle,
-		entries:   expirable.NewLRU[protocol.Key, cached[*storage.Bundle]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		entries:   newLRU[protocol.Key, cached[*storage.Bundle]](n.cfg.CacheSize),
 		fetch: func(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, storage.Floor, error) {
 			b, info, err := n.fetch.fetchLatest(ctx, p, device)
 			if err != nil {
@@ -129,7 +132,7 @@ func newLookup(n *Node) *lookup {
 	l.accounts = &recordCache[*storage.Account]{
 		kind:      "account",
 		floorKind: storage.FloorAccount,
-		entries:   expirable.NewLRU[protocol.Key, cached[*storage.Account]](n.cfg.CacheSize, nil, n.cfg.CacheTTL),
+		entries:   newLRU[protocol.Key, cached[*storage.Account]](n.cfg.CacheSize),
 		fetch: func(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, storage.Floor, error) {
 			a, lamport, updatedAt, err := n.fetch.fetchAccount(ctx, p, account)
 			if err != nil {
@@ -151,6 +154,14 @@ func newLookup(n *Node) *lookup {
 		cmp: cmpAccountFloor,
 	}
 	return l
+}
+
+func newLRU[K comparable, V any](size int) *lru.Cache[K, V] {
+	c, err := lru.New[K, V](size)
+	if err != nil {
+		panic(err) // size is validated positive in Config
+	}
+	return c
 }
 
 // cmpBundleFloor orders bundle versions by the "latest" rule (betterBundle).
@@ -218,7 +229,7 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 		}
 		return e.v, nil
 	}
-	if _, ok := l.misses.Get(flightKey); ok {
+	if at, ok := l.misses.Get(flightKey); ok && now.Sub(at) < l.n.cfg.NegativeTTL {
 		l.n.metrics.lookups.WithLabelValues(c.kind, "negative_hit").Inc()
 		return zero, storage.ErrNotFound
 	}
@@ -228,7 +239,7 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 	v, err, _ := l.flight.Do(flightKey, func() (any, error) {
 		v, err := fetchInto(l, c, key)
 		if errors.Is(err, errLookupMiss) {
-			l.misses.Add(flightKey, struct{}{})
+			l.misses.Add(flightKey, l.n.cfg.Now())
 		}
 		return v, err
 	})
