@@ -225,7 +225,7 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 	if e, ok := c.entries.Get(key); ok && now.Sub(e.verifiedAt) <= l.n.cfg.CacheTTL {
 		l.n.metrics.lookups.WithLabelValues(c.kind, "cache_hit").Inc()
 		if now.Sub(e.triedAt) > l.n.cfg.CacheRefresh {
-			l.refresh(flightKey, func() { fetchInto(l, c, key) })
+			l.refresh(flightKey, func() (any, error) { return fetchInto(l, c, key) })
 		}
 		return e.v, nil
 	}
@@ -253,8 +253,10 @@ func lookupRecord[T any](ctx context.Context, l *lookup, c *recordCache[T], key 
 }
 
 // refresh runs fn (a refresh of flightKey) in a tracked goroutine, unless
-// one is already running for that key or maxRefreshes are.
-func (l *lookup) refresh(flightKey string, fn func()) {
+// one is already running for that key or maxRefreshes are. A foreground
+// lookup of the same key may join it (singleflight), so fn returns what a
+// lookup returns.
+func (l *lookup) refresh(flightKey string, fn func() (any, error)) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.refreshing[flightKey] || len(l.refreshing) >= maxRefreshes {
@@ -267,7 +269,7 @@ func (l *lookup) refresh(flightKey string, fn func()) {
 			delete(l.refreshing, flightKey)
 			l.mu.Unlock()
 		}()
-		l.flight.Do(flightKey, func() (any, error) { fn(); return nil, nil })
+		l.flight.Do(flightKey, fn)
 	})
 	if !started {
 		delete(l.refreshing, flightKey)
