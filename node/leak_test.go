@@ -1,7 +1,6 @@
 package node
 
 import (
-	"context"
 	"net/http"
 	"regexp"
 	"runtime"
@@ -61,7 +60,6 @@ func goroutines() []string {
 // the last Close.
 func trafficRound(t *testing.T) []string {
 	t.Helper()
-	ctx := context.Background()
 	var skew atomic.Int64 // added to the light node's clock
 	light, base := lightNode(t, func(c *Config) {
 		c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
@@ -74,12 +72,9 @@ func trafficRound(t *testing.T) []string {
 	b := protocol.SignBundle(seedKey(71), nowMS(), []byte("an opaque keypackage"))
 	a := protocol.SignAccount(seedKey(72), protocol.EncodeAccountPayload(1, nil))
 	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
-	if err := h1.SubmitAccount(ctx, &a); err != nil {
-		t.Fatal(err)
-	}
+	submitAccountTo(t, &a, h1, h2)
 	waitFor(t, "the outbox to deliver", 30*time.Second, func() bool {
-		_, err := h2.Account(ctx, a.AccountPub)
-		return light.outbox.Len() == 0 && err == nil && h1.Provided() && h2.Provided() && light.DHTPeers() > 0
+		return light.outbox.Len() == 0 && h1.Provided() && h2.Provided() && light.DHTPeers() > 0
 	})
 	expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")
 	var unknown protocol.Key

@@ -68,17 +68,17 @@ func TestOutboxDeliversAcrossRestart(t *testing.T) {
 	}
 	h1, h2 := fullNodes(t, addrs)
 	ctx := context.Background()
-	waitFor(t, "the publications to reach both holders and leave the outbox", 30*time.Second, func() bool {
-		for _, h := range []*Node{h1, h2} {
-			got, err := h.store.LatestBundle(ctx, b.DeviceID)
-			if err != nil || !bytes.Equal(got.Payload, b.Payload) {
-				return false
-			}
-			if _, err := h.store.Account(ctx, a.AccountPub); err != nil {
-				return false
-			}
-		}
-		return light.outbox.Len() == 0
+	// The outbox lets go once a holder serves a record back; sync (not
+	// under test here) spreads it to the other holders.
+	held := func(h *Node) (bundle, account bool) {
+		got, err := h.store.LatestBundle(ctx, b.DeviceID)
+		_, aerr := h.store.Account(ctx, a.AccountPub)
+		return err == nil && bytes.Equal(got.Payload, b.Payload), aerr == nil
+	}
+	waitFor(t, "the publications to reach a holder and leave the outbox", 30*time.Second, func() bool {
+		b1, a1 := held(h1)
+		b2, a2 := held(h2)
+		return (b1 || b2) && (a1 || a2) && light.outbox.Len() == 0
 	})
 	if got := pendingPublications(t, base); got != 0 {
 		t.Fatalf("pending_publications %d after delivery", got)
