@@ -295,7 +295,7 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	outbox, err := store.OpenOutbox(context.Background(), cfg.OutboxMax)
+	outbox, err := store.OpenOutbox(context.Background(), cfg.OutboxMax, outboxMaxBytes)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("node: %w", err)

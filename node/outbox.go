@@ -31,6 +31,10 @@ const (
 	outboxIdle         = 30 * time.Second
 	outboxHoldersAsked = 2
 	outboxOpTimeout    = 5 * time.Second
+	// outboxMaxBytes bounds the outbox on disk besides Config.OutboxMax:
+	// 10,000 KeyPackages of a few KB fit many times over, 10,000 records at
+	// the 64 KiB cap do not.
+	outboxMaxBytes = 64 << 20
 )
 
 func (n *Node) wakeOutbox() {

@@ -107,29 +107,33 @@ type outboxMeta struct {
 	next int64
 	kind OutboxKind
 	key  protocol.Key
+	size int64 // bytes of the value
 }
 
 // Outbox is the durable queue of pending publications in a Store. It keeps
 // an index of the entries in memory (a few dozen bytes each); the records
 // stay on disk.
 type Outbox struct {
-	s   *Store
-	max int
+	s        *Store
+	max      int
+	maxBytes int64
 
 	mu      sync.Mutex // guards the fields below and serialises writes
+	bytes   int64      // sum of the entries' sizes
 	nextSeq uint64
 	entries map[uint64]outboxMeta
 	ids     map[[32]byte]uint64
 }
 
-// OpenOutbox loads the outbox of s, which holds at most capacity entries.
+// OpenOutbox loads the outbox of s, which holds at most capacity entries
+// and maxBytes bytes of them.
 // Entries that do not decode (never written by this version) are deleted
 // with a warning.
-func (s *Store) OpenOutbox(ctx context.Context, capacity int) (*Outbox, error) {
-	if capacity < 1 {
-		return nil, fmt.Errorf("storage: outbox capacity must be at least 1, got %d", capacity)
+func (s *Store) OpenOutbox(ctx context.Context, capacity int, maxBytes int64) (*Outbox, error) {
+	if capacity < 1 || maxBytes < 1 {
+		return nil, fmt.Errorf("storage: outbox capacity must be at least 1 entry and 1 byte, got %d and %d", capacity, maxBytes)
 	}
-	o := &Outbox{s: s, max: capacity, entries: map[uint64]outboxMeta{}, ids: map[[32]byte]uint64{}}
+	o := &Outbox{s: s, max: capacity, maxBytes: maxBytes, entries: map[uint64]outboxMeta{}, ids: map[[32]byte]uint64{}}
 	var corrupt [][]byte
 	err := s.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixOutbox, '/'}, PrefetchValues: true})
@@ -149,7 +153,9 @@ func (s *Store) OpenOutbox(ctx context.Context, capacity int) (*Outbox, error) {
 				continue
 			}
 			id := outboxID(e.Kind, e.Key, e.Signature)
-			o.entries[seq] = outboxMeta{id: id, next: e.NextAttemptMS, kind: e.Kind, key: e.Key}
+			size := int64(item.ValueSize())
+			o.entries[seq] = outboxMeta{id: id, next: e.NextAttemptMS, kind: e.Kind, key: e.Key, size: size}
+			o.bytes += size
 			o.ids[id] = seq
 		}
 		return nil
@@ -182,8 +188,8 @@ func (o *Outbox) Len() int {
 
 // Add queues e (Seq is assigned) and returns once it is committed (and
 // fsynced, unless the store runs with NoSync). A publication already queued
-// is not queued again; its existing entry is made due now. A full outbox is
-// ErrOutboxFull.
+// is not queued again; its existing entry is made due now. A full outbox
+// (entries or bytes) is ErrOutboxFull.
 func (o *Outbox) Add(ctx context.Context, e *OutboxEntry) error {
 	if e.Kind != OutboxBundle && e.Kind != OutboxAccount {
 		return fmt.Errorf("storage: outbox kind %d", e.Kind)
@@ -201,17 +207,20 @@ func (o *Outbox) Add(ctx context.Context, e *OutboxEntry) error {
 		e.Seq = seq
 		return nil
 	}
-	if len(o.entries) >= o.max {
+	v := encodeOutboxValue(e)
+	size := int64(len(v))
+	if len(o.entries) >= o.max || o.bytes+size > o.maxBytes {
 		return ErrOutboxFull
 	}
 	e.Seq = o.nextSeq
 	if err := o.s.update(ctx, func(txn *badger.Txn) error {
-		return txn.Set(outboxKey(e.Seq), encodeOutboxValue(e))
+		return txn.Set(outboxKey(e.Seq), v)
 	}); err != nil {
 		return err
 	}
 	o.nextSeq++
-	o.entries[e.Seq] = outboxMeta{id: id, next: e.NextAttemptMS, kind: e.Kind, key: e.Key}
+	o.bytes += size
+	o.entries[e.Seq] = outboxMeta{id: id, next: e.NextAttemptMS, kind: e.Kind, key: e.Key, size: size}
 	o.ids[id] = e.Seq
 	return nil
 }
@@ -312,5 +321,6 @@ func (o *Outbox) Remove(ctx context.Context, seq uint64) error {
 	}
 	delete(o.entries, seq)
 	delete(o.ids, m.id)
+	o.bytes -= m.size
 	return nil
 }

@@ -24,7 +24,7 @@ func TestOutboxStore(t *testing.T) {
 	}
 	ctx := context.Background()
 	s := open()
-	o, err := s.OpenOutbox(ctx, 3)
+	o, err := s.OpenOutbox(ctx, 3, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +53,7 @@ func TestOutboxStore(t *testing.T) {
 
 	s = open()
 	defer s.Close()
-	if o, err = s.OpenOutbox(ctx, 3); err != nil {
+	if o, err = s.OpenOutbox(ctx, 3, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	due, next, err := o.Due(ctx, 200, 10, nil)
@@ -74,6 +74,10 @@ func TestOutboxStore(t *testing.T) {
 	}
 	if o.Len() != 0 {
 		t.Fatalf("len %d after removing all", o.Len())
+	}
+	big := &OutboxEntry{Kind: OutboxBundle, Payload: make([]byte, 1<<20)}
+	if err := o.Add(ctx, big); !errors.Is(err, ErrOutboxFull) {
+		t.Fatalf("add over the byte budget: %v", err)
 	}
 	if err := o.Add(ctx, extra); err != nil || extra.Seq != entries[2].Seq+1 {
 		t.Fatalf("add after removal: %v seq %d", err, extra.Seq)
