@@ -122,7 +122,7 @@ func newLookup(n *Node) *lookup {
 			if info.NotAfterMS > 0 && int64(info.NotAfterMS) < until {
 				until = int64(info.NotAfterMS)
 			}
-			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort,
+			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort, NotAfterMS: info.NotAfterMS,
 					ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature},
 				storage.Floor{LastResort: info.LastResort, TimestampMS: info.TimestampMS, Ref: info.Ref, UntilMS: until}, nil
 		},

@@ -61,6 +61,8 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 	gauge("kpnode_store_devices", "Devices with at least one stored bundle.", func() float64 { return float64(store.Counts().Devices) })
 	gauge("kpnode_store_bundles", "Stored bundles.", func() float64 { return float64(store.Counts().Bundles) })
 	gauge("kpnode_store_accounts", "Stored account bundles.", func() float64 { return float64(store.Counts().Accounts) })
+	gauge("kpnode_store_bytes", "Logical bytes the store holds (payloads plus a fixed overhead per record), counted against --max-store-bytes.", func() float64 { return float64(store.Bytes()) })
+	gauge("kpnode_store_max_bytes", "The store budget (--max-store-bytes); 0 when there is none.", func() float64 { return float64(store.MaxBytes()) })
 	gauge("kpnode_store_lsm_bytes", "Size of the store's LSM tree on disk.", func() float64 { l, _ := store.DiskSize(); return float64(l) })
 	gauge("kpnode_store_vlog_bytes", "Size of the store's value log on disk.", func() float64 { _, v := store.DiskSize(); return float64(v) })
 	return m

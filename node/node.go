@@ -69,6 +69,15 @@ type Config struct {
 	StreamTimeout time.Duration
 	// MaxPerDevice caps the bundles kept per device.
 	MaxPerDevice int
+	// MaxStoreBytes bounds the records the store holds (storage.Options.MaxBytes:
+	// payloads plus a fixed overhead per record); beyond it the oldest
+	// bundles are evicted in the documented order, else writes fail with
+	// storage.ErrStoreFull. Negative: no budget.
+	MaxStoreBytes int64
+	// MinFreeDisk is the free space on the data dir's filesystem below which
+	// the store refuses writes (storage.ErrStoreFull) instead of letting
+	// Badger run out of disk. Negative: no check.
+	MinFreeDisk int64
 	// OutboxMax caps the publications (of shards the node does not hold)
 	// waiting on disk for a holder; when full, a POST is refused with 503
 	// rather than acknowledged.
@@ -119,6 +128,8 @@ func DefaultConfig() Config {
 		SyncInterval:  DefaultSyncInterval,
 		MaxPerDevice:  storage.DefaultMaxPerDevice,
 		OutboxMax:     DefaultOutboxMax,
+		MaxStoreBytes: storage.DefaultMaxBytes,
+		MinFreeDisk:   storage.DefaultMinFreeDisk,
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
 		Version:       "dev",
@@ -291,6 +302,9 @@ func New(cfg Config) (*Node, error) {
 		Logger:        cfg.Logger.With("component", "storage"),
 		Now:           cfg.Now,
 		ShardCount:    cfg.Shards.Count(),
+		ClockSkew:     storeClockSkew(cfg.Policy.ClockSkew),
+		MaxBytes:      cfg.MaxStoreBytes,
+		MinFreeDisk:   cfg.MinFreeDisk,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
@@ -449,4 +463,13 @@ func (n *Node) maintenanceLoop(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// storeClockSkew converts the policy's clock skew (0: none) to the store's
+// option (0: the default, negative: none).
+func storeClockSkew(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

@@ -33,6 +33,7 @@ func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source)
 		Ref:         info.Ref,
 		TimestampMS: info.TimestampMS,
 		LastResort:  info.LastResort,
+		NotAfterMS:  info.NotAfterMS,
 		Payload:     b.Payload,
 		Signature:   b.Signature,
 	})

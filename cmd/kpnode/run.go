@@ -1,8 +1,11 @@
 package main
 
 import (
+	"math"
+
 	"context"
 	"fmt"
+	humanize "github.com/dustin/go-humanize"
 	"io"
 	"log/slog"
 	"os/signal"
@@ -29,6 +32,8 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&cfg.LookupTimeout, "lookup-timeout", cfg.LookupTimeout, "how long a GET may search the network for a key of a shard the node does not hold")
 	fs.DurationVar(&cfg.LookupGrace, "lookup-grace", cfg.LookupGrace, "how long a lookup keeps collecting holders' answers after the first valid one (the best wins)")
 	fs.IntVar(&cfg.OutboxMax, "outbox-max", cfg.OutboxMax, "publications of shards the node does not hold kept on disk until a holder has them; when full, POSTs get 503")
+	fs.Var(byteSizeFlag{&cfg.MaxStoreBytes}, "max-store-bytes", "store budget (e.g. 4GiB): beyond it the oldest bundles are evicted, else writes get 507; -1 for none")
+	fs.Var(byteSizeFlag{&cfg.MinFreeDisk}, "min-free-disk", "free disk space below which writes are refused (507) instead of filling the disk; -1 for no check")
 	fs.IntVar(&cfg.MaxPerDevice, "max-per-device", cfg.MaxPerDevice, "bundles kept per device (newest by signed timestamp)")
 	retention := durationFlag{&cfg.Policy.Retention}
 	fs.Var(retention, "retention", "how long bundles and account bundles are kept (e.g. 30d, 720h)")
@@ -169,3 +174,33 @@ func (f *listFlag) Set(v string) error {
 
 // resetExplicit lets the command line replace values set from the environment.
 func (f *listFlag) resetExplicit() { f.explicit = false }
+
+// byteSizeFlag is a size in bytes written as humans do: 4GiB, 512MiB,
+// 1000000 (IEC and SI suffixes), or -1 for "none".
+type byteSizeFlag struct{ n *int64 }
+
+func (f byteSizeFlag) String() string {
+	if f.n == nil {
+		return ""
+	}
+	if *f.n < 0 {
+		return "-1"
+	}
+	return humanize.IBytes(uint64(*f.n))
+}
+
+func (f byteSizeFlag) Set(s string) error {
+	if strings.TrimSpace(s) == "-1" {
+		*f.n = -1
+		return nil
+	}
+	v, err := humanize.ParseBytes(s)
+	if err != nil {
+		return fmt.Errorf("want a size such as 4GiB or 512MiB, or -1: %w", err)
+	}
+	if v > math.MaxInt64 {
+		return fmt.Errorf("size %q is too large", s)
+	}
+	*f.n = int64(v)
+	return nil
+}

@@ -18,6 +18,7 @@ const (
 	// Answers of 503: nothing is wrong with the request; the client should
 	// try again later (Retry-After says when).
 	msgUnavailable = "registry network unreachable, try again"
+	msgStoreFull   = "registry store is full, try again later"
 	msgOutboxFull  = "too many publications waiting for the registry network, try again"
 )
 
@@ -39,6 +40,9 @@ func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, no
 		a.log.Debug("unavailable", "route", r.URL.Path, "err", err)
 		w.Header().Set("Retry-After", retryAfterSeconds)
 		return writeError(w, http.StatusServiceUnavailable, msgUnavailable)
+	case errors.Is(err, storage.ErrStoreFull):
+		a.log.Warn("write refused: store full", "route", r.URL.Path, "err", err)
+		return writeError(w, http.StatusInsufficientStorage, msgStoreFull)
 	case errors.Is(err, storage.ErrOutboxFull):
 		a.log.Warn("publication refused: outbox full", "route", r.URL.Path)
 		w.Header().Set("Retry-After", retryAfterSeconds)
