@@ -1,0 +1,134 @@
+package node
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// Session pacing per peer. Each peer has a token bucket of sessions: a
+// session takes a token, a token comes back every syncPeerRefill, and the
+// bucket holds at most syncPeerBurst(shards) tokens: enough for the burst of
+// sessions an honest node runs when it connects (two sets of every shard)
+// and, sustained, one session every syncPeerRefill — several times what the
+// periodic loop needs at the default interval. The initiator paces itself
+// with the same bucket (less two tokens of slack for network jitter), so an
+// honest initiator is never refused.
+const (
+	syncPeerRefill = 500 * time.Millisecond
+	// syncMaxStrikes refused sessions (over the per-peer concurrency or
+	// rate), decaying by one per syncPeerRefill, ban the peer.
+	syncMaxStrikes = 8
+	// syncMaxTracked bounds the per-peer table; peers with nothing running
+	// and a full bucket are forgotten first.
+	syncMaxTracked = 4096
+)
+
+func syncPeerBurst(shards int) float64 { return float64(2*shards + 4) }
+
+type syncPeerState struct {
+	active  int
+	tokens  float64
+	strikes float64
+	at      time.Time // when tokens and strikes were last brought up to date
+}
+
+// syncPeers paces sessions per peer: concurrency, a token bucket, strikes.
+type syncPeers struct {
+	mu    sync.Mutex
+	burst float64
+	peers map[peer.ID]*syncPeerState
+}
+
+func newSyncPeers(shards int) *syncPeers {
+	return &syncPeers{burst: syncPeerBurst(shards), peers: map[peer.ID]*syncPeerState{}}
+}
+
+// state returns p's entry brought up to now. Call with mu held.
+func (sp *syncPeers) state(p peer.ID, now time.Time) *syncPeerState {
+	st, ok := sp.peers[p]
+	if !ok {
+		if len(sp.peers) >= syncMaxTracked {
+			sp.sweep(now)
+		}
+		st = &syncPeerState{tokens: sp.burst, at: now}
+		sp.peers[p] = st
+		return st
+	}
+	if d := now.Sub(st.at); d > 0 {
+		k := float64(d) / float64(syncPeerRefill)
+		st.tokens = min(sp.burst, st.tokens+k)
+		st.strikes = max(0, st.strikes-k)
+		st.at = now
+	}
+	return st
+}
+
+// sweep forgets idle peers. Call with mu held.
+func (sp *syncPeers) sweep(now time.Time) {
+	for p, st := range sp.peers {
+		k := float64(now.Sub(st.at)) / float64(syncPeerRefill)
+		if st.active == 0 && st.tokens+k >= sp.burst && st.strikes-k <= 0 {
+			delete(sp.peers, p)
+		}
+	}
+}
+
+// tryBegin starts a session with p if fewer than maxActive run and a token
+// is left. reason says which limit refused it ("peer_sessions",
+// "peer_rate"); strikes is p's strike count after a refusal.
+func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool, reason string, strikes float64) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	st := sp.state(p, now)
+	switch {
+	case st.active >= maxActive:
+		reason = "peer_sessions"
+	case st.tokens < 1:
+		reason = "peer_rate"
+	default:
+		st.active++
+		st.tokens--
+		return true, "", st.strikes
+	}
+	st.strikes++
+	return false, reason, st.strikes
+}
+
+func (sp *syncPeers) end(p peer.ID) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if st, ok := sp.peers[p]; ok && st.active > 0 {
+		st.active--
+	}
+}
+
+// beginOutbound paces this node's own sessions with p: one at a time, and
+// no faster than the responder's bucket (less two tokens of slack). With
+// wait, it waits for its turn (or ctx); without, a busy peer is errSyncBusy.
+func (sp *syncPeers) beginOutbound(ctx context.Context, p peer.ID, wait bool) error {
+	for {
+		now := time.Now()
+		sp.mu.Lock()
+		st := sp.state(p, now)
+		if st.active == 0 && st.tokens >= 3 {
+			st.active++
+			st.tokens--
+			sp.mu.Unlock()
+			return nil
+		}
+		sp.mu.Unlock()
+		if !wait {
+			return errSyncBusy
+		}
+		t := time.NewTimer(syncPeerRefill / 4)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
