@@ -78,7 +78,7 @@ func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set p
 	kind := setKind(set)
 	root := s.n.store.ShardDigest(kind, shard)
 	ss := &syncSession{s: s, p: p, shard: shard, set: set, kind: kind, pending: map[string][]uint64{},
-		queue:   []queuedRange{{count: root.Count, fp: root.Fingerprint(), claim: syncMaxListing}},
+		queue:   []queuedRange{{count: root.Count, fp: root.Fingerprint(), claim: 256}},
 		scanCap: syncWorkFactor*root.Count + syncWorkSlack}
 	err := ss.run(ctx)
 	return ss.pulled, err
@@ -146,7 +146,9 @@ func (ss *syncSession) nextRequest() *pb.SyncRequest {
 	n := 0
 	for ; n < len(ss.queue) && n < syncMaxRanges; n++ {
 		q := ss.queue[n]
-		c, i := uint64(0), min(q.claim, syncMaxListing)
+		// A large range is split into at most 256 children, or listed
+		// when it holds a single key (one device's bundles: a few).
+		c, i := uint64(0), min(q.claim, 256)
 		if q.claim > syncListThreshold {
 			c = min(q.claim, 256)
 		}
