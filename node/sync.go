@@ -124,7 +124,7 @@ func startSync(ctx context.Context, n *Node, h host.Host) *syncService {
 		outbound: newSyncPeers(n.cfg.Shards.Count()),
 		sessions: make(chan struct{}, syncMaxSessions),
 		scanned: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_sync_items_scanned_total",
-			Help: "Store items sync scanned to compare or serve ranges, by role (initiator, responder)."}, []string{"role"}),
+			Help: "Store items sync read to compare and list ranges, by role (initiator: this node's sessions; responder: peers' sessions)."}, []string{"role"}),
 		refusal: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_sync_sessions_refused_total",
 			Help: "Inbound sync sessions reset before the first request, by reason (busy, peer_sessions, peer_rate)."}, []string{"reason"}),
 	}

@@ -66,10 +66,15 @@ func (s *syncService) handle(raw network.Stream) {
 			return
 		}
 		if resp.Status != pb.SyncResponse_STATUS_OK {
-			_ = raw.Close()
+			_ = raw.CloseWrite()
 			if resp.Status == pb.SyncResponse_STATUS_BAD_REQUEST {
+				// Let the status reach the peer before its connections
+				// close: wait (briefly) for it to close its side.
+				_ = raw.SetReadDeadline(time.Now().Add(min(time.Second, s.n.cfg.StreamTimeout)))
+				_, _ = io.Copy(io.Discard, io.LimitReader(raw, syncMaxRequest))
 				s.n.guard.penalize(p, "sync", reason)
 			}
+			_ = raw.Close()
 			return
 		}
 	}
@@ -273,8 +278,13 @@ func (rs *syncResponder) listed(prefix []byte) {
 // charge adds work; false once the session's budget is spent.
 func (rs *syncResponder) charge(n uint64) bool {
 	rs.work += n
-	rs.s.scanned.WithLabelValues("responder").Add(float64(n))
 	return rs.work <= rs.workCap
+}
+
+// chargeScan charges the items a range scan read, and counts them.
+func (rs *syncResponder) chargeScan(items uint64) bool {
+	rs.s.scanned.WithLabelValues("responder").Add(float64(items))
+	return rs.charge(items)
 }
 
 func badRequest(reason string) (*pb.SyncResponse, string) {
@@ -320,7 +330,7 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 		if err != nil {
 			return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_UNSPECIFIED}, ""
 		}
-		if !rs.charge(mine.Count) {
+		if !rs.chargeScan(mine.Count) {
 			return badRequest(reasonSessionWork)
 		}
 		if fp := mine.Fingerprint(); bytes.Equal(fp[:], rg.Fingerprint) || mine.Count == 0 {
@@ -333,7 +343,7 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 			if err != nil {
 				return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_UNSPECIFIED}, ""
 			}
-			if !rs.charge(uint64(len(items))) {
+			if !rs.chargeScan(uint64(len(items))) {
 				return badRequest(reasonSessionWork)
 			}
 			if len(items) == 0 {

@@ -1,0 +1,297 @@
+package testnet
+
+import (
+	"bufio"
+	"context"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-msgio/pbio"
+
+	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/pb"
+)
+
+// syncMetric adds up the samples of a node's metric whose line contains
+// every one of match.
+func syncMetric(t *testing.T, n *node.Node, name string, match ...string) float64 {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	total := 0.0
+	sc := bufio.NewScanner(rec.Body)
+	sc.Buffer(nil, 1<<20)
+lines:
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		for _, m := range match {
+			if !strings.Contains(line, m) {
+				continue lines
+			}
+		}
+		v, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		total += v
+	}
+	return total
+}
+
+func scannedByResponder(t *testing.T, n *node.Node) float64 {
+	return syncMetric(t, n, "kpnode_sync_items_scanned_total", `role="responder"`)
+}
+
+// syncStream is a raw sync session of a hostile initiator.
+type syncStream struct {
+	s network.Stream
+	r pbio.ReadCloser
+	w pbio.WriteCloser
+}
+
+func openSync(t *testing.T, ctx context.Context, h host.Host, n *node.Node) (*syncStream, error) {
+	t.Helper()
+	s, err := h.NewStream(ctx, n.PeerID(), p2pprotocol.ID(protocol.SyncProtocol(n.NetworkID())))
+	if err != nil {
+		return nil, err
+	}
+	_ = s.SetDeadline(time.Now().Add(20 * time.Second))
+	return &syncStream{s: s, r: pbio.NewDelimitedReader(s, 16<<20), w: pbio.NewDelimitedWriter(s)}, nil
+}
+
+// round sends req and reads the answer; an error means the stream died.
+func (ss *syncStream) round(req *pb.SyncRequest) (*pb.SyncResponse, error) {
+	if err := ss.w.WriteMsg(req); err != nil {
+		return nil, err
+	}
+	var resp pb.SyncResponse
+	if err := ss.r.ReadMsg(&resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+var emptyFingerprint = func() []byte { fp := (protocol.Digest{}).Fingerprint(); return fp[:] }()
+
+// syncTarget starts one node holding shard 0 with count bundles in it.
+func syncTarget(t *testing.T, count int) *node.Node {
+	t.Helper()
+	c := startCluster(t, 1, func(_ int, cfg *node.Config) {
+		cfg.Policy.MLS = protocol.MLSOff
+		cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+		cfg.SyncInterval = time.Hour
+	})
+	n := c.Nodes[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for range count {
+		b := opaqueBundleIn(t, 0)
+		if err := n.SubmitBundle(ctx, &b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+// honestRootRound measures what the root round of a session with an empty
+// initiator costs the responder: the reference for every hostile request.
+func honestRootRound(t *testing.T, ctx context.Context, n *node.Node) (scanned float64, children []*pb.SyncRange) {
+	t.Helper()
+	h := rawHost(t)
+	connectTo(t, ctx, h, n)
+	ss, err := openSync(t, ctx, h, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.s.Close()
+	before := scannedByResponder(t, n)
+	resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
+	if err != nil || resp.Status != pb.SyncResponse_STATUS_OK || len(resp.Ranges) == 0 {
+		t.Fatalf("honest root round: %v %v", resp, err)
+	}
+	return scannedByResponder(t, n) - before, resp.Ranges
+}
+
+func expectBanned(t *testing.T, ctx context.Context, n *node.Node, h host.Host, reason string) {
+	t.Helper()
+	if err := eventually(ctx, func() bool {
+		return syncMetric(t, n, "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+reason+`"`) >= 1
+	}); err != nil {
+		t.Errorf("no sync penalty for %s", reason)
+	}
+	if err := eventually(ctx, func() bool { return h.Network().Connectedness(n.PeerID()) != network.Connected }); err != nil {
+		t.Error("the attacker is still connected")
+	}
+	if ss, err := openSync(t, ctx, h, n); err == nil {
+		if _, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil {
+			t.Error("a banned peer was served")
+		}
+	}
+}
+
+// A hostile initiator's requests that are cheap to send and expensive to
+// answer are refused before any scan, and the peer is banned: 64 wants
+// naming the empty prefix, nested prefixes, wants and ranges the responder
+// never offered, endless rounds. Each costs the responder no more than an
+// honest round (items scanned, counted by the node).
+func TestHostileSyncInitiatorIsRefused(t *testing.T) {
+	n := syncTarget(t, 2000)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	honest, children := honestRootRound(t, ctx, n)
+	t.Logf("honest root round: %v items scanned", honest)
+
+	var emptyWants []*pb.SyncListing
+	for i := range 64 {
+		emptyWants = append(emptyWants, &pb.SyncListing{Ids: []uint64{uint64(i)}})
+	}
+	cases := []struct {
+		name   string
+		reason string
+		reqs   []*pb.SyncRequest
+	}{
+		{"64 empty-prefix wants", "nested_prefix", []*pb.SyncRequest{{Want: emptyWants}}},
+		{"nested ranges", "nested_prefix", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{}, {Prefix: []byte{1}}, {Prefix: []byte{1, 2}}}}}},
+		{"range inside a want", "nested_prefix", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Prefix: []byte{1, 2}}},
+			Want: []*pb.SyncListing{{Prefix: []byte{1}, Ids: []uint64{1}}}}}},
+		{"want never offered", "not_offered", []*pb.SyncRequest{{Want: []*pb.SyncListing{{Ids: []uint64{1, 2, 3}}}}}},
+		{"ranges never offered", "not_offered", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Prefix: []byte{1}}, {Prefix: []byte{2}}}}}},
+		{"root twice", "not_offered", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}, {Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}}},
+		{"duplicate want IDs", "bad_request", []*pb.SyncRequest{{Want: []*pb.SyncListing{{Prefix: []byte{1}, Ids: []uint64{5, 5}}}}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := rawHost(t)
+			connectTo(t, ctx, h, n)
+			ss, err := openSync(t, ctx, h, n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			before := scannedByResponder(t, n)
+			var last *pb.SyncResponse
+			for _, req := range tc.reqs {
+				if last, err = ss.round(req); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if last.Status != pb.SyncResponse_STATUS_BAD_REQUEST {
+				t.Fatalf("answered %v", last.Status)
+			}
+			cost := scannedByResponder(t, n) - before
+			if cost > honest*float64(len(tc.reqs)) {
+				t.Errorf("refusing cost %v items scanned; an honest round %v", cost, honest)
+			}
+			t.Logf("%v items scanned (honest round: %v)", cost, honest)
+			expectBanned(t, ctx, n, h, tc.reason)
+		})
+	}
+
+	t.Run("endless rounds", func(t *testing.T) {
+		h := rawHost(t)
+		connectTo(t, ctx, h, n)
+		ss, err := openSync(t, ctx, h, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
+		if err != nil || resp.Status != pb.SyncResponse_STATUS_OK {
+			t.Fatal(resp, err)
+		}
+		// Ask about one child, which is listed; then want one of its
+		// items again and again.
+		child := &pb.SyncRange{Prefix: resp.Ranges[0].Prefix, Fingerprint: emptyFingerprint}
+		if resp, err = ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{child}}); err != nil || len(resp.Listings) != 1 {
+			t.Fatal(resp, err)
+		}
+		want := &pb.SyncRequest{Want: []*pb.SyncListing{{Prefix: child.Prefix, Ids: resp.Listings[0].Ids[:1]}}}
+		before := scannedByResponder(t, n)
+		rounds := 2
+		for ; rounds < 10_000; rounds++ {
+			if resp, err = ss.round(want); err != nil {
+				t.Fatal(err)
+			}
+			if resp.Status != pb.SyncResponse_STATUS_OK {
+				break
+			}
+		}
+		if resp.Status != pb.SyncResponse_STATUS_BAD_REQUEST || rounds > 600 {
+			t.Fatalf("after %d rounds: %v", rounds, resp.Status)
+		}
+		t.Logf("cut off after %d rounds; %v items charged for the repeated wants", rounds, scannedByResponder(t, n)-before)
+		expectBanned(t, ctx, n, h, "rounds")
+	})
+	_ = children
+}
+
+// Parallel and rapid sessions from one peer are refused with a reset
+// before anything is read, and a peer that keeps opening them is banned;
+// honest peers pace themselves (see node's TestHonestSyncIsNeverPenalized).
+func TestSyncSessionFloodIsRefused(t *testing.T) {
+	n := syncTarget(t, 200)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	t.Run("parallel", func(t *testing.T) {
+		h := rawHost(t)
+		connectTo(t, ctx, h, n)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		served := 0
+		for range 12 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ss, err := openSync(t, ctx, h, n)
+				if err != nil {
+					return
+				}
+				if _, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil {
+					mu.Lock()
+					served++
+					mu.Unlock()
+				}
+				// Hold the session open until the end.
+				_ = eventually(ctx, func() bool { return h.Network().Connectedness(n.PeerID()) != network.Connected })
+				ss.s.Reset()
+			}()
+		}
+		wg.Wait()
+		if served > 2 {
+			t.Errorf("%d parallel sessions served, want at most 2", served)
+		}
+		if r := syncMetric(t, n, "kpnode_sync_sessions_refused_total", `reason="peer_sessions"`); r < 9 {
+			t.Errorf("%v sessions refused", r)
+		}
+		expectBanned(t, ctx, n, h, "peer_sessions")
+	})
+
+	t.Run("rapid", func(t *testing.T) {
+		h := rawHost(t)
+		connectTo(t, ctx, h, n)
+		served := 0
+		for i := 0; i < 200 && h.Network().Connectedness(n.PeerID()) == network.Connected; i++ {
+			ss, err := openSync(t, ctx, h, n)
+			if err != nil {
+				break
+			}
+			if resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil && resp.Status == pb.SyncResponse_STATUS_OK {
+				served++
+			}
+			ss.s.Close()
+		}
+		// The burst is two sessions per shard plus four, plus what comes
+		// back (one every 500 ms) while the loop runs.
+		if served > 2*protocol.DefaultShardCount+4+10 {
+			t.Errorf("%d rapid sessions served", served)
+		}
+		expectBanned(t, ctx, n, h, "peer_rate")
+	})
+}
