@@ -61,8 +61,8 @@ const (
 	// scans about 2-3× the shard when everything differs.
 	syncWorkFactor      = 8
 	syncWorkSlack       = 1 << 16
-	syncMaxSessions     = 8  // concurrent inbound sessions, whole node
-	syncMaxPeerSessions = 2  // concurrent inbound sessions, one peer
+	syncMaxSessions     = 8 // concurrent inbound sessions, whole node
+	syncMaxPeerSessions = 2 // concurrent inbound sessions, one peer
 
 	// DefaultSyncInterval is how often a node reconciles each shard it holds
 	// with a random peer that holds it too.
