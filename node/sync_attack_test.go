@@ -320,3 +320,38 @@ func TestRefusedItemsAreNotPulledAgain(t *testing.T) {
 		t.Errorf("%d refused items remembered, want 6", b.sync.refused.len())
 	}
 }
+
+// The sync service owns its goroutines: after Close, none of them (the
+// identify watcher, the periodic loop, sessions in both roles) is left,
+// even with sessions running against a peer that never answers.
+func TestSyncGoroutinesEndOnClose(t *testing.T) {
+	n, _ := testNode(t, nil)
+	storeOpaque(t, n, 50)
+	stalled := make(chan struct{})
+	defer close(stalled)
+	hostileResponder(t, n, func(*pb.SyncRequest) *pb.SyncResponse {
+		<-stalled // never answers while the node closes
+		return &pb.SyncResponse{}
+	})
+	peerNode, _ := testNode(t, nil)
+	connect(t, peerNode, n)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	waitFor(t, ctx, "sessions in flight", func() bool {
+		return strings.Contains(stacks(), "(*syncSession).run")
+	})
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := peerNode.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s := stacks(); strings.Contains(s, "(*syncService)") || strings.Contains(s, "(*syncSession)") {
+		t.Fatalf("sync goroutines left after Close:\n%s", s)
+	}
+}
+
+func stacks() string {
+	buf := make([]byte, 1<<22)
+	return string(buf[:runtime.Stack(buf, true)])
+}
