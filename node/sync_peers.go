@@ -18,8 +18,12 @@ import (
 // honest initiator is never refused.
 const (
 	syncPeerRefill = 500 * time.Millisecond
-	// syncMaxStrikes refused sessions (over the per-peer concurrency or
-	// rate), decaying by one per syncPeerRefill, ban the peer.
+	// More than syncMaxStrikes sessions refused for the per-peer
+	// concurrency, or more than the burst plus syncMaxStrikes refused for
+	// the rate, each count decaying by one per syncPeerRefill, ban the
+	// peer. The rate allows a burst more: an honest node that restarts
+	// starts with a full bucket of its own while the responder still
+	// remembers its sessions from before.
 	syncMaxStrikes = 8
 	// syncMaxTracked bounds the per-peer table; peers with nothing running
 	// and a full bucket are forgotten first.
@@ -29,10 +33,11 @@ const (
 func syncPeerBurst(shards int) float64 { return float64(2*shards + 4) }
 
 type syncPeerState struct {
-	active  int
-	tokens  float64
-	strikes float64
-	at      time.Time // when tokens and strikes were last brought up to date
+	active      int
+	tokens      float64
+	strikes     float64   // refusals for concurrency
+	rateStrikes float64   // refusals for the rate
+	at          time.Time // when tokens and strikes were last brought up to date
 }
 
 // syncPeers paces sessions per peer: concurrency, a token bucket, strikes.
@@ -61,6 +66,7 @@ func (sp *syncPeers) state(p peer.ID, now time.Time) *syncPeerState {
 		k := float64(d) / float64(syncPeerRefill)
 		st.tokens = min(sp.burst, st.tokens+k)
 		st.strikes = max(0, st.strikes-k)
+		st.rateStrikes = max(0, st.rateStrikes-k)
 		st.at = now
 	}
 	return st
@@ -70,7 +76,7 @@ func (sp *syncPeers) state(p peer.ID, now time.Time) *syncPeerState {
 func (sp *syncPeers) sweep(now time.Time) {
 	for p, st := range sp.peers {
 		k := float64(now.Sub(st.at)) / float64(syncPeerRefill)
-		if st.active == 0 && st.tokens+k >= sp.burst && st.strikes-k <= 0 {
+		if st.active == 0 && st.tokens+k >= sp.burst && max(st.strikes, st.rateStrikes)-k <= 0 {
 			delete(sp.peers, p)
 		}
 	}
@@ -78,23 +84,22 @@ func (sp *syncPeers) sweep(now time.Time) {
 
 // tryBegin starts a session with p if fewer than maxActive run and a token
 // is left. reason says which limit refused it ("peer_sessions",
-// "peer_rate"); strikes is p's strike count after a refusal.
-func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool, reason string, strikes float64) {
+// "peer_rate"); ban says p has been refused too often.
+func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool, reason string, ban bool) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	st := sp.state(p, now)
 	switch {
 	case st.active >= maxActive:
-		reason = "peer_sessions"
+		st.strikes++
+		return false, "peer_sessions", st.strikes > syncMaxStrikes
 	case st.tokens < 1:
-		reason = "peer_rate"
-	default:
-		st.active++
-		st.tokens--
-		return true, "", st.strikes
+		st.rateStrikes++
+		return false, "peer_rate", st.rateStrikes > sp.burst+syncMaxStrikes
 	}
-	st.strikes++
-	return false, reason, st.strikes
+	st.active++
+	st.tokens--
+	return true, "", false
 }
 
 func (sp *syncPeers) end(p peer.ID) {

@@ -106,12 +106,12 @@ func (s *syncService) admit(p peer.ID) (release func(), ok bool) {
 		s.refusal.WithLabelValues("busy").Inc()
 		return nil, false
 	}
-	ok, reason, strikes := s.inbound.tryBegin(p, syncMaxPeerSessions, time.Now())
+	ok, reason, ban := s.inbound.tryBegin(p, syncMaxPeerSessions, time.Now())
 	if !ok {
 		<-s.sessions
 		s.wg.Done()
 		s.refusal.WithLabelValues(reason).Inc()
-		if strikes > syncMaxStrikes {
+		if ban {
 			s.n.guard.penalize(p, "sync", reason)
 		}
 		return nil, false
