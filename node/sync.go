@@ -98,6 +98,7 @@ type syncService struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	sub    event.Subscription // identify events; nil without held shards
+	notify *network.NotifyBundle
 
 	// shardLocks serialise sessions per shard: a node that reconnects to
 	// several peers at once pulls the missing records from the first and
@@ -130,6 +131,13 @@ func startSync(ctx context.Context, n *Node, h host.Host) *syncService {
 	}
 	n.registry.MustRegister(s.scanned, s.refusal)
 	s.ctx, s.cancel = context.WithCancel(ctx)
+	s.notify = &network.NotifyBundle{DisconnectedF: func(nw network.Network, c network.Conn) {
+		if p := c.RemotePeer(); nw.Connectedness(p) != network.Connected {
+			s.inbound.forget(p, time.Now())
+			s.outbound.forget(p, time.Now())
+		}
+	}}
+	h.Network().Notify(s.notify)
 	h.SetStreamHandler(s.proto, s.handle)
 	if !n.cfg.Shards.Empty() {
 		sub, err := h.EventBus().Subscribe([]any{new(event.EvtPeerIdentificationCompleted), new(event.EvtPeerProtocolsUpdated)})
@@ -150,6 +158,7 @@ func startSync(ctx context.Context, n *Node, h host.Host) *syncService {
 // of the service.
 func (s *syncService) close() {
 	s.h.RemoveStreamHandler(s.proto)
+	s.h.Network().StopNotify(s.notify)
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()

@@ -15,7 +15,8 @@ import (
 // and, sustained, one session every syncPeerRefill — several times what the
 // periodic loop needs at the default interval. The initiator paces itself
 // with the same bucket (less two tokens of slack for network jitter), so an
-// honest initiator is never refused.
+// honest initiator is never refused. Both sides forget a well-behaved
+// peer's bucket when its last connection closes.
 const (
 	syncPeerRefill = 500 * time.Millisecond
 	// More than syncMaxStrikes sessions refused for the per-peer
@@ -100,6 +101,20 @@ func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool,
 	st.active++
 	st.tokens--
 	return true, "", false
+}
+
+// forget drops p's entry when p has gone (its last connection closed),
+// unless a session still runs or it has strikes: a peer that reconnects
+// starts with a full bucket, as an honest node that restarted does.
+func (sp *syncPeers) forget(p peer.ID, now time.Time) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if st, ok := sp.peers[p]; ok {
+		st = sp.state(p, now)
+		if st.active == 0 && st.strikes == 0 && st.rateStrikes == 0 {
+			delete(sp.peers, p)
+		}
+	}
 }
 
 func (sp *syncPeers) end(p peer.ID) {
