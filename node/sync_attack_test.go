@@ -53,7 +53,7 @@ lines:
 	return total
 }
 
-func waitFor(t testing.TB, ctx context.Context, what string, cond func() bool) {
+func waitUntil(t testing.TB, ctx context.Context, what string, cond func() bool) {
 	t.Helper()
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
@@ -205,7 +205,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 			defer cancel()
 			before := heapInUse()
 			h, rounds := hostileResponder(t, n, tc.answer)
-			waitFor(t, ctx, "the ban", func() bool { return n.guard.banned(h.ID()) })
+			waitUntil(t, ctx, "the ban", func() bool { return n.guard.banned(h.ID()) })
 			if got := metricSum(t, n, "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+tc.reason+`"`); got != 1 {
 				t.Errorf("penalties for %s: %v, want 1", tc.reason, got)
 			}
@@ -220,7 +220,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 			if scanned := metricSum(t, n, "kpnode_sync_items_scanned_total", `role="initiator"`); scanned > float64(400*rounds.Load()) {
 				t.Errorf("scanned %v items in %d rounds", scanned, rounds.Load())
 			}
-			waitFor(t, ctx, "the disconnect", func() bool { return n.host.Network().Connectedness(h.ID()) != network.Connected })
+			waitUntil(t, ctx, "the disconnect", func() bool { return n.host.Network().Connectedness(h.ID()) != network.Connected })
 			if s, err := h.NewStream(ctx, n.host.ID(), n.sync.proto); err == nil {
 				if _, err := s.Read(make([]byte, 1)); err == nil {
 					t.Error("a banned peer opened a sync stream")
@@ -256,7 +256,7 @@ func TestHonestSyncIsNeverPenalized(t *testing.T) {
 	defer cancel()
 	connect(t, b, a)
 	total := all(a) + all(b)
-	waitFor(t, ctx, "convergence from the sessions started on connect", func() bool { return all(a) == total && all(b) == total })
+	waitUntil(t, ctx, "convergence from the sessions started on connect", func() bool { return all(a) == total && all(b) == total })
 	for range 10 {
 		if _, err := b.SyncNow(ctx, a.host.ID(), 0); err != nil {
 			t.Fatal(err)
@@ -304,7 +304,7 @@ func TestRefusedItemsAreNotPulledAgain(t *testing.T) {
 	pulledBy := func() float64 {
 		return metricSum(t, b, "kpnode_bundles_accepted_total", `source="sync"`)
 	}
-	waitFor(t, ctx, "the first pull", func() bool { return pulledBy() >= 8 })
+	waitUntil(t, ctx, "the first pull", func() bool { return pulledBy() >= 8 })
 	if _, err := b.SyncNow(ctx, a.host.ID(), shard); err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +338,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	connect(t, peerNode, n)
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	waitFor(t, ctx, "sessions in flight", func() bool {
+	waitUntil(t, ctx, "sessions in flight", func() bool {
 		return strings.Contains(stacks(), "(*syncSession).run")
 	})
 	if err := n.Close(); err != nil {
