@@ -45,15 +45,19 @@ func FuzzFetchRequest(f *testing.F) {
 	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: 99, Key: make([]byte, 3)})
 	f.Add(seed)
 	n, _ := testNode(f, nil)
-	fs := &fetchService{n: n, log: n.log}
+	fs := n.fetch
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var req pb.FetchRequest
 		if proto.Unmarshal(data, &req) != nil {
 			return
 		}
-		resp := fs.serve(t.Context(), &req)
+		resp, release := fs.serve(t.Context(), &req)
+		release()
 		if len(req.Key) != 32 && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
 			t.Fatalf("key of %d bytes answered %v", len(req.Key), resp.Status)
+		}
+		if size := proto.Size(resp); size > maxFetchResponse {
+			t.Fatalf("response of %d bytes, over the %d-byte cap", size, maxFetchResponse)
 		}
 	})
 }
