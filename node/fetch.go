@@ -52,7 +52,7 @@ const (
 // in memory. KIND_ALL and the point kinds (LATEST, ACCOUNT) have separate
 // budgets, so a flood of KIND_ALL never starves the lookups nodes rely on.
 // Point requests weigh 128 KiB (128 at once); a KIND_ALL weighs
-// MaxPerDevice stored records plus the answer, 7.4 MiB with the default of
+// MaxPerDevice stored records plus the answer, about 7.3 MiB with the default of
 // 100 (2 at once): kpnode nodes never send KIND_ALL themselves, it serves
 // tools and debugging, so it gets the small share of concurrency.
 const (

@@ -231,4 +231,3 @@ func signed(priv ed25519.PrivateKey, msg []byte) (sig [protocol.SignatureSize]by
 	copy(sig[:], ed25519.Sign(priv, msg))
 	return sig
 }
-
