@@ -89,7 +89,7 @@ func (w *mismatchWatch) check(p peer.ID, protos []p2pprotocol.ID) bool {
 	}
 	w.seen.Add(p, tag)
 	w.metrics.peerMismatched()
-	w.log.Warn("peer runs this network with other network constants; the two never exchange records (same --network, different --shard-count, --mls-validation or --max-kp-lifetime)",
+	w.log.Warn("peer runs this network with other network constants; the two never exchange records (same --network, different shard count, --mls-validation or --max-kp-lifetime)",
 		"peer", p, "network", w.network, "ours", describeTag(w.tag), "theirs", describeTag(tag))
 	return true
 }
