@@ -170,6 +170,12 @@ func TestFetchStatusesFollowTheSpec(t *testing.T) {
 		t.Errorf("no request: answered %d bytes", len(got))
 	}
 
+	// A non-minimal length prefix (36 as 0xa4 0x00) ends the stream unanswered.
+	m, _ := proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: b.DeviceID[:]})
+	if got, _ := p.raw(t, ctx, append([]byte{byte(len(m)) | 0x80, 0}, m...)); len(got) != 0 {
+		t.Errorf("non-minimal prefix: answered %d bytes", len(got))
+	}
+
 	// Two requests on one stream: the first is answered, the second is
 	// discarded unread, and the stream ends after one response.
 	latest := &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: b.DeviceID[:]}

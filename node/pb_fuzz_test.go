@@ -1,10 +1,13 @@
 package node
 
 import (
+	"strings"
 	"testing"
 
+	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
 
@@ -131,5 +134,23 @@ func FuzzSyncResponse(f *testing.F) {
 		if total > 5 || total != taken || len(batch) > 3 {
 			t.Fatalf("takeWants returned %d ids in %d listings, said %d", total, len(batch), taken)
 		}
+	})
+}
+
+// FuzzMismatchedTag: protocol IDs a peer advertises in identify are
+// hostile input; reading a constants tag from them never panics, and a
+// mismatch is only ever reported for another tag of this network name.
+func FuzzMismatchedTag(f *testing.F) {
+	ours := protocol.DefaultConstants().Tag()
+	f.Add("/kpnode/net/s8-off-l7776000/fetch/1.0.0")
+	f.Add("/kpnode/net/" + ours + "/sync/1.0.0")
+	f.Add("/kpnode//x/fetch/")
+	f.Fuzz(func(t *testing.T, id string) {
+		tag, ok := mismatchedTag("net", ours, []p2pprotocol.ID{p2pprotocol.ID(id)})
+		if ok && (tag == "" || tag == ours || !strings.HasPrefix(id, "/kpnode/net/"+tag+"/")) {
+			t.Fatalf("%q: mismatch with tag %q", id, tag)
+		}
+		_ = describeTag(tag)
+		_ = describeTag(id)
 	})
 }
