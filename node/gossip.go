@@ -134,6 +134,7 @@ type gossip struct {
 	subs     []*pubsub.Subscription
 	log      *slog.Logger
 	watch    *mismatchWatch
+	budget   *inboundBudget
 	wg       sync.WaitGroup // the drain goroutines
 }
 
@@ -145,6 +146,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 		all = append(all, protocol.BundleTopic(n.netID, s), protocol.AccountTopic(n.netID, s))
 	}
 	params, thresholds := scoreParams(all, n.guard)
+	budget := newInboundBudget(n.guard, n.metrics, time.Now)
 	opts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign),
 		pubsub.WithNoAuthor(),
@@ -158,6 +160,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 		pubsub.WithMaxMessageSize(maxGossipRPC),
 		pubsub.WithRawTracer(n.metrics.gossipTracer()),
 		pubsub.WithRPCLogger(slog.New(&rpcWatch{guard: n.guard, metrics: n.metrics, next: n.log.With("component", "gossip").Handler()})),
+		pubsub.WithAppSpecificRpcInspector(budget.inspect),
 	}
 	if n.cfg.PeerScoreInspect != nil {
 		opts = append(opts, pubsub.WithPeerScoreInspect(n.cfg.PeerScoreInspect, 100*time.Millisecond))
@@ -166,7 +169,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gossipsub: %w", err)
 	}
-	g := &gossip{n: n, ps: ps, log: n.log.With("component", "gossip"),
+	g := &gossip{n: n, ps: ps, log: n.log.With("component", "gossip"), budget: budget,
 		bundles: make([]*pubsub.Topic, count), accounts: make([]*pubsub.Topic, count)}
 	self := h.ID()
 	for s := 0; s < count; s++ {

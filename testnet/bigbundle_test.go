@@ -63,13 +63,13 @@ type gossipAttacker struct {
 	topic *pubsub.Topic
 }
 
-func newGossipAttacker(t *testing.T, ctx context.Context, victim *node.Node, shard int) *gossipAttacker {
+func newGossipAttacker(t *testing.T, ctx context.Context, victim *node.Node, shard int, opts ...pubsub.Option) *gossipAttacker {
 	t.Helper()
 	h := rawHost(t)
-	ps, err := pubsub.NewGossipSub(ctx, h,
+	ps, err := pubsub.NewGossipSub(ctx, h, append([]pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign), pubsub.WithNoAuthor(),
-		pubsub.WithMaxMessageSize(4<<20),
-		pubsub.WithMessageIdFn(func(m *pubsubpb.Message) string { s := sha256.Sum256(m.Data); return string(s[:]) }))
+		pubsub.WithMaxMessageSize(4 << 20),
+		pubsub.WithMessageIdFn(func(m *pubsubpb.Message) string { s := sha256.Sum256(m.Data); return string(s[:]) })}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,5 +217,67 @@ func TestHTTPRefusesBundlesOverThePayloadCap(t *testing.T) {
 	}
 	if got, _ := c.Nodes[0].Bundles(ctx, b.DeviceID); len(got) != 0 {
 		t.Fatal("stored anyway")
+	}
+}
+
+// A peer that pushes more message bytes than its inbound budget (32 MiB at
+// once, 4 MiB/s after) is cut off, even when every message is valid; the
+// node keeps taking honest bundles.
+func TestGossipPeerOverItsByteBudgetIsCutOff(t *testing.T) {
+	if testing.Short() {
+		t.Skip("flood test in -short mode")
+	}
+	if raceDetector {
+		// The attacker must outrun the 4 MiB/s refill, which neither it nor
+		// the victim can under the race detector (node/gossip_budget_test.go
+		// covers the budget's arithmetic there).
+		t.Skip("rate test without the race detector only")
+	}
+	board := newScoreBoard()
+	c := startCluster(t, 2, func(i int, cfg *node.Config) {
+		cfg.Policy.MLS = protocol.MLSOff
+		cfg.MaxPerDevice = 1000
+		if i == 1 {
+			cfg.PeerScoreInspect = board.inspect
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	victim := c.Nodes[1]
+	const shard = 0
+	a := newGossipAttacker(t, ctx, victim, shard, pubsub.WithPeerOutboundQueueSize(4096))
+	// 1,000 valid 60 KB bundles of one device: 57 MiB, sent as fast as the
+	// attacker can.
+	dev := deviceInShard(t, shard, protocol.DefaultShardCount)
+	start := uint64(time.Now().Add(-time.Hour).UnixMilli())
+	msgs := make([][]byte, 1000)
+	for i := range msgs {
+		kp := make([]byte, 60_000-protocol.TimestampSize)
+		rand.Read(kp)
+		b := protocol.SignBundle(dev, start+uint64(i), kp)
+		msgs[i] = gossipData(t, &b)
+	}
+	series := `kpnode_peer_penalties_total{protocol="gossip",reason="inbound_bytes"}`
+	for _, m := range msgs {
+		if metricValue(t, victim, series) > 0 {
+			break
+		}
+		if err := a.topic.Publish(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := eventually(ctx, func() bool { return metricValue(t, victim, series) >= 1 }); err != nil {
+		t.Fatal("a peer over its byte budget was not cut off")
+	}
+	if err := eventually(ctx, func() bool { s, ok := board.score(a.id); return ok && s < -400 }); err != nil {
+		s, _ := board.score(a.id)
+		t.Fatalf("cut-off peer keeps score %v", s)
+	}
+	honest := signedBundle(t, shard, 3000)
+	if err := c.Nodes[0].SubmitBundle(ctx, &honest); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitServed(ctx, victim, honest); err != nil {
+		t.Fatalf("honest bundle after the flood: %v", err)
 	}
 }
