@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -37,7 +37,8 @@ type mismatchWatch struct {
 	network, tag string // this node's network name and constants tag
 	log          *slog.Logger
 	metrics      *metrics
-	seen         *expirable.LRU[peer.ID, string] // peers warned about, with their tag
+	seen         *simplelru.LRU[peer.ID, warned] // peers warned about
+	now          func() time.Time
 	sub          event.Subscription
 	done         chan struct{}
 }
@@ -47,11 +48,23 @@ func startMismatchWatch(ctx context.Context, n *Node, h host.Host) (*mismatchWat
 	if err != nil {
 		return nil, fmt.Errorf("identify events: %w", err)
 	}
+	// A plain LRU with times, not expirable.LRU, whose cleanup goroutine
+	// would outlive close.
+	seen, err := simplelru.NewLRU[peer.ID, warned](maxMismatchPeers, nil)
+	if err != nil {
+		sub.Close()
+		return nil, err
+	}
 	w := &mismatchWatch{network: n.cfg.Network, tag: n.cfg.Constants().Tag(), log: n.log.With("component", "network"),
-		metrics: n.metrics, seen: expirable.NewLRU[peer.ID, string](maxMismatchPeers, nil, mismatchLogEvery),
-		sub: sub, done: make(chan struct{})}
+		metrics: n.metrics, seen: seen, now: time.Now, sub: sub, done: make(chan struct{})}
 	go w.run(ctx)
 	return w, nil
+}
+
+// warned is when a peer was last reported, with the tag it had.
+type warned struct {
+	tag string
+	at  time.Time
 }
 
 func (w *mismatchWatch) run(ctx context.Context) {
@@ -84,10 +97,11 @@ func (w *mismatchWatch) check(p peer.ID, protos []p2pprotocol.ID) bool {
 	if !ok {
 		return false
 	}
-	if prev, ok := w.seen.Get(p); ok && prev == tag {
+	now := w.now()
+	if prev, ok := w.seen.Get(p); ok && prev.tag == tag && now.Sub(prev.at) < mismatchLogEvery {
 		return true
 	}
-	w.seen.Add(p, tag)
+	w.seen.Add(p, warned{tag: tag, at: now})
 	w.metrics.peerMismatched()
 	w.log.Warn("peer runs this network with other network constants; the two never exchange records (same --network, different shard count, --mls-validation or --max-kp-lifetime)",
 		"peer", p, "network", w.network, "ours", describeTag(w.tag), "theirs", describeTag(tag))

@@ -24,7 +24,7 @@ func rpcOf(sizes ...int) *pubsub.RPC {
 // peer that exceeds it, charges tiny messages a minimum, and refills.
 func TestGossipInboundBudget(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	guard := newPeerGuard(slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
+	guard := newPeerGuard(slog.New(slog.NewTextHandler(io.Discard, nil)), reg, time.Now)
 	now := time.Unix(1_000_000, 0)
 	b := newInboundBudget(guard, &metrics{gossipRPCsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "x"}, []string{"reason"})},
 		func() time.Time { return now })

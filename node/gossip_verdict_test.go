@@ -65,6 +65,7 @@ func TestVerdictOfEveryOutcome(t *testing.T) {
 		// This node's state and failures: Ignore.
 		{"stale account (tombstone or older lamport)", storage.ErrStale, pubsub.ValidationIgnore},
 		{"store lookup miss", storage.ErrNotFound, pubsub.ValidationIgnore},
+		{"store full (local --max-store-bytes or disk)", fmt.Errorf("put: %w", storage.ErrStoreFull), pubsub.ValidationIgnore},
 		{"context cancelled", context.Canceled, pubsub.ValidationIgnore},
 		{"deadline", context.DeadlineExceeded, pubsub.ValidationIgnore},
 		{"disk full or any local error", errors.New("write: no space left on device"), pubsub.ValidationIgnore},
