@@ -189,8 +189,8 @@ var busy = &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BUSY, Error: "fetch
 
 // serve answers from the store alone, within the response budgets. It
 // checks, in order: the kind (KIND_UNSPECIFIED or unknown: BAD_REQUEST),
-// the key's length and that it is an Ed25519 point (BAD_REQUEST), then the
-// budget (BUSY). release returns the budget once the answer is written.
+// the key's length (BAD_REQUEST), that it is an Ed25519 point (else
+// NOT_FOUND or NOT_HOLDER at once), then the budget (BUSY). release returns the budget once the answer is written.
 func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *pb.FetchResponse, release func()) {
 	release = func() {}
 	badRequest := func(msg string) (*pb.FetchResponse, func()) {
@@ -204,9 +204,6 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 	if len(req.Key) != protocol.KeySize {
 		return badRequest("key must be 32 bytes")
 	}
-	if _, err := ed25519strict.DecodePoint(req.Key); err != nil {
-		return badRequest("key is not an ed25519 point")
-	}
 	var key protocol.Key
 	copy(key[:], req.Key)
 	notFound := func() *pb.FetchResponse {
@@ -214,6 +211,11 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 			return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND}
 		}
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_HOLDER}
+	}
+	// No record can have a key that is not an Ed25519 point (validation
+	// rule 1): a miss, as the HTTP API's 404, without reading the store.
+	if _, err := ed25519strict.DecodePoint(req.Key); err != nil {
+		return notFound(), release
 	}
 	internal := func(err error) *pb.FetchResponse {
 		f.log.Warn("fetch: store failed", "err", err)

@@ -150,7 +150,8 @@ func TestFetchStatusesFollowTheSpec(t *testing.T) {
 		{"unknown kind", &pb.FetchRequest{Kind: 42, Key: b.DeviceID[:]}, pb.FetchResponse_STATUS_BAD_REQUEST},
 		{"empty request", &pb.FetchRequest{}, pb.FetchResponse_STATUS_BAD_REQUEST},
 		{"short key", &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: b.DeviceID[:31]}, pb.FetchResponse_STATUS_BAD_REQUEST},
-		{"key not a point", &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: notAPoint(t)}, pb.FetchResponse_STATUS_BAD_REQUEST},
+		{"key not a point (no record can have it)", &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: notAPoint(t)}, pb.FetchResponse_STATUS_NOT_FOUND},
+		{"account key not a point", &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ACCOUNT, Key: notAPoint(t)}, pb.FetchResponse_STATUS_NOT_FOUND},
 	} {
 		resp, _, err := p.fetch(ctx, tc.req)
 		if err != nil {
