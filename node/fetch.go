@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -12,64 +14,159 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
+	"golang.org/x/sync/semaphore"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/ed25519strict"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
 )
 
-// Fetch protocol limits. A request is a kind and a 32-byte key; anything
-// over maxFetchRequest is hostile. A response holds at most MaxPerDevice
-// bundles of at most the API's 1 MiB body each, but a requester caps what it
-// reads at maxFetchResponse and treats more as a failed fetch.
+// Fetch protocol limits (protocol/README.md, "Fetch").
+//
+// A request is a kind and a 32-byte key: its encoded FetchRequest (the
+// length prefix not counted) is at most maxFetchRequest bytes, and anything
+// longer is hostile. A response's encoded FetchResponse is at most
+// maxFetchResponse bytes: KIND_ALL answers the newest bundles that fit and
+// says in error that it cut the rest. A requester reads at most
+// maxFetchResponse bytes, so a responder can never make it allocate more.
 const (
 	maxFetchRequest  = 256
-	maxFetchResponse = 8 << 20
+	maxFetchResponse = 1 << 20
 	fetchTimeout     = 5 * time.Second
+	// maxBundleWire bounds one encoded bundle or account bundle inside a
+	// FetchResponse: the payload cap plus its key, signature, field tags
+	// and length prefixes (104 bytes), rounded up.
+	maxBundleWire = protocol.MaxPayloadSize + 128
+	// fetchResponseReserve is what a response needs besides its bundles:
+	// the status and the error text that says it was cut.
+	fetchResponseReserve = 256
+)
+
+// Fetch response budgets: bytes of responses in flight, node-wide. A
+// request acquires its worst case (the store's read plus the encoded
+// answer) before touching the store, and is answered STATUS_BUSY when the
+// budget cannot cover it, so a flood of requests costs at most the budget
+// in memory. KIND_ALL and the point kinds (LATEST, ACCOUNT) have separate
+// budgets, so a flood of KIND_ALL never starves the lookups nodes rely on.
+// Point requests weigh 128 KiB (128 at once); a KIND_ALL weighs
+// MaxPerDevice stored records plus the answer, about 7.3 MiB with the default of
+// 100 (2 at once): kpnode nodes never send KIND_ALL themselves, it serves
+// tools and debugging, so it gets the small share of concurrency.
+const (
+	fetchBulkBudget  = 16 << 20
+	fetchPointBudget = 16 << 20
+	// pointWeight: a stored record plus its encoded answer.
+	pointWeight = 2 * maxBundleWire
 )
 
 // DefaultStreamTimeout bounds a served fetch or sync stream.
 const DefaultStreamTimeout = 10 * time.Second
 
-// fetchService serves and issues fetch requests.
+// fetchService serves and issues fetch requests. It owns its handlers:
+// each derives its context from the service's, and close waits for them.
 type fetchService struct {
 	n     *Node
 	h     host.Host
 	proto p2pprotocol.ID
 	log   *slog.Logger
+
+	ctx    context.Context // the service's lifetime; cancelled by close
+	cancel context.CancelFunc
+
+	bulk, point *semaphore.Weighted
+	allWeight   int64 // what one KIND_ALL may allocate
+	inflight    atomic.Int64
+	peak        atomic.Int64 // high-water mark of inflight (tests, metrics)
+
+	mu     sync.Mutex // guards closed and wg.Add
+	closed bool
+	wg     sync.WaitGroup
 }
 
 func startFetch(n *Node, h host.Host) *fetchService {
-	f := &fetchService{n: n, h: h, proto: p2pprotocol.ID(protocol.FetchProtocol(n.netID)), log: n.log.With("component", "fetch")}
+	ctx, cancel := context.WithCancel(n.runCtx)
+	f := &fetchService{n: n, h: h, proto: p2pprotocol.ID(protocol.FetchProtocol(n.netID)),
+		log: n.log.With("component", "fetch"), ctx: ctx, cancel: cancel}
+	// The store reads every bundle of a device before the answer is cut, so
+	// a KIND_ALL may hold MaxPerDevice records plus the encoded answer.
+	f.allWeight = int64(n.cfg.MaxPerDevice)*maxBundleWire + maxFetchResponse
+	f.bulk = semaphore.NewWeighted(max(fetchBulkBudget, f.allWeight))
+	f.point = semaphore.NewWeighted(fetchPointBudget)
+	n.metrics.fetchInflight(f.inflight.Load)
 	h.SetStreamHandler(f.proto, f.handle)
 	return f
 }
 
-func (f *fetchService) close() { f.h.RemoveStreamHandler(f.proto) }
+// close stops serving: no new stream is handled, streams in flight are
+// reset, and close returns once every handler has returned.
+func (f *fetchService) close() {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	f.h.RemoveStreamHandler(f.proto)
+	f.cancel()
+	f.wg.Wait()
+}
 
-// handle serves one request on one stream. Truncated, oversized or slow
-// requests end the stream; the node keeps serving others.
+// handle serves one request on one stream: it reads one length-prefixed
+// FetchRequest, answers it and closes the stream. Bytes after the first
+// request are discarded unread. Truncated, oversized, undecodable or slow
+// requests reset the stream; the node keeps serving others.
 func (f *fetchService) handle(s network.Stream) {
-	defer s.Close()
-	start := time.Now()
-	deadline := start.Add(f.n.cfg.StreamTimeout)
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		_ = s.Reset()
+		return
+	}
+	f.wg.Add(1)
+	f.mu.Unlock()
+	defer f.wg.Done()
+
+	deadline := time.Now().Add(f.n.cfg.StreamTimeout)
 	_ = s.SetDeadline(deadline)
+	ctx, cancel := context.WithDeadline(f.ctx, deadline)
+	defer cancel()
+	// Closing the service (or the deadline) must also end a blocked read.
+	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
+	defer stop()
+
 	var req pb.FetchRequest
-	r := pbio.NewDelimitedReader(s, maxFetchRequest)
-	if err := r.ReadMsg(&req); err != nil {
+	if err := pbio.NewDelimitedReader(s, maxFetchRequest).ReadMsg(&req); err != nil {
 		f.log.Debug("fetch: bad request", "peer", s.Conn().RemotePeer(), "err", err)
 		f.n.metrics.fetchServed("bad_request")
 		_ = s.Reset()
 		return
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
-	resp := f.serve(ctx, &req)
+	resp, release := f.serve(ctx, &req)
+	defer release()
 	f.n.metrics.fetchServed(statusLabel(resp.Status))
 	if err := pbio.NewDelimitedWriter(s).WriteMsg(resp); err != nil {
 		f.log.Debug("fetch: write response", "peer", s.Conn().RemotePeer(), "err", err)
 		_ = s.Reset()
+		return
 	}
+	if stop() {
+		_ = s.Close()
+	}
+}
+
+// acquire takes n bytes of sem's budget, or reports false at once.
+func (f *fetchService) acquire(sem *semaphore.Weighted, n int64) (release func(), ok bool) {
+	if !sem.TryAcquire(n) {
+		return func() {}, false
+	}
+	cur := f.inflight.Add(n)
+	for {
+		p := f.peak.Load()
+		if cur <= p || f.peak.CompareAndSwap(p, cur) {
+			break
+		}
+	}
+	return func() { f.inflight.Add(-n); sem.Release(n) }, true
 }
 
 func statusLabel(s pb.FetchResponse_Status) string {
@@ -88,10 +185,24 @@ func statusLabel(s pb.FetchResponse_Status) string {
 	return "internal"
 }
 
-// serve answers from the store alone.
-func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) *pb.FetchResponse {
+var busy = &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BUSY, Error: "fetch budget exhausted; retry later"}
+
+// serve answers from the store alone, within the response budgets. It
+// checks, in order: the kind (KIND_UNSPECIFIED or unknown: BAD_REQUEST),
+// the key's length (BAD_REQUEST), that it is an Ed25519 point (else
+// NOT_FOUND or NOT_HOLDER at once), then the budget (BUSY). release returns the budget once the answer is written.
+func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *pb.FetchResponse, release func()) {
+	release = func() {}
+	badRequest := func(msg string) (*pb.FetchResponse, func()) {
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BAD_REQUEST, Error: msg}, release
+	}
+	switch req.Kind {
+	case pb.FetchRequest_KIND_LATEST, pb.FetchRequest_KIND_ALL, pb.FetchRequest_KIND_ACCOUNT:
+	default:
+		return badRequest("unknown request kind")
+	}
 	if len(req.Key) != protocol.KeySize {
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BAD_REQUEST, Error: "key must be 32 bytes"}
+		return badRequest("key must be 32 bytes")
 	}
 	var key protocol.Key
 	copy(key[:], req.Key)
@@ -101,48 +212,74 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) *pb.Fetc
 		}
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_HOLDER}
 	}
+	// No record can have a key that is not an Ed25519 point (validation
+	// rule 1): a miss, as the HTTP API's 404, without reading the store.
+	if _, err := ed25519strict.DecodePoint(req.Key); err != nil {
+		return notFound(), release
+	}
 	internal := func(err error) *pb.FetchResponse {
 		f.log.Warn("fetch: store failed", "err", err)
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
 	}
+	sem, weight := f.point, int64(pointWeight)
+	if req.Kind == pb.FetchRequest_KIND_ALL {
+		sem, weight = f.bulk, f.allWeight
+	}
+	release, ok := f.acquire(sem, weight)
+	if !ok {
+		return busy, release
+	}
 	switch req.Kind {
 	case pb.FetchRequest_KIND_LATEST:
 		b, err := f.n.store.LatestBundle(ctx, key)
-		if errors.Is(err, storage.ErrNotFound) {
-			return notFound()
+		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(b.Payload) > protocol.MaxPayloadSize) {
+			return notFound(), release
 		} else if err != nil {
-			return internal(err)
+			return internal(err), release
 		}
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{storedBundleToPB(b)}}
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{storedBundleToPB(b)}}, release
 	case pb.FetchRequest_KIND_ALL:
 		bs, err := f.n.store.Bundles(ctx, key)
 		if err != nil {
-			return internal(err)
+			return internal(err), release
 		}
 		if len(bs) == 0 {
-			return notFound()
+			return notFound(), release
 		}
-		// Newest first, up to what a requester reads; the oldest are left out.
-		resp := &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}
-		size := 0
-		for _, b := range bs {
-			if size += len(b.Payload) + 128; size > maxFetchResponse-(64<<10) {
-				break
-			}
-			resp.Bundles = append(resp.Bundles, storedBundleToPB(b))
-		}
-		return resp
-	case pb.FetchRequest_KIND_ACCOUNT:
+		return allResponse(bs), release
+	default: // KIND_ACCOUNT
 		a, err := f.n.store.Account(ctx, key)
-		if errors.Is(err, storage.ErrNotFound) {
-			return notFound()
+		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(a.Payload) > protocol.MaxPayloadSize) {
+			return notFound(), release
 		} else if err != nil {
-			return internal(err)
+			return internal(err), release
 		}
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Account: &pb.AccountBundle{
-			AccountPub: a.AccountPub[:], Payload: a.Payload, Signature: a.Signature[:], UpdatedAtMs: a.UpdatedAtMS}}
+			AccountPub: a.AccountPub[:], Payload: a.Payload, Signature: a.Signature[:], UpdatedAtMs: a.UpdatedAtMS}}, release
 	}
-	return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BAD_REQUEST, Error: "unknown request kind"}
+}
+
+// allResponse answers KIND_ALL: bundles newest first (the store's order),
+// as many as fit in maxFetchResponse encoded bytes. When it leaves some
+// out, error says "truncated: N of M bundles".
+func allResponse(bs []*storage.Bundle) *pb.FetchResponse {
+	resp := &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}
+	size := fetchResponseReserve
+	for _, b := range bs {
+		if len(b.Payload) > protocol.MaxPayloadSize {
+			continue // stored before the cap; no peer would accept it
+		}
+		m := storedBundleToPB(b)
+		n := proto.Size(m)
+		if size += 1 + protowire.SizeVarint(uint64(n)) + n; size > maxFetchResponse {
+			break
+		}
+		resp.Bundles = append(resp.Bundles, m)
+	}
+	if len(resp.Bundles) < len(bs) {
+		resp.Error = fmt.Sprintf("truncated: %d of %d bundles", len(resp.Bundles), len(bs))
+	}
+	return resp
 }
 
 func storedBundleToPB(b *storage.Bundle) *pb.Bundle {
@@ -154,6 +291,7 @@ func storedBundleToPB(b *storage.Bundle) *pb.Bundle {
 var (
 	errNotHeld  = errors.New("peer does not hold the shard")
 	errNoRecord = errors.New("no record")
+	errBusy     = errors.New("peer is busy")
 )
 
 // request sends one request to p and reads its response, within ctx and
@@ -192,6 +330,8 @@ func (f *fetchService) request(ctx context.Context, p peer.ID, req *pb.FetchRequ
 		return nil, errNoRecord
 	case pb.FetchResponse_STATUS_NOT_HOLDER:
 		return nil, errNotHeld
+	case pb.FetchResponse_STATUS_BUSY:
+		return nil, fmt.Errorf("%w: %s", errBusy, p)
 	}
 	return nil, fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
 }

@@ -7,12 +7,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
+	"sync"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-msgio"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/protocol"
@@ -20,14 +23,36 @@ import (
 	"github.com/kpnode/kpnode/storage"
 )
 
-// Gossip queue sizes. gossipsub's defaults (32 each) silently drop most of a
-// burst of a thousand bundles; these hold a burst of several thousand per
-// peer. Drops that still happen are counted (kpnode_gossip_dropped_total)
-// and repaired by sync.
+// Gossip size cap and queues, bounded in bytes.
+//
+// maxGossipRPC is the largest RPC a node reads or sends: one message at the
+// payload cap (protocol.MaxPayloadSize) plus its protobuf framing (record
+// keys, signature, GossipMessage, pubsub Message with its topic, RPC),
+// about 250 bytes, with room to spare. gossipsub v0.19 splits every
+// outgoing RPC so that it stays under this size (a burst of small messages
+// becomes several RPCs, each message whole), so honest peers never send
+// more. An RPC that announces more is refused before it is read, and its
+// sender is cut off (rpcWatch).
+//
+// What a peer can make a node hold before validation is bounded in bytes:
+// gossipValidateQueue messages waiting for a validation worker plus
+// gossipValidateThrottle messages being validated, each at most
+// maxGossipRPC: (512 + 256) × 68 KiB ≈ 51 MiB, plus gossipsub's inbound
+// channel of 32 RPCs (2 MiB). A message that finds both full is dropped
+// (kpnode_gossip_dropped_total{where="validation"}) and repaired by sync.
+// Each peer's outbound queue holds gossipOutboundQueue RPCs; they refer to
+// messages this node has already accepted and shares between all peers'
+// queues, so a peer that stops reading holds references, not copies.
+// Honest bursts fit: 1,000 bundles published at once are 1,000 RPCs and as
+// many IDONTWANTs per peer.
 const (
-	gossipQueueSize     = 8192
-	validatorTimeout    = 5 * time.Second
-	validatorConcurrent = 256
+	maxGossipRPC           = protocol.MaxPayloadSize + 4<<10
+	gossipValidateQueue    = 512
+	gossipValidateThrottle = 256
+	gossipOutboundQueue    = 2048
+	gossipSubBuffer        = 1024
+	validatorTimeout       = 5 * time.Second
+	validatorConcurrent    = gossipValidateThrottle
 )
 
 // Peer scoring. Every message carries its device's or account's signature
@@ -108,6 +133,9 @@ type gossip struct {
 	accounts []*pubsub.Topic
 	subs     []*pubsub.Subscription
 	log      *slog.Logger
+	watch    *mismatchWatch
+	budget   *inboundBudget
+	wg       sync.WaitGroup // the drain goroutines
 }
 
 func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
@@ -118,6 +146,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 		all = append(all, protocol.BundleTopic(n.netID, s), protocol.AccountTopic(n.netID, s))
 	}
 	params, thresholds := scoreParams(all, n.guard)
+	budget := newInboundBudget(n.guard, n.metrics, time.Now)
 	opts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign),
 		pubsub.WithNoAuthor(),
@@ -125,10 +154,13 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 		pubsub.WithPeerScore(params, thresholds),
 		pubsub.WithFloodPublish(true),
 		pubsub.WithPeerExchange(true),
-		pubsub.WithValidateQueueSize(gossipQueueSize),
-		pubsub.WithPeerOutboundQueueSize(gossipQueueSize),
-		pubsub.WithMaxMessageSize(2 << 20),
+		pubsub.WithValidateQueueSize(gossipValidateQueue),
+		pubsub.WithValidateThrottle(gossipValidateThrottle),
+		pubsub.WithPeerOutboundQueueSize(gossipOutboundQueue),
+		pubsub.WithMaxMessageSize(maxGossipRPC),
 		pubsub.WithRawTracer(n.metrics.gossipTracer()),
+		pubsub.WithRPCLogger(slog.New(&rpcWatch{guard: n.guard, metrics: n.metrics, next: n.log.With("component", "gossip").Handler()})),
+		pubsub.WithAppSpecificRpcInspector(budget.inspect),
 	}
 	if n.cfg.PeerScoreInspect != nil {
 		opts = append(opts, pubsub.WithPeerScoreInspect(n.cfg.PeerScoreInspect, 100*time.Millisecond))
@@ -137,7 +169,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gossipsub: %w", err)
 	}
-	g := &gossip{n: n, ps: ps, log: n.log.With("component", "gossip"),
+	g := &gossip{n: n, ps: ps, log: n.log.With("component", "gossip"), budget: budget,
 		bundles: make([]*pubsub.Topic, count), accounts: make([]*pubsub.Topic, count)}
 	self := h.ID()
 	for s := 0; s < count; s++ {
@@ -163,13 +195,19 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 			continue // joined for publishing only
 		}
 		for _, t := range []*pubsub.Topic{g.bundles[s], g.accounts[s]} {
-			sub, err := t.Subscribe(pubsub.WithBufferSize(gossipQueueSize))
+			sub, err := t.Subscribe(pubsub.WithBufferSize(gossipSubBuffer))
 			if err != nil {
+				g.close()
 				return nil, err
 			}
 			g.subs = append(g.subs, sub)
+			g.wg.Add(1)
 			go g.drain(ctx, sub)
 		}
+	}
+	if g.watch, err = startMismatchWatch(ctx, n, h); err != nil {
+		g.close()
+		return nil, err
 	}
 	return g, nil
 }
@@ -177,6 +215,7 @@ func startGossip(ctx context.Context, n *Node, h host.Host) (*gossip, error) {
 // drain consumes a subscription. Records are stored by the validator, so a
 // delivered message needs no more work; draining keeps the buffer empty.
 func (g *gossip) drain(ctx context.Context, sub *pubsub.Subscription) {
+	defer g.wg.Done()
 	for {
 		if _, err := sub.Next(ctx); err != nil {
 			return
@@ -184,9 +223,15 @@ func (g *gossip) drain(ctx context.Context, sub *pubsub.Subscription) {
 	}
 }
 
+// close cancels the subscriptions, waits for their drain goroutines and
+// the mismatch watcher, and leaves the topics.
 func (g *gossip) close() {
 	for _, s := range g.subs {
 		s.Cancel()
+	}
+	g.wg.Wait()
+	if g.watch != nil {
+		g.watch.close()
 	}
 	for _, t := range append(g.bundles, g.accounts...) {
 		if t != nil {
@@ -352,4 +397,72 @@ func accountFromPB(m *pb.AccountBundle) (*protocol.AccountBundle, error) {
 	copy(a.AccountPub[:], m.AccountPub)
 	copy(a.Signature[:], m.Signature)
 	return a, nil
+}
+
+// rpcWatch is gossipsub's RPC logger. gossipsub refuses an inbound RPC
+// over maxGossipRPC (before reading it), an RPC whose control part is over
+// its control cap, and an RPC that does not decode, by resetting the
+// stream and logging; it has no other hook for them. No honest peer sends
+// any of these (it splits RPCs to the same cap), so rpcWatch cuts the
+// sender off (peerGuard: banned, graylisted, disconnected) and counts it.
+// Records it does not act on go to next when next logs their level, except
+// the per-RPC "received" and "sent" traces.
+type rpcWatch struct {
+	guard   *peerGuard
+	metrics *metrics
+	next    slog.Handler
+}
+
+// Messages of go-libp2p-pubsub v0.19's comm.go that rpcWatch acts on.
+const (
+	rpcReadError      = "error reading rpc"
+	rpcBogus          = "bogus rpc from"
+	rpcControlTooBig  = "RPC's control message is too large"
+	rpcReceivedTrace  = "received"
+	rpcSentTrace      = "sent"
+	reasonRPCTooLarge = "rpc_too_large"
+)
+
+func (w *rpcWatch) Enabled(context.Context, slog.Level) bool { return true }
+
+func (w *rpcWatch) Handle(ctx context.Context, r slog.Record) error {
+	var from peer.ID
+	var cause error
+	r.Attrs(func(a slog.Attr) bool {
+		switch v := a.Value.Any().(type) {
+		case peer.ID:
+			from = v
+		case error:
+			cause = v
+		}
+		return true
+	})
+	reason := ""
+	switch {
+	case r.Message == rpcReadError && errors.Is(cause, msgio.ErrMsgTooLarge):
+		reason = reasonRPCTooLarge
+	case strings.HasPrefix(r.Message, rpcControlTooBig):
+		reason = "control_too_large"
+	case r.Message == rpcBogus:
+		reason = "rpc_malformed"
+	case r.Message == rpcReceivedTrace || r.Message == rpcSentTrace:
+		return nil
+	}
+	if reason != "" && from != "" {
+		w.metrics.gossipRPCRefused(reason)
+		w.guard.penalize(from, "gossip", reason)
+		return nil
+	}
+	if w.next.Enabled(ctx, r.Level) {
+		return w.next.Handle(ctx, r)
+	}
+	return nil
+}
+
+func (w *rpcWatch) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &rpcWatch{guard: w.guard, metrics: w.metrics, next: w.next.WithAttrs(attrs)}
+}
+
+func (w *rpcWatch) WithGroup(name string) slog.Handler {
+	return &rpcWatch{guard: w.guard, metrics: w.metrics, next: w.next.WithGroup(name)}
 }

@@ -74,16 +74,39 @@ const (
 	connGrace = time.Minute
 )
 
-// Per-peer and per-protocol stream limits for kpnode's own protocols. A
-// peer gets at most 16 concurrent inbound fetch or sync streams; the whole
-// node at most 512 of each.
+// Per-peer and per-protocol stream limits for kpnode's own protocols,
+// enforced by libp2p's resource manager before a handler runs.
+//
+// Fetch: a peer gets at most 16 concurrent inbound fetch streams, the node
+// at most 512. A light node looking up keys for its many clients asks one
+// holder for several keys at once, so 16 leaves it room; what a served
+// stream may allocate is bounded separately by the fetch response budgets
+// (fetch.go), so these limits bound only handler goroutines and stream
+// buffers (a stream waiting for its request costs a few KiB for at most
+// StreamTimeout).
+//
+// Sync keeps the same values here; its per-peer session limits live in
+// sync.go.
+const (
+	fetchStreamsPerPeer = 16
+	fetchStreamsPerNode = 512
+	syncStreamsPerPeer  = 16
+	syncStreamsPerNode  = 512
+)
+
 func resourceManager(network string) (p2pnetwork.ResourceManager, error) {
 	limits := rcmgr.DefaultLimits
 	libp2p.SetDefaultServiceLimits(&limits)
-	for _, id := range []string{protocol.FetchProtocol(network), protocol.SyncProtocol(network)} {
-		p := p2pprotocol.ID(id)
-		limits.AddProtocolLimit(p, rcmgr.BaseLimit{StreamsInbound: 512, StreamsOutbound: 512, Streams: 1024, Memory: 64 << 20}, rcmgr.BaseLimitIncrease{})
-		limits.AddProtocolPeerLimit(p, rcmgr.BaseLimit{StreamsInbound: 16, StreamsOutbound: 16, Streams: 32, Memory: 8 << 20}, rcmgr.BaseLimitIncrease{})
+	for _, l := range []struct {
+		id             string
+		perPeer, total int
+	}{
+		{protocol.FetchProtocol(network), fetchStreamsPerPeer, fetchStreamsPerNode},
+		{protocol.SyncProtocol(network), syncStreamsPerPeer, syncStreamsPerNode},
+	} {
+		p := p2pprotocol.ID(l.id)
+		limits.AddProtocolLimit(p, rcmgr.BaseLimit{StreamsInbound: l.total, StreamsOutbound: l.total, Streams: 2 * l.total, Memory: 64 << 20}, rcmgr.BaseLimitIncrease{})
+		limits.AddProtocolPeerLimit(p, rcmgr.BaseLimit{StreamsInbound: l.perPeer, StreamsOutbound: l.perPeer, Streams: 2 * l.perPeer, Memory: 8 << 20}, rcmgr.BaseLimitIncrease{})
 	}
 	return rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()))
 }

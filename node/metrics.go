@@ -25,6 +25,10 @@ type metrics struct {
 	provides         prometheus.Counter
 	syncRounds       prometheus.Counter
 	syncBytes        *prometheus.CounterVec
+
+	reg               prometheus.Registerer
+	peersMismatched   prometheus.Counter
+	gossipRPCsRefused *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
@@ -55,6 +59,12 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync request/response rounds this node initiated."})
 	m.syncBytes = counter("kpnode_sync_bytes_total", "Bytes moved by sync sessions, by direction (in, out).", "direction")
 	reg.MustRegister(m.provides, m.syncRounds)
+	m.reg = reg
+	m.peersMismatched = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_peers_mismatched_total",
+		Help: "Identified peers of this network name whose kpnode protocols carry other network constants (shard count, MLS mode, lifetime cap)."})
+	reg.MustRegister(m.peersMismatched)
+	m.gossipRPCsRefused = counter("kpnode_gossip_rpcs_refused_total",
+		"Inbound gossipsub RPCs refused before decoding, by reason (too_large, malformed); the sender is cut off.", "reason")
 	gauge := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
 	}
@@ -127,3 +137,18 @@ func (dropTracer) DuplicateMessage(*pubsub.Message)                     {}
 func (dropTracer) ThrottlePeer(peer.ID)                                 {}
 func (dropTracer) RecvRPC(*pubsub.RPC)                                  {}
 func (dropTracer) SendRPC(*pubsub.RPC, peer.ID)                         {}
+
+// fetchInflight exports the fetch service's response bytes in flight.
+func (m *metrics) fetchInflight(f func() int64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kpnode_fetch_inflight_bytes",
+		Help: "Fetch response bytes reserved by requests being served (bounded by the fetch budgets)."},
+		func() float64 { return float64(f()) }))
+}
+
+// peerMismatched counts peers of this network that speak its protocols with
+// other network constants (a configuration split).
+func (m *metrics) peerMismatched() { m.peersMismatched.Inc() }
+
+// gossipRPCRefused counts inbound gossipsub RPCs refused before decoding
+// (over the size cap, or undecodable), by reason.
+func (m *metrics) gossipRPCRefused(reason string) { m.gossipRPCsRefused.WithLabelValues(reason).Inc() }
