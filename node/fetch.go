@@ -51,10 +51,10 @@ const (
 // budget cannot cover it, so a flood of requests costs at most the budget
 // in memory. KIND_ALL and the point kinds (LATEST, ACCOUNT) have separate
 // budgets, so a flood of KIND_ALL never starves the lookups nodes rely on.
-// Point requests weigh 128 KiB (128 at once); a KIND_ALL weighs
-// MaxPerDevice stored records plus the answer, about 7.3 MiB with the default of
-// 100 (2 at once): kpnode nodes never send KIND_ALL themselves, it serves
-// tools and debugging, so it gets the small share of concurrency.
+// Point requests weigh 128 KiB (128 at once); a KIND_ALL weighs what the
+// store reads for it (at most maxFetchResponse of payloads plus one more
+// bundle, storage.BundlesUpTo) plus the encoded answer, about 2.1 MiB (7
+// at once).
 const (
 	fetchBulkBudget  = 16 << 20
 	fetchPointBudget = 16 << 20
@@ -90,9 +90,9 @@ func startFetch(n *Node, h host.Host) *fetchService {
 	ctx, cancel := context.WithCancel(n.runCtx)
 	f := &fetchService{n: n, h: h, proto: p2pprotocol.ID(protocol.FetchProtocol(n.netID)),
 		log: n.log.With("component", "fetch"), ctx: ctx, cancel: cancel}
-	// The store reads every bundle of a device before the answer is cut, so
-	// a KIND_ALL may hold MaxPerDevice records plus the encoded answer.
-	f.allWeight = int64(n.cfg.MaxPerDevice)*maxBundleWire + maxFetchResponse
+	// The store stops reading at the response cap (storage.BundlesUpTo), so
+	// a KIND_ALL holds at most that much read plus the encoded answer.
+	f.allWeight = 2*maxFetchResponse + maxBundleWire
 	f.bulk = semaphore.NewWeighted(max(fetchBulkBudget, f.allWeight))
 	f.point = semaphore.NewWeighted(fetchPointBudget)
 	n.metrics.fetchInflight(f.inflight.Load)
@@ -239,14 +239,14 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 		}
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{storedBundleToPB(b)}}, release
 	case pb.FetchRequest_KIND_ALL:
-		bs, err := f.n.store.Bundles(ctx, key)
+		bs, cut, err := f.n.store.BundlesUpTo(ctx, key, maxFetchResponse)
 		if err != nil {
 			return internal(err), release
 		}
-		if len(bs) == 0 {
+		if len(bs) == 0 && !cut {
 			return notFound(), release
 		}
-		return allResponse(bs), release
+		return allResponse(bs, cut), release
 	default: // KIND_ACCOUNT
 		a, err := f.n.store.Account(ctx, key)
 		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(a.Payload) > protocol.MaxPayloadSize) {
@@ -261,8 +261,9 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 
 // allResponse answers KIND_ALL: bundles newest first (the store's order),
 // as many as fit in maxFetchResponse encoded bytes. When it leaves some
-// out, error says "truncated: N of M bundles".
-func allResponse(bs []*storage.Bundle) *pb.FetchResponse {
+// out (or the store stopped reading, cut), error says "truncated: N
+// bundles" ("truncated: N of M bundles" when M, all it read, is known).
+func allResponse(bs []*storage.Bundle, cut bool) *pb.FetchResponse {
 	resp := &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}
 	size := fetchResponseReserve
 	for _, b := range bs {
@@ -276,8 +277,11 @@ func allResponse(bs []*storage.Bundle) *pb.FetchResponse {
 		}
 		resp.Bundles = append(resp.Bundles, m)
 	}
-	if len(resp.Bundles) < len(bs) {
+	switch {
+	case len(resp.Bundles) < len(bs):
 		resp.Error = fmt.Sprintf("truncated: %d of %d bundles", len(resp.Bundles), len(bs))
+	case cut:
+		resp.Error = fmt.Sprintf("truncated: %d bundles", len(resp.Bundles))
 	}
 	return resp
 }

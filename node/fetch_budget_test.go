@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -249,7 +250,7 @@ func TestFetchAllIsCutAtTheResponseCap(t *testing.T) {
 		t.Fatalf("status %v, %d bytes (cap %d)", resp.Status, size, maxFetchResponse)
 	}
 	want := (maxFetchResponse - fetchResponseReserve) / (60_000 + 110)
-	if len(resp.Bundles) != want || resp.Error != "truncated: 17 of 100 bundles" {
+	if len(resp.Bundles) != want || !strings.HasPrefix(resp.Error, "truncated: 17 ") {
 		t.Fatalf("%d bundles, error %q; want %d and a truncation note", len(resp.Bundles), resp.Error, want)
 	}
 	for i, b := range resp.Bundles {

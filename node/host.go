@@ -85,8 +85,10 @@ const (
 // buffers (a stream waiting for its request costs a few KiB for at most
 // StreamTimeout).
 //
-// Sync keeps the same values here; its per-peer session limits live in
-// sync.go.
+// Sync keeps the same values here on purpose: its responder admits at most
+// 2 sessions per peer and 8 per node itself (sync_peers.go) and counts every
+// refused stream as a strike toward a ban, which a lower limit here would
+// hide (the resource manager resets the stream before the handler sees it).
 const (
 	fetchStreamsPerPeer = 16
 	fetchStreamsPerNode = 512

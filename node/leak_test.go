@@ -12,11 +12,10 @@ import (
 	"github.com/kpnode/kpnode/protocol"
 )
 
-// nodeFrame matches a stack frame in one of the node package's files whose
-// goroutines this package's Close joins. sync.go, fetch.go and gossip.go
-// start goroutines of their own (sync loops, stream handlers, subscription
-// drains) that are checked by the count below, not by this.
-var nodeFrame = regexp.MustCompile(`/node/(node|network|dht|registry|lookup|outbox|peerguard|metrics|host)\.go:`)
+// nodeFrame matches a stack frame in any of the node package's files: Close
+// joins every goroutine they start (node lifetime, sync loops and sessions,
+// fetch handlers, gossip drains and watchers).
+var nodeFrame = regexp.MustCompile(`/node/(node|network|dht|registry|lookup|outbox|peerguard|metrics|host|sync|sync_initiator|sync_responder|sync_peers|sync_refused|fetch|gossip|gossip_budget|constants)\.go:`)
 
 // goroutines returns the stacks of every goroutine but the caller's.
 func goroutines() []string {

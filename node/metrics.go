@@ -56,7 +56,7 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 			"Network lookups for keys of shards the node does not hold, by kind and result.", "kind", "result"),
 		provides: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_dht_provides_total", Help: "Shard provider records announced."}),
 	}
-	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync request/response rounds this node initiated."})
+	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync rounds this node ran as initiator: one per SyncResponse read and decoded, whatever its status."})
 	m.syncBytes = counter("kpnode_sync_bytes_total", "Bytes moved by sync sessions, by direction (in, out).", "direction")
 	reg.MustRegister(m.provides, m.syncRounds)
 	m.reg = reg

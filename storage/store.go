@@ -735,30 +735,52 @@ func bundleFromItem(item *badger.Item) (*Bundle, error) {
 // Bundles returns every usable bundle held for a device (KeyPackage
 // lifetime not ended), newest first.
 func (s *Store) Bundles(ctx context.Context, dev protocol.Key) (_ []*Bundle, err error) {
+	bs, _, err := s.BundlesUpTo(ctx, dev, -1)
+	return bs, err
+}
+
+// BundlesUpTo is Bundles bounded by memory: it returns the newest usable
+// bundles whose payloads add up to at most maxBytes (negative: no bound)
+// and reports whether it left any usable bundle out. It stops reading at
+// the bound, so a caller's allocation follows maxBytes, not the device.
+func (s *Store) BundlesUpTo(ctx context.Context, dev protocol.Key, maxBytes int) (_ []*Bundle, cut bool, err error) {
 	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	now := s.opts.Now().UnixMilli()
 	var out []*Bundle
+	size := 0
 	err = s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 16})
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: maxBytes < 0, PrefetchSize: 16})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
+			if maxBytes >= 0 && size+int(it.Item().ValueSize())-bundleValueHdr > maxBytes {
+				b, err := bundleFromItem(it.Item())
+				if err != nil {
+					return err
+				}
+				if b.usable(now) {
+					cut = true
+					return nil
+				}
+				continue
+			}
 			b, err := bundleFromItem(it.Item())
 			if err != nil {
 				return err
 			}
 			if b.usable(now) {
 				out = append(out, b)
+				size += len(b.Payload)
 			}
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("storage: bundles: %w", err)
+		return nil, false, fmt.Errorf("storage: bundles: %w", err)
 	}
-	return out, nil
+	return out, cut, nil
 }
 
 // PutAccount stores a validated account bundle under rule. It sets
