@@ -52,6 +52,4 @@ func partition(args []string) error {
 	}
 	return err
 }
-
-func chaos(args []string) error  { return errors.New("todo") }
 func attack(args []string) error { return errors.New("todo") }
