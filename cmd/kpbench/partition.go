@@ -52,4 +52,3 @@ func partition(args []string) error {
 	}
 	return err
 }
-func attack(args []string) error { return errors.New("todo") }
