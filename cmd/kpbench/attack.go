@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,6 +74,7 @@ type attackResult struct {
 	cutOff       time.Duration // 0: not cut off
 	cutOffHow    string
 	attackLen    time.Duration
+	tail         time.Duration // after the attack until the node's CPU calmed down
 	gets         []time.Duration
 	getErrors    int
 	notes        []string
@@ -131,6 +133,12 @@ func attack(args []string) error {
 		fmt.Printf("== attack %s\n", s)
 		r, err := runAttack(e.ctx, s, o)
 		if err != nil {
+			logs, _ := filepath.Glob(filepath.Join(o.dir, "*.log"))
+			for _, l := range logs {
+				raw, _ := os.ReadFile(l)
+				lines := strings.Split(strings.TrimSpace(string(raw)), "\n")
+				fmt.Fprintf(os.Stderr, "== %s (last lines)\n%s\n", filepath.Base(l), strings.Join(lines[max(0, len(lines)-15):], "\n"))
+			}
 			return fmt.Errorf("%s: %w", s, err)
 		}
 		results = append(results, r)
@@ -170,6 +178,9 @@ func (v *victim) close() { v.c.Close() }
 // startVictim runs one full node (all shards, strict MLS) and stores seed
 // bundles (real 0x004D KeyPackages) in it over its HTTP API.
 func startVictim(ctx context.Context, o attackOpts, seed int, extra ...string) (*victim, error) {
+	if f := os.Getenv("KPBENCH_NODE_FLAGS"); f != "" {
+		extra = append(extra, strings.Fields(f)...)
+	}
 	c := realnet.NewCluster(o.bin, o.dir, "kpbench-attack", extra...)
 	n, err := c.Add(ctx, nil)
 	if err != nil {
@@ -469,11 +480,23 @@ func phases(ctx context.Context, o attackOpts, v *victim, r *attackResult, hosti
 	for _, h := range hostile {
 		h.Close()
 	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(3 * time.Second):
+	// The tail: until the node's CPU falls back near its quiet rate
+	// (measured over 500 ms), at least 1 s and at most 20 s.
+	tail := time.Now()
+	for prev := m.cpu(); ; {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+		cur := m.cpu()
+		busy := (cur - prev) / 0.5
+		prev = cur
+		if (time.Since(tail) >= time.Second && busy < quietRate+0.05) || time.Since(tail) > 20*time.Second {
+			break
+		}
 	}
+	r.tail = time.Since(tail)
 	if err != nil {
 		return fmt.Errorf("attack: %w", err)
 	}
@@ -499,7 +522,11 @@ func printAttackTable(w io.Writer, rs []*attackResult) {
 	for _, r := range rs {
 		fmt.Fprintf(w, "%-15s %s\n", r.scenario, r.what)
 		row := func(fig, got, target string, ok bool) {
-			fmt.Fprintf(w, "%-15s %-30s %-34s %-18s %s\n", "", fig, got, target, verdict(ok))
+			v := verdict(ok)
+			if target == "" {
+				v = ""
+			}
+			fmt.Fprintf(w, "%-15s %-30s %-34s %-18s %s\n", "", fig, got, target, v)
 		}
 		if r.scenario == "rollback" {
 			row("GETs serving the new version", fmt.Sprintf("%d of %d", r.rollbackNew, r.rollbackOf), fmt.Sprintf("%d of %d", r.rollbackOf, r.rollbackOf), r.rollbackNew == r.rollbackOf)
@@ -523,6 +550,7 @@ func printAttackTable(w io.Writer, rs []*attackResult) {
 				ratio = hos / 0.0001 // below the 10 ms clock: count an honest round as 0.1 ms
 			}
 			row("CPU per hostile request", fmt.Sprintf("%.2f ms × %d (%.1f s)", hos*1000, r.hostileReqs, r.hostileCPU), "", true)
+			row("  busy after the attacker left", r.tail.Round(100*time.Millisecond).String(), "", true)
 			row("CPU per honest round", fmt.Sprintf("%.2f ms × %d (%.2f s)", hon*1000, r.honestRounds, r.honestCPU), "", true)
 			row("hostile / honest", fmt.Sprintf("%.1f×", ratio), "≤ 10×", ratio <= targetCPU)
 			cut := fmt.Sprintf("not within %v", r.attackLen.Round(100*time.Millisecond))
