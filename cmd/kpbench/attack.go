@@ -57,6 +57,7 @@ type attackOpts struct {
 	respKB   int
 	sessions int
 	hosts    int
+	liars    int
 	requests int
 	out      io.Writer
 }
@@ -84,8 +85,11 @@ type attackResult struct {
 
 var attackScenarios = []string{"sync-responder", "sync-initiator", "big-bundle", "fetch-all", "rollback"}
 
-func attack(args []string) error {
-	fs := flag.NewFlagSet("attack", flag.ExitOnError)
+func attack(args []string) error { return attackTo(os.Stdout, args) }
+
+// attackTo runs the attack benchmark and writes its progress and table to out.
+func attackTo(out io.Writer, args []string) error {
+	fs := flag.NewFlagSet("attack", flag.ContinueOnError)
 	scenario := fs.String("scenario", "", "sync-responder, sync-initiator, big-bundle, fetch-all, rollback, or all")
 	bin := fs.String("bin", "", "kpnode binary (default: build ./cmd/kpnode)")
 	seed := fs.Int("bundles", 8000, "bundles stored on the node before the attack (10..40000)")
@@ -93,11 +97,14 @@ func attack(args []string) error {
 	rate := fs.Int("rate", 50, "honest GETs per second (1..1000)")
 	respKB := fs.Int("resp-kb", 120, "size of each hostile sync response, KiB (sync-responder; 1..16384)")
 	sessions := fs.Int("sessions", 8, "parallel hostile sessions or streams (1..64)")
-	hosts := fs.Int("hosts", 3, "hostile hosts (fetch-all: 1..16; rollback: lying DHT providers, 1..32)")
+	hosts := fs.Int("hosts", 3, "hostile hosts of the fetch-all flood (1..16)")
+	liars := fs.Int("liars", 12, "rollback: hostile DHT holders serving old versions (1..32)")
 	requests := fs.Int("requests", 1000, "hostile requests at most (fetch-all flood size, gossip messages, sync rounds; 1..100000)")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	if *seed < 10 || *seed > 40_000 || *duration < time.Second || *duration > 5*time.Minute || *rate < 1 || *rate > 1000 ||
-		*respKB < 1 || *respKB > 16384 || *sessions < 1 || *sessions > 64 || *hosts < 1 || *hosts > 32 || *requests < 1 || *requests > 100_000 {
+		*respKB < 1 || *respKB > 16384 || *sessions < 1 || *sessions > 64 || *hosts < 1 || *hosts > 16 || *liars < 1 || *liars > 32 || *requests < 1 || *requests > 100_000 {
 		return errors.New("attack: a flag is out of range (see -h)")
 	}
 	var run []string
@@ -126,11 +133,11 @@ func attack(args []string) error {
 	var results []*attackResult
 	for i, s := range run {
 		o := attackOpts{bin: b, dir: fmt.Sprintf("%s/%d-%s", e.dir, i, s), seed: *seed, duration: *duration, rate: *rate,
-			respKB: *respKB, sessions: *sessions, hosts: *hosts, requests: *requests, out: os.Stdout}
+			respKB: *respKB, sessions: *sessions, hosts: *hosts, liars: *liars, requests: *requests, out: out}
 		if err := os.MkdirAll(o.dir, 0o755); err != nil {
 			return err
 		}
-		fmt.Printf("== attack %s\n", s)
+		fmt.Fprintf(out, "== attack %s\n", s)
 		r, err := runAttack(e.ctx, s, o)
 		if err != nil {
 			logs, _ := filepath.Glob(filepath.Join(o.dir, "*.log"))
@@ -143,7 +150,7 @@ func attack(args []string) error {
 		}
 		results = append(results, r)
 	}
-	printAttackTable(os.Stdout, results)
+	printAttackTable(out, results)
 	return nil
 }
 

@@ -250,11 +250,15 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 							n, err := fetchOnce(ctx, h, v.info.ID, fetchProto, pb.FetchRequest_KIND_ALL, key)
 							if err != nil {
 								if ctx.Err() == nil {
-									w.cut("fetch refused or reset: " + err.Error())
-									fails++
+									// One reset is a busy node; three in a row
+									// is being refused.
+									if fails++; fails == 3 {
+										w.cut("3 fetches in a row refused")
+									}
 								}
 								continue
 							}
+							fails = 0
 							bytesIn.Add(int64(n))
 							answered.Add(1)
 						}

@@ -278,18 +278,20 @@ func attackSyncInitiator(ctx context.Context, o attackOpts) (*attackResult, erro
 					fails := 0
 					for ctx.Err() == nil && sent.Load() < int64(o.requests) && fails < 3 {
 						s, err := bad.NewStream(ctx, v.info.ID, proto)
-						if err != nil {
-							if ctx.Err() == nil {
-								w.cut("new stream refused")
-								fails++
+						if err == nil {
+							var n int
+							n, err = hostileInitiatorSession(ctx, s, k, st.ShardCount, o.requests, &sent)
+							s.Reset()
+							if n > 0 {
+								fails = 0
 							}
-							continue
 						}
-						n, err := hostileInitiatorSession(ctx, s, k, st.ShardCount, o.requests, &sent)
-						s.Reset()
-						if err != nil && n == 0 && ctx.Err() == nil {
-							w.cut("session reset by the node")
-							fails++
+						// A session refused or reset before its first answer
+						// three times in a row: cut off.
+						if err != nil && ctx.Err() == nil {
+							if fails++; fails == 3 {
+								w.cut("3 sessions in a row refused")
+							}
 						}
 					}
 				}()
