@@ -282,6 +282,8 @@ func fetchOnce(ctx context.Context, h host.Host, p peer.ID, proto p2pprotocol.ID
 		return 0, err
 	}
 	defer s.Close()
+	stop := context.AfterFunc(ctx, func() { s.Reset() })
+	defer stop()
 	s.SetDeadline(time.Now().Add(30 * time.Second))
 	if err := pbio.NewDelimitedWriter(s).WriteMsg(&pb.FetchRequest{Kind: kind, Key: key[:]}); err != nil {
 		s.Reset()

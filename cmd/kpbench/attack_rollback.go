@@ -39,7 +39,7 @@ type liar struct {
 
 func (l *liar) close() { l.dht.Close(); l.h.Close() }
 
-func startLiar(ctx context.Context, netID string, shards int, old map[protocol.Key]*protocol.AccountBundle, peers []peer.AddrInfo) (*liar, error) {
+func startLiar(ctx context.Context, netID string, old map[protocol.Key]*protocol.AccountBundle, peers []peer.AddrInfo) (*liar, error) {
 	h, err := newHost()
 	if err != nil {
 		return nil, err
@@ -149,7 +149,7 @@ func attackRollback(ctx context.Context, o attackOpts) (*attackResult, error) {
 		cids = append(cids, k)
 	}
 	for i := 0; i < o.liars; i++ {
-		l, err := startLiar(ctx, netID, st.ShardCount, old, infos)
+		l, err := startLiar(ctx, netID, old, infos)
 		if err != nil {
 			return nil, err
 		}
