@@ -464,8 +464,13 @@ func phases(ctx context.Context, o attackOpts, v *victim, r *attackResult, hosti
 	// honest
 	c0, t0 = m.cpu(), time.Now()
 	n, err := honest(ctx)
-	if err != nil {
+	switch {
+	case err != nil && n == 0:
 		return fmt.Errorf("honest rounds: %w", err)
+	case err != nil:
+		// An honest peer must never meet a budget: worth a note, and the
+		// rounds that ran still price an honest round.
+		r.notes = append(r.notes, fmt.Sprintf("an honest round failed after %d: %v", n, err))
 	}
 	r.honestRounds = n
 	r.honestCPU = max(0, m.cpu()-c0-quietRate*time.Since(t0).Seconds())

@@ -226,8 +226,12 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 			if err := honest.Connect(ctx, v.info); err != nil {
 				return 0, err
 			}
-			n := min(200, len(v.bundles))
+			// Paced like a light node serving a busy client: 50 a second.
+			n := min(100, len(v.bundles))
+			t := time.NewTicker(20 * time.Millisecond)
+			defer t.Stop()
 			for i := 0; i < n; i++ {
+				<-t.C
 				if _, err := fetchOnce(ctx, honest, v.info.ID, fetchProto, pb.FetchRequest_KIND_LATEST, v.bundles[i].DeviceID); err != nil {
 					return i, err
 				}
