@@ -115,6 +115,13 @@ func honestSyncRounds(v *victim, h host.Host, shards int) func(context.Context) 
 		proto := protocol.SyncProtocol(v.netID)
 		total := 0
 		for i := 0; i < 2*shards; i++ {
+			if i > 0 { // paced: an honest node runs a session per shard every 30 s
+				select {
+				case <-ctx.Done():
+					return total, ctx.Err()
+				case <-time.After(50 * time.Millisecond):
+				}
+			}
 			shard := i % shards
 			lack := map[uint64]bool{}
 			items := m.shards[shard]
