@@ -122,13 +122,17 @@ func Chaos(ctx context.Context, o ChaosOptions) (*ChaosResult, error) {
 	go func() {
 		var err error
 		defer func() { chaosDone <- err }()
+		last := time.Now()
 		for {
-			wait := o.KillEvery*3/4 + time.Duration(randN(int(o.KillEvery/2)+1))
+			// Kill to kill, not restart to kill: the period includes the
+			// time the node was down and starting.
+			wait := o.KillEvery*3/4 + time.Duration(randN(int(o.KillEvery/2)+1)) - time.Since(last)
 			select {
 			case <-pubCtx.Done():
 				return
-			case <-time.After(wait):
+			case <-time.After(max(wait, 0)):
 			}
+			last = time.Now()
 			n := c.Nodes[1+randN(o.Nodes-1)]
 			mu.Lock()
 			live[n.Index-1] = false
