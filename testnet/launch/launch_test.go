@@ -162,3 +162,21 @@ func TestTestnetScript(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func TestPortOf(t *testing.T) {
+	for _, c := range []struct {
+		s, sep string
+		want   int
+	}{
+		{"http://127.0.0.1:18081", ":", 18081},
+		{"/ip4/127.0.0.1/tcp/19081/p2p/12D3KooW", "/tcp/", 19081},
+		{"/ip4/127.0.0.1/tcp/19082", "/tcp/", 19082},
+	} {
+		if got, err := portOf(c.s, c.sep); err != nil || got != c.want {
+			t.Fatalf("portOf(%q) = %d, %v; want %d", c.s, got, err, c.want)
+		}
+	}
+	if _, err := portOf("/ip4/127.0.0.1/udp/1/quic-v1", "/tcp/"); err == nil {
+		t.Fatal("no tcp port should be an error")
+	}
+}
