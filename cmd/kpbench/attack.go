@@ -60,6 +60,9 @@ type attackOpts struct {
 	liars    int
 	requests int
 	out      io.Writer
+	// pool holds the KeyPackages generated so far, shared by the scenarios
+	// of one run.
+	pool *[]protocol.Bundle
 }
 
 // attackResult are one scenario's figures.
@@ -131,9 +134,10 @@ func attackTo(out io.Writer, args []string) error {
 		return err
 	}
 	var results []*attackResult
+	var pool []protocol.Bundle
 	for i, s := range run {
 		o := attackOpts{bin: b, dir: fmt.Sprintf("%s/%d-%s", e.dir, i, s), seed: *seed, duration: *duration, rate: *rate,
-			respKB: *respKB, sessions: *sessions, hosts: *hosts, liars: *liars, requests: *requests, out: out}
+			respKB: *respKB, sessions: *sessions, hosts: *hosts, liars: *liars, requests: *requests, out: out, pool: &pool}
 		if err := os.MkdirAll(o.dir, 0o755); err != nil {
 			return err
 		}
@@ -210,10 +214,18 @@ func startVictim(ctx context.Context, o attackOpts, seed int, extra ...string) (
 	if seed > 0 {
 		fmt.Fprintf(o.out, "seeding %d bundles...\n", seed)
 		start := time.Now()
-		if v.bundles, err = realnet.NewBundles(ctx, seed); err != nil {
-			v.close()
-			return nil, err
+		if o.pool == nil {
+			o.pool = new([]protocol.Bundle)
 		}
+		if len(*o.pool) < seed {
+			more, err := realnet.NewBundles(ctx, seed-len(*o.pool))
+			if err != nil {
+				v.close()
+				return nil, err
+			}
+			*o.pool = append(*o.pool, more...)
+		}
+		v.bundles = (*o.pool)[:seed]
 		v.infos = make([]protocol.BundleInfo, seed)
 		policy := protocol.DefaultPolicy()
 		if err := parallel(ctx, 16, seed, func(i int) error {
@@ -389,6 +401,29 @@ type cutWatch struct {
 	how   atomic.Value
 	stop  chan struct{}
 	done  chan struct{}
+
+	// A refused request is not a cut-off by itself (a busy node may shed
+	// load); every request refused from some moment to the end is.
+	mu       sync.Mutex
+	streakAt time.Duration
+	streakN  int
+}
+
+// served records a hostile request the node answered.
+func (w *cutWatch) served() {
+	w.mu.Lock()
+	w.streakN = 0
+	w.mu.Unlock()
+}
+
+// refused records a hostile request the node refused or reset.
+func (w *cutWatch) refused() {
+	w.mu.Lock()
+	if w.streakN == 0 {
+		w.streakAt = time.Since(w.start)
+	}
+	w.streakN++
+	w.mu.Unlock()
 }
 
 func (w *cutWatch) cut(how string) {
@@ -434,7 +469,13 @@ func (w *cutWatch) close() (time.Duration, string) {
 	close(w.stop)
 	<-w.done
 	how, _ := w.how.Load().(string)
-	return time.Duration(w.at.Load()), how
+	at := time.Duration(w.at.Load())
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.streakN >= 3 && (at == 0 || w.streakAt < at) {
+		return w.streakAt, fmt.Sprintf("all %d requests refused from then on", w.streakN)
+	}
+	return at, how
 }
 
 // phases runs the quiet, honest, hostile and tail phases against v with

@@ -221,6 +221,7 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 	}
 	fetchProto := p2pprotocol.ID(protocol.FetchProtocol(v.netID))
 	var bytesIn atomic.Int64
+	served := 0
 	err = phases(ctx, o, v, r, bad,
 		func(ctx context.Context) (int, error) {
 			if err := honest.Connect(ctx, v.info); err != nil {
@@ -239,7 +240,7 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 			return n, nil
 		},
 		func(ctx context.Context, w *cutWatch) (int, error) {
-			var answered, next atomic.Int64
+			var answered, attempts, next atomic.Int64
 			var wg sync.WaitGroup
 			for _, h := range bad {
 				if err := h.Connect(ctx, v.info); err != nil {
@@ -249,20 +250,22 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 					wg.Add(1)
 					go func() {
 						defer wg.Done()
-						fails := 0
-						for ctx.Err() == nil && next.Add(1) <= int64(o.requests) && fails < 3 {
+						for ctx.Err() == nil && next.Add(1) <= int64(o.requests) {
 							n, err := fetchOnce(ctx, h, v.info.ID, fetchProto, pb.FetchRequest_KIND_ALL, key)
+							if ctx.Err() == nil {
+								attempts.Add(1)
+							}
 							if err != nil {
 								if ctx.Err() == nil {
-									// One reset is a busy node; three in a row
-									// is being refused.
-									if fails++; fails == 3 {
-										w.cut("3 fetches in a row refused")
+									w.refused()
+									select { // a refused attacker retries, gently
+									case <-ctx.Done():
+									case <-time.After(100 * time.Millisecond):
 									}
 								}
 								continue
 							}
-							fails = 0
+							w.served()
 							bytesIn.Add(int64(n))
 							answered.Add(1)
 						}
@@ -270,10 +273,12 @@ func attackFetchAll(ctx context.Context, o attackOpts) (*attackResult, error) {
 				}
 			}
 			wg.Wait()
-			return int(answered.Load()), nil
+			served = int(answered.Load())
+			return int(attempts.Load()), nil
 		})
-	if r.hostileReqs > 0 {
-		r.notes = append(r.notes, fmt.Sprintf("bytes per KIND_ALL answer: %.1f MB", float64(bytesIn.Load())/float64(r.hostileReqs)/1e6))
+	if served > 0 {
+		r.notes = append(r.notes, fmt.Sprintf("%d of %d requests answered (the rest refused: busy or reset), %.1f MB and %.1f ms CPU per answer",
+			served, r.hostileReqs, float64(bytesIn.Load())/float64(served)/1e6, r.hostileCPU/float64(served)*1000))
 	}
 	return r, err
 }

@@ -282,22 +282,22 @@ func attackSyncInitiator(ctx context.Context, o attackOpts) (*attackResult, erro
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					fails := 0
-					for ctx.Err() == nil && sent.Load() < int64(o.requests) && fails < 3 {
+					for tries := 0; ctx.Err() == nil && sent.Load() < int64(o.requests) && tries < 10_000; tries++ {
 						s, err := bad.NewStream(ctx, v.info.ID, proto)
 						if err == nil {
 							var n int
 							n, err = hostileInitiatorSession(ctx, s, k, st.ShardCount, o.requests, &sent)
 							s.Reset()
 							if n > 0 {
-								fails = 0
+								w.served()
 							}
 						}
-						// A session refused or reset before its first answer
-						// three times in a row: cut off.
+						// A session refused or reset before its first answer.
 						if err != nil && ctx.Err() == nil {
-							if fails++; fails == 3 {
-								w.cut("3 sessions in a row refused")
+							w.refused()
+							select {
+							case <-ctx.Done():
+							case <-time.After(100 * time.Millisecond):
 							}
 						}
 					}
