@@ -344,11 +344,36 @@ func startGetLoop(ctx context.Context, api string, devices []protocol.Key, rate 
 	ctx, cancel := context.WithCancel(ctx)
 	g := &getLoop{cancel: cancel, done: make(chan struct{})}
 	hc := &http.Client{Timeout: 5 * time.Second}
+	get := func(dev protocol.Key) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, api+"/v0/keypackage/"+dev.String(), nil)
+		t0 := time.Now()
+		resp, err := hc.Do(req)
+		ok := err == nil && resp.StatusCode == http.StatusOK
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		d := time.Since(t0)
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		if g.rec {
+			if ok {
+				g.lat = append(g.lat, d)
+			} else if ctx.Err() == nil {
+				g.errs++
+			}
+		}
+	}
 	go func() {
 		defer close(g.done)
 		if len(devices) == 0 {
 			return
 		}
+		// Each GET on its own goroutine at the tick, so a stalled node
+		// shows in the latencies instead of delaying the next request.
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		inflight := make(chan struct{}, 64)
 		t := time.NewTicker(time.Second / time.Duration(rate))
 		defer t.Stop()
 		for i := 0; i < 1_000_000; i++ {
@@ -357,24 +382,22 @@ func startGetLoop(ctx context.Context, api string, devices []protocol.Key, rate 
 				return
 			case <-t.C:
 			}
-			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, api+"/v0/keypackage/"+devices[i%len(devices)].String(), nil)
-			t0 := time.Now()
-			resp, err := hc.Do(req)
-			ok := err == nil && resp.StatusCode == http.StatusOK
-			if err == nil {
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-			}
-			d := time.Since(t0)
-			g.mu.Lock()
-			if g.rec {
-				if ok {
-					g.lat = append(g.lat, d)
-				} else if ctx.Err() == nil {
-					g.errs++
+			select {
+			case inflight <- struct{}{}:
+			default:
+				g.mu.Lock()
+				if g.rec {
+					g.errs++ // 64 GETs outstanding: count this one as failed
 				}
+				g.mu.Unlock()
+				continue
 			}
-			g.mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-inflight }()
+				get(devices[i%len(devices)])
+			}()
 		}
 	}()
 	return g
