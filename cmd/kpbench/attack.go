@@ -55,6 +55,7 @@ type attackOpts struct {
 	duration time.Duration
 	rate     int
 	respKB   int
+	syncMode string
 	sessions int
 	hosts    int
 	liars    int
@@ -99,6 +100,7 @@ func attackTo(out io.Writer, args []string) error {
 	duration := fs.Duration("duration", 20*time.Second, "length of the hostile phase (1s..5m)")
 	rate := fs.Int("rate", 50, "honest GETs per second (1..1000)")
 	respKB := fs.Int("resp-kb", 120, "size of each hostile sync response, KiB (sync-responder; 1..16384)")
+	syncMode := fs.String("sync-mode", "both", "sync-responder: scan (root listings: CPU), deep (ever deeper children: memory) or both")
 	sessions := fs.Int("sessions", 8, "parallel hostile sessions or streams (1..64)")
 	hosts := fs.Int("hosts", 3, "hostile hosts of the fetch-all flood (1..16)")
 	liars := fs.Int("liars", 12, "rollback: hostile DHT holders serving old versions (1..32)")
@@ -109,6 +111,9 @@ func attackTo(out io.Writer, args []string) error {
 	if *seed < 10 || *seed > 40_000 || *duration < time.Second || *duration > 5*time.Minute || *rate < 1 || *rate > 1000 ||
 		*respKB < 1 || *respKB > 16384 || *sessions < 1 || *sessions > 64 || *hosts < 1 || *hosts > 16 || *liars < 1 || *liars > 32 || *requests < 1 || *requests > 100_000 {
 		return errors.New("attack: a flag is out of range (see -h)")
+	}
+	if *syncMode != "scan" && *syncMode != "deep" && *syncMode != "both" {
+		return errors.New("attack: -sync-mode must be scan, deep or both")
 	}
 	var run []string
 	switch *scenario {
@@ -137,7 +142,7 @@ func attackTo(out io.Writer, args []string) error {
 	var pool []protocol.Bundle
 	for i, s := range run {
 		o := attackOpts{bin: b, dir: fmt.Sprintf("%s/%d-%s", e.dir, i, s), seed: *seed, duration: *duration, rate: *rate,
-			respKB: *respKB, sessions: *sessions, hosts: *hosts, liars: *liars, requests: *requests, out: out, pool: &pool}
+			respKB: *respKB, syncMode: *syncMode, sessions: *sessions, hosts: *hosts, liars: *liars, requests: *requests, out: out, pool: &pool}
 		if err := os.MkdirAll(o.dir, 0o755); err != nil {
 			return err
 		}

@@ -151,11 +151,11 @@ func randomFP() []byte {
 }
 
 // attackSyncResponder: the node is the initiator. The hostile host serves
-// sync and answers every round with a response of -resp-kb: listings of
-// every asked prefix (the root first) with one invented item each, and
+// sync and answers every round with a response of -resp-kb: in a session's
+// first round, listings of the root with one invented item each; then
 // invented children of every asked prefix, interleaved so no two
-// consecutive ranges share a parent, duplicates included; the ranges the
-// node asks about next get ever deeper children.
+// consecutive ranges share a parent, so the ranges the node asks about next
+// get ever deeper children.
 func attackSyncResponder(ctx context.Context, o attackOpts) (*attackResult, error) {
 	v, err := startVictim(ctx, o, o.seed)
 	if err != nil {
@@ -166,7 +166,7 @@ func attackSyncResponder(ctx context.Context, o attackOpts) (*attackResult, erro
 	if err != nil {
 		return nil, err
 	}
-	r := &attackResult{scenario: "sync-responder", what: fmt.Sprintf("node initiates sync with a hostile responder: %d KiB responses of invented listings and ever deeper children (%d bundles stored)", o.respKB, o.seed)}
+	r := &attackResult{scenario: "sync-responder", what: fmt.Sprintf("node initiates sync with a hostile responder (%s): %d KiB responses of invented root listings and/or ever deeper children (%d bundles stored)", o.syncMode, o.respKB, o.seed)}
 	honest, err := newHost()
 	if err != nil {
 		return nil, err
@@ -193,7 +193,7 @@ func attackSyncResponder(ctx context.Context, o attackOpts) (*attackResult, erro
 			if err := r.ReadMsg(&req); err != nil {
 				return
 			}
-			if err := w.WriteMsg(hostileSyncResponse(&req, budget)); err != nil {
+			if err := w.WriteMsg(hostileSyncResponse(&req, budget, o.syncMode)); err != nil {
 				return
 			}
 			answered.Add(1)
@@ -216,7 +216,7 @@ func attackSyncResponder(ctx context.Context, o attackOpts) (*attackResult, erro
 
 // hostileSyncResponse fills about budget bytes with listings and children of
 // the asked prefixes.
-func hostileSyncResponse(req *pb.SyncRequest, budget int) *pb.SyncResponse {
+func hostileSyncResponse(req *pb.SyncRequest, budget int, mode string) *pb.SyncResponse {
 	resp := &pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK}
 	var asked [][]byte
 	for _, rg := range req.Ranges {
@@ -226,13 +226,20 @@ func hostileSyncResponse(req *pb.SyncRequest, budget int) *pb.SyncResponse {
 		asked = [][]byte{nil}
 	}
 	size := 0
-	// Half the budget: one-item listings of the asked prefixes, round robin.
-	for i := 0; size < budget/2; i++ {
-		p := asked[i%len(asked)]
-		resp.Listings = append(resp.Listings, &pb.SyncListing{Prefix: p, Ids: []uint64{randomID()}})
-		size += len(p) + 14
+	// When the root is asked (a session's first round): half the budget in
+	// one-item listings of the root, each a scan of the whole shard.
+	if len(asked[0]) == 0 && mode != "deep" {
+		share := budget / 2
+		if mode == "scan" {
+			share = budget
+		}
+		for size < share {
+			resp.Listings = append(resp.Listings, &pb.SyncListing{Ids: []uint64{randomID()}})
+			size += 14
+		}
 	}
-	// The other half: children of the asked prefixes, parents interleaved.
+	// The rest: invented children of the asked prefixes, parents
+	// interleaved; the node asks about them all, one level deeper each round.
 	for i := 0; size < budget; i++ {
 		p := asked[i%len(asked)]
 		if len(p) >= protocol.KeySize-1 {
