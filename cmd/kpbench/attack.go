@@ -85,6 +85,7 @@ type attackResult struct {
 	notes        []string
 	// rollback only
 	rollbackNew, rollbackOf int
+	rollbackAfterRestart    int
 }
 
 var attackScenarios = []string{"sync-responder", "sync-initiator", "big-bundle", "fetch-all", "rollback"}
@@ -611,6 +612,7 @@ func printAttackTable(w io.Writer, rs []*attackResult) {
 		}
 		if r.scenario == "rollback" {
 			row("GETs serving the new version", fmt.Sprintf("%d of %d", r.rollbackNew, r.rollbackOf), fmt.Sprintf("%d of %d", r.rollbackOf, r.rollbackOf), r.rollbackNew == r.rollbackOf)
+			row("  same after a restart", fmt.Sprintf("%d of %d", r.rollbackAfterRestart, r.rollbackOf), fmt.Sprintf("%d of %d", r.rollbackOf, r.rollbackOf), r.rollbackAfterRestart == r.rollbackOf)
 		} else {
 			growth := uint64(0)
 			if r.rssPeak > r.rssBase {

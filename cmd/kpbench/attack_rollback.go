@@ -164,18 +164,34 @@ func attackRollback(ctx context.Context, o attackOpts) (*attackResult, error) {
 		}
 	}
 	fmt.Fprintf(o.out, "%d liars provide every shard; asking the light node for each account once\n", o.liars)
-	for _, a := range newer {
-		t0 := time.Now()
-		got, err := light.Client.FetchAccount(ctx, a.AccountPub)
-		r.gets = append(r.gets, time.Since(t0))
-		r.rollbackOf++
-		switch {
-		case err != nil:
-			r.getErrors++
-		case bytes.Equal(got.Payload, a.Payload):
-			r.rollbackNew++
+	ask := func() (fresh int) {
+		for _, a := range newer {
+			t0 := time.Now()
+			got, err := light.Client.FetchAccount(ctx, a.AccountPub)
+			r.gets = append(r.gets, time.Since(t0))
+			switch {
+			case err != nil:
+				r.getErrors++
+			case bytes.Equal(got.Payload, a.Payload):
+				fresh++
+			}
 		}
+		return fresh
 	}
+	r.rollbackOf = accounts
+	r.rollbackNew = ask()
+	// A restart empties the light node's cache: what it saw before must not
+	// be forgotten.
+	if err := light.Stop(); err != nil {
+		return r, err
+	}
+	if err := light.Start(ctx); err != nil {
+		return r, err
+	}
+	if _, err := light.WaitStatus(ctx, 60*time.Second, func(s realnet.Status) bool { return s.Ready }); err != nil {
+		return r, err
+	}
+	r.rollbackAfterRestart = ask()
 	return r, nil
 }
 
