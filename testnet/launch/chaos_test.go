@@ -28,12 +28,15 @@ func TestPartitionHeals(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds kpnode and runs six processes")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	bin := kpnodeBinary(t, ctx)
 	var log strings.Builder
 	res, err := realnet.Partition(ctx, realnet.PartitionOptions{Bin: bin, Dir: t.TempDir(), Network: "partition-test",
-		Half: 3, Bundles: 12, Accounts: 6, Updates: 3, Converge: 40 * time.Second, Log: &log})
+		// Usually converged within 2 s of the heal (sync on every new
+		// connection); a shard session skipped because another was running
+		// waits for the periodic sync (30 s + up to 6 s jitter), rarely twice.
+		Half: 3, Bundles: 12, Accounts: 6, Updates: 3, Converge: 100 * time.Second, Log: &log})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
