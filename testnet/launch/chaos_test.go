@@ -64,12 +64,12 @@ func TestChaosLosesNoAcknowledgedBundle(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds kpnode and runs five processes for 20 s")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	bin := kpnodeBinary(t, ctx)
 	var log strings.Builder
 	res, err := realnet.Chaos(ctx, realnet.ChaosOptions{Bin: bin, Dir: t.TempDir(), Network: "chaos-test", Nodes: 5,
-		Duration: 20 * time.Second, Rate: 10, KillEvery: 5 * time.Second, DownFor: time.Second, Converge: 40 * time.Second, Log: &log})
+		Duration: 20 * time.Second, Rate: 10, KillEvery: 5 * time.Second, DownFor: time.Second, Converge: 100 * time.Second, Log: &log})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
