@@ -6,6 +6,8 @@
 #   scripts/testnet.sh status     state, peers and counts of each node
 #   scripts/testnet.sh logs [i]   node i's log, or the last lines of every node's
 #   scripts/testnet.sh down       stop the nodes this testnet started (by PID)
+#   scripts/testnet.sh kill i     SIGKILL node i (a crash; data and log stay)
+#   scripts/testnet.sh start i    restart node i on its data dir and ports, wait until ready
 #
 # Environment: TESTNET_DIR (default ./.testnet), TESTNET_API_BASE (18080: node i's
 # API is on 18080+i), TESTNET_P2P_BASE (19080), TESTNET_NETWORK (kpnode-testnet),
@@ -21,14 +23,14 @@ case "$cmd" in
     (cd "$root" && go build -o "$(cd "$bin" && pwd)/kpnode" ./cmd/kpnode && go build -o "$(cd "$bin" && pwd)/launch" ./testnet/launch)
     exec "$bin/launch" -bin "$(cd "$bin" && pwd)/kpnode" -dir "$dir" "$@"
     ;;
-  status|logs|down)
+  status|logs|down|kill|start)
     if [ ! -x "$bin/launch" ]; then
       echo "testnet: nothing in $dir (run 'up' first)" >&2; exit 1
     fi
-    exec "$bin/launch" -dir "$dir" "$@"
+    exec "$bin/launch" -bin "$(cd "$bin" && pwd)/kpnode" -dir "$dir" "$@"
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

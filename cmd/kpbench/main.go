@@ -26,6 +26,18 @@
 //	    posts count bundles (real 0x004D KeyPackages) to node 1 of a running
 //	    testnet as fast as its API takes them and reports when every node
 //	    serves every one of them.
+//	kpbench partition [-half 3] [-bundles 300] [-accounts 30]
+//	    two halves of real kpnode processes publish bundles and account
+//	    updates apart, then heal: the sets after healing, acknowledged
+//	    bundles missing (must be 0), time to converge.
+//	kpbench chaos [-nodes 6] [-duration 2m] [-rate 20]
+//	    a paced publish to random live nodes while a random non-bootstrap
+//	    node is SIGKILLed and restarted every 15-20 s: acknowledged bundles
+//	    lost (must be 0) and time to converge.
+//	kpbench attack -scenario sync-responder|sync-initiator|big-bundle|fetch-all|rollback
+//	    one real kpnode under a hostile libp2p host while an honest client
+//	    GETs: RSS growth, CPU per hostile vs honest request, time until the
+//	    attacker is cut off, honest GET p50/p99, each beside its target.
 package main
 
 import (
@@ -50,7 +62,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|lookup|memory|get|ingest|burst [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|lookup|memory|get|ingest|burst|partition|chaos|attack [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -71,6 +83,12 @@ func main() {
 		err = getBench(os.Args[2:])
 	case "ingest":
 		err = ingestBench(os.Args[2:])
+	case "partition":
+		err = partition(os.Args[2:])
+	case "chaos":
+		err = chaos(os.Args[2:])
+	case "attack":
+		err = attack(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}

@@ -23,7 +23,8 @@ import (
 
 // scripts/testnet.sh up 5 with real binaries: a bundle and an account
 // bundle POSTed to node 1 are served by node 5 within 2 s; a second up
-// refuses; down leaves no process behind.
+// refuses; kill and start bring node 5 back with its data; down leaves no
+// process behind.
 func TestTestnetScript(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds binaries and runs five processes")
@@ -114,6 +115,34 @@ func TestTestnetScript(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 
+	// A crash and a restart on the same data dir and ports: node 5 comes
+	// back ready and still serves what it had acknowledged.
+	oldPID := nodes[4].PID
+	if out, err := script("kill", "5"); err != nil {
+		t.Fatalf("kill 5: %v\n%s", err, out)
+	}
+	if syscall.Kill(oldPID, 0) == nil {
+		if state, _ := os.ReadFile("/proc/" + itoa(oldPID) + "/stat"); !strings.Contains(string(state), ") Z ") {
+			t.Fatalf("node 5 (pid %d) still running after kill", oldPID)
+		}
+	}
+	if out, err := script("start", "5"); err != nil || !strings.Contains(out, "node 5 restarted") {
+		t.Fatalf("start 5: %v\n%s", err, out)
+	}
+	raw, err = os.ReadFile(filepath.Join(dir, "tn", "nodes.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(raw, &nodes); err != nil || nodes[4].PID == oldPID || nodes[4].API != last.BaseURL() {
+		t.Fatalf("nodes.json after start 5: %v %s", err, raw)
+	}
+	if got, err := last.FetchBundle(ctx, b.DeviceID); err != nil || !bytes.Equal(got.Payload, b.Payload) {
+		t.Fatalf("node 5 after the restart: %v", err)
+	}
+	if got, err := last.FetchAccount(ctx, a.AccountPub); err != nil || !bytes.Equal(got.Payload, a.Payload) {
+		t.Fatalf("node 5 after the restart: account %v", err)
+	}
+
 	if out, err := script("status"); err != nil || strings.Count(out, "ready") != 5 {
 		t.Fatalf("status: %v\n%s", err, out)
 	}
@@ -133,3 +162,21 @@ func TestTestnetScript(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func TestPortOf(t *testing.T) {
+	for _, c := range []struct {
+		s, sep string
+		want   int
+	}{
+		{"http://127.0.0.1:18081", ":", 18081},
+		{"/ip4/127.0.0.1/tcp/19081/p2p/12D3KooW", "/tcp/", 19081},
+		{"/ip4/127.0.0.1/tcp/19082", "/tcp/", 19082},
+	} {
+		if got, err := portOf(c.s, c.sep); err != nil || got != c.want {
+			t.Fatalf("portOf(%q) = %d, %v; want %d", c.s, got, err, c.want)
+		}
+	}
+	if _, err := portOf("/ip4/127.0.0.1/udp/1/quic-v1", "/tcp/"); err == nil {
+		t.Fatal("no tcp port should be an error")
+	}
+}

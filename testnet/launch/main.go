@@ -5,6 +5,8 @@
 //	launch -dir DIR status             one line per node
 //	launch -dir DIR logs [i]           a node's log (all nodes' last lines without i)
 //	launch -dir DIR down               stop the nodes it started, by PID
+//	launch -dir DIR kill i             SIGKILL node i (a crash; its data dir stays)
+//	launch -bin PATH -dir DIR start i  restart node i on its data dir and ports, wait until ready
 //
 // Node i (1 is the bootstrap node) gets DIR/node-i (data), DIR/node-i.log,
 // API port APIBASE+i and libp2p port P2PBASE+i (TCP and QUIC). DIR/nodes.json
@@ -61,7 +63,7 @@ func main() {
 	flag.Parse()
 	args := flag.Args()
 	if len(args) == 0 {
-		fmt.Fprintln(os.Stderr, "usage: launch [flags] up [N] | status | logs [i] | down")
+		fmt.Fprintln(os.Stderr, "usage: launch [flags] up [N] | status | logs [i] | down | kill i | start i")
 		os.Exit(2)
 	}
 	l := &launcher{bin: *bin, dir: *dir, apiBase: *apiBase, p2pBase: *p2pBase, network: *network, extra: strings.Fields(*extra)}
@@ -86,6 +88,16 @@ func main() {
 		err = l.logs(i)
 	case "down":
 		err = l.down()
+	case "kill", "start":
+		i := 0
+		if len(args) > 1 {
+			i, _ = strconv.Atoi(args[1])
+		}
+		if args[0] == "kill" {
+			err = l.kill(i)
+		} else {
+			err = l.restart(i)
+		}
 	default:
 		err = fmt.Errorf("unknown command %q", args[0])
 	}
@@ -395,4 +407,101 @@ func (l *launcher) down() error {
 	}
 	fmt.Printf("testnet in %s stopped (%d nodes); data and logs kept\n", l.dir, len(nodes))
 	return nil
+}
+
+// kill ends node i with SIGKILL, as a crash would, and waits until it is gone.
+func (l *launcher) kill(i int) error {
+	nodes, err := l.load()
+	if err != nil {
+		return fmt.Errorf("no testnet in %s: %w", l.dir, err)
+	}
+	if i < 1 || i > len(nodes) {
+		return fmt.Errorf("no node %d (1..%d)", i, len(nodes))
+	}
+	n := nodes[i-1]
+	if !l.alive(n) {
+		return fmt.Errorf("node %d is not running", i)
+	}
+	if err := syscall.Kill(n.PID, syscall.SIGKILL); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for l.alive(n) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	fmt.Printf("node %d (pid %d) killed; 'start %d' restarts it on %s\n", i, n.PID, i, n.DataDir)
+	return nil
+}
+
+// restart starts node i again on its data dir and ports (taken from
+// nodes.json), bootstrapping from node 1 like at 'up', waits until it is
+// ready and records its new PID.
+func (l *launcher) restart(i int) error {
+	nodes, err := l.load()
+	if err != nil {
+		return fmt.Errorf("no testnet in %s: %w", l.dir, err)
+	}
+	if i < 1 || i > len(nodes) {
+		return fmt.Errorf("no node %d (1..%d)", i, len(nodes))
+	}
+	if l.bin == "" {
+		return errors.New("start needs -bin")
+	}
+	n := nodes[i-1]
+	if l.alive(n) {
+		return fmt.Errorf("node %d is running (pid %d)", i, n.PID)
+	}
+	// The ports of 'up', whatever the environment says now.
+	if p, err := portOf(n.API, ":"); err == nil {
+		l.apiBase = p - i
+	}
+	for _, a := range n.Addrs {
+		if p, err := portOf(a, "/tcp/"); err == nil {
+			l.p2pBase = p - i
+			break
+		}
+	}
+	l.dir, l.network = filepath.Dir(n.DataDir), n.Network
+	var bootstrap string
+	if i != 1 {
+		for _, a := range nodes[0].Addrs {
+			if strings.Contains(a, "/tcp/") {
+				bootstrap = a
+			}
+		}
+	}
+	started, err := l.start(i, bootstrap)
+	if err != nil {
+		return err
+	}
+	st, err := waitStatus(started, 60*time.Second, func(s status) bool { return len(nodes) == 1 || s.Ready })
+	if err != nil {
+		syscall.Kill(started.PID, syscall.SIGTERM)
+		return fmt.Errorf("node %d not ready: %w (see %s)", i, err, started.Log)
+	}
+	started.PeerID, started.Addrs, started.Network = st.PeerID, st.Addrs, st.Network
+	nodes[i-1] = started
+	raw, err := json.MarshalIndent(nodes, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(l.manifest(), append(raw, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("node %d restarted (pid %d, %d bundles, %d accounts)\n", i, started.PID, st.Bundles, st.Accounts)
+	return nil
+}
+
+// portOf reads the port after the last sep in s ("http://h:18081",
+// "/ip4/127.0.0.1/tcp/19081/p2p/...").
+func portOf(s, sep string) (int, error) {
+	j := strings.LastIndex(s, sep)
+	if j < 0 {
+		return 0, fmt.Errorf("no port in %q", s)
+	}
+	rest := s[j+len(sep):]
+	if k := strings.IndexByte(rest, '/'); k >= 0 {
+		rest = rest[:k]
+	}
+	return strconv.Atoi(rest)
 }
