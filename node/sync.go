@@ -209,12 +209,7 @@ func (s *syncService) watchPeers(sub event.Subscription) {
 		if p == "" || p == s.h.ID() || !slices.Contains(protos, s.proto) {
 			continue
 		}
-		// Wait for a turn rather than skip a shard whose session with another
-		// peer is running: a new connection may be the first to the other
-		// side of a healed partition, and what it holds would otherwise wait
-		// for the periodic sync. Sessions after the first find agreement in
-		// one round, answered from memory.
-		s.goTracked(func() { s.syncPeer(s.ctx, p, s.n.cfg.Shards.List(), true) })
+		s.goTracked(func() { s.syncPeer(s.ctx, p, s.n.cfg.Shards.List(), false) })
 	}
 }
 
