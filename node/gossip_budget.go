@@ -14,8 +14,12 @@ import (
 // gossipPeerBurst, refilled at gossipPeerRate per second. Every message an
 // RPC carries costs its data's length, at least gossipMinCharge (so a
 // stream of tiny messages pays for the per-message work: decoding, the
-// seen-cache, a signature check). A peer whose RPC does not fit is cut off
-// (peerGuard) and the RPC dropped. The burst is ten 1,000-bundle bursts of
+// seen-cache, a signature check). An RPC that does not fit is dropped
+// unread, which bounds the bytes a peer can queue in this node; the peer is
+// not banned for it, since an honest node forwards whatever the network
+// publishes and a burst of valid records (anyone can mint devices and POST
+// to some node) would otherwise cut honest forwarders off. What is dropped
+// arrives from other mesh peers or through sync. The burst is ten 1,000-bundle bursts of
 // real KeyPackages (2.9 KB each) at once, and the rate over a thousand such
 // bundles a second for ever, from one peer; honest peers forward at most
 // what the network publishes on the topics both hold, which is far below.
@@ -59,8 +63,8 @@ func charge(rpc *pubsub.RPC) float64 {
 	return float64(n)
 }
 
-// inspect takes an RPC's cost from its sender's bucket, or cuts the sender
-// off when the bucket cannot pay.
+// inspect takes an RPC's cost from its sender's bucket, or drops the RPC
+// when the bucket cannot pay.
 func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 	cost := charge(rpc)
 	if cost == 0 {
@@ -78,13 +82,10 @@ func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 	over := bk.tokens < cost
 	if !over {
 		bk.tokens -= cost
-	} else {
-		b.peers.Remove(from)
 	}
 	b.mu.Unlock()
 	if over {
 		b.metrics.gossipRPCRefused("inbound_bytes")
-		b.guard.penalize(from, "gossip", "inbound_bytes")
 		return errGossipBudget
 	}
 	return nil

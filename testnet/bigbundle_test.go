@@ -222,11 +222,12 @@ func TestHTTPRefusesBundlesOverThePayloadCap(t *testing.T) {
 }
 
 // A peer that pushes more message bytes than its inbound budget (32 MiB at
-// once, 4 MiB/s after) is cut off, even when every message is valid: here
-// one valid 60 KB bundle sent up to 3,000 times in raw gossipsub RPCs (the
-// budget charges what arrives, before deduplication). The node keeps
+// once, 4 MiB/s after) has its RPCs dropped unread, even when every message
+// is valid: here one valid 60 KB bundle sent 3,000 times in raw gossipsub
+// RPCs (the budget charges what arrives, before deduplication). It is not
+// banned (an honest forwarder of a burst must not be), and the node keeps
 // taking honest bundles.
-func TestGossipPeerOverItsByteBudgetIsCutOff(t *testing.T) {
+func TestGossipPeerOverItsByteBudgetIsThrottled(t *testing.T) {
 	c := startCluster(t, 2, func(i int, cfg *node.Config) { cfg.Policy.MLS = protocol.MLSOff })
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -242,35 +243,17 @@ func TestGossipPeerOverItsByteBudgetIsCutOff(t *testing.T) {
 	topic := protocol.BundleTopic(victim.NetworkID(), shard)
 	rpc := &pubsubpb.RPC{Publish: []*pubsubpb.Message{{Data: gossipData(t, &b), Topic: &topic}}}
 	w := pbio.NewDelimitedWriter(s)
-	sent := 0
-	for ; sent < 3000; sent++ {
+	for sent := 0; sent < 3000; sent++ {
 		if err := w.WriteMsg(rpc); err != nil {
-			break // cut off: the node reset the stream
+			t.Fatalf("stream closed after %d RPCs: %v", sent, err)
 		}
 	}
-	series := `kpnode_peer_penalties_total{protocol="gossip",reason="inbound_bytes"}`
+	series := `kpnode_gossip_rpcs_refused_total{reason="inbound_bytes"}`
 	if err := eventually(ctx, func() bool { return metricValue(t, victim, series) >= 1 }); err != nil {
-		t.Fatalf("a peer over its byte budget was not cut off (%d RPCs sent)", sent)
+		t.Fatal("no RPC over the byte budget was dropped")
 	}
-	// Cut off: disconnected, and refused when it dials again.
-	if err := eventually(ctx, func() bool {
-		for _, p := range victim.ConnectedPeers() {
-			if p == h.ID() {
-				return false
-			}
-		}
-		return true
-	}); err != nil {
-		t.Fatal("the peer is still connected")
-	}
-	addrs, _ := victim.P2PAddrs()
-	ai, _ := peer.AddrInfoFromString(addrs[0])
-	dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
-	defer dcancel()
-	if err := h.Connect(dctx, *ai); err == nil {
-		if _, err := h.NewStream(dctx, id, "/meshsub/1.1.0"); err == nil {
-			t.Fatal("the cut-off peer is accepted again")
-		}
+	if got := metricValue(t, victim, `kpnode_peer_penalties_total{protocol="gossip",reason="inbound_bytes"}`); got != 0 {
+		t.Fatalf("a peer over its byte budget was banned (%v)", got)
 	}
 	honest := signedBundle(t, shard, 3000)
 	if err := c.Nodes[0].SubmitBundle(ctx, &honest); err != nil {
