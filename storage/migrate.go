@@ -9,6 +9,7 @@ import (
 	"github.com/dgraph-io/badger/v4"
 
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/mls"
 )
 
 // Schema 1 had the same records without h0 in their keys:
@@ -109,6 +110,11 @@ func (s *Store) migrateV1() error {
 		}
 		var acct protocol.Key
 		copy(acct[:], k[2:])
+		if len(v) > accountValueHdr+protocol.MaxPayloadSize {
+			// Accepted before the payload cap: no peer would take it now.
+			s.log.Warn("storage: migrate: dropping an account bundle over the payload cap", "account", acct, "bytes", len(v)-accountValueHdr)
+			return txn.Delete(k)
+		}
 		if err := txn.Set(accountKey(acct), v); err != nil {
 			return err
 		}
@@ -155,8 +161,20 @@ func (s *Store) migrateV1Bundle(txn *badger.Txn, k []byte) error {
 	if err := decodeBundleValue(b, v); err != nil {
 		// Damaged: not carried over (the check would drop it anyway).
 		s.log.Warn("storage: migrate: dropping a damaged bundle", "device", dev, "err", err)
+	} else if len(b.Payload) > protocol.MaxPayloadSize {
+		// Accepted before the payload cap: no peer would take it now, and
+		// offering it by sync would only cost peers work.
+		s.log.Warn("storage: migrate: dropping a bundle over the payload cap", "device", dev, "bytes", len(b.Payload))
 	} else {
 		nk := bundleKey(prefixBundle, dev, ts, ref)
+		// Schema 1 kept no KeyPackage lifetime: read it from the
+		// KeyPackage, so a bundle whose lifetime has ended is not served.
+		if b.NotAfterMS = v1NotAfterMS(b.Payload); b.NotAfterMS != 0 {
+			v = encodeBundleValue(b)
+			if err := txn.Set(lifetimeKey(b.NotAfterMS, nk), nil); err != nil {
+				return err
+			}
+		}
 		if err := txn.Set(nk, v); err != nil {
 			return err
 		}
@@ -167,7 +185,7 @@ func (s *Store) migrateV1Bundle(txn *badger.Txn, k []byte) error {
 		} else if !errors.Is(err, badger.ErrKeyNotFound) {
 			return err
 		}
-		if err := txn.Set(refKey(dev, ref), refValue{TS: ts, Bytes: bundleBytes(b)}.encode()); err != nil {
+		if err := txn.Set(refKey(dev, ref), refValue{TS: ts, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}.encode()); err != nil {
 			return err
 		}
 		if err := txn.Set(timeKey(nk), nil); err != nil {
@@ -229,4 +247,20 @@ func (s *Store) migrateFamily(prefix []byte, keyLen int, move func(txn *badger.T
 		total += len(chunk)
 		after = chunk[len(chunk)-1]
 	}
+}
+
+// v1NotAfterMS returns the end of the lifetime of a bundle payload's
+// KeyPackage in Unix ms (clamped to year 9999, as validation does), or 0
+// when the key_package does not parse as one (opaque mode).
+func v1NotAfterMS(payload []byte) int64 {
+	_, kp, err := protocol.SplitBundlePayload(payload)
+	if err != nil {
+		return 0
+	}
+	parsed, err := mls.Parse(kp)
+	if err != nil {
+		return 0
+	}
+	const maxUnix = 253402300799 // 9999-12-31T23:59:59Z
+	return int64(min(parsed.LeafNode.Lifetime.NotAfter, maxUnix)) * 1000
 }

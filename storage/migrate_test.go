@@ -2,15 +2,18 @@ package storage
 
 import (
 	"context"
+	"crypto/ed25519"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/mls/mlstest"
 )
 
 // writeV1 writes bundles and accounts with schema 1's keys, as the store of
@@ -312,4 +315,35 @@ func BenchmarkShardScan(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(s.scanned.Load()-before)/float64(b.N), "items/scan")
+}
+
+// The migration drops records over the payload cap (accepted before it
+// existed) and reads the KeyPackage lifetime that schema 1 did not keep, so
+// an ended KeyPackage is not served after the upgrade.
+func TestMigrationDropsOversizedAndReadsLifetimes(t *testing.T) {
+	now := time.Now()
+	dir := t.TempDir()
+	kp, signer, err := mlstest.Generate(mlstest.Options{Suite: 0x0001, LastResort: true,
+		NotBefore: now.Add(-48 * time.Hour), NotAfter: now.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d protocol.Key
+	copy(d[:], signer.Public().(ed25519.PublicKey))
+	ts := uint64(now.Add(-2 * time.Hour).UnixMilli())
+	ended := &Bundle{DeviceID: d, TimestampMS: ts, LastResort: true, Ref: protocol.KeyPackageRef(kp), Payload: protocol.BundlePayload(ts, kp)}
+	usable := bundle(d, ts-1000, "opaque, no lifetime", false)
+	huge := bundle(dev(9), ts, strings.Repeat("x", protocol.MaxPayloadSize), false)
+	writeV1(t, dir, true, []*Bundle{ended, usable, huge}, nil)
+	s := openStore(t, dir, nil)
+	if got, err := s.Bundles(context.Background(), dev(9)); err != nil || len(got) != 0 {
+		t.Fatalf("oversized bundle after migration: %d, %v", len(got), err)
+	}
+	got, err := s.LatestBundle(context.Background(), d)
+	if err != nil || got.Ref != usable.Ref {
+		t.Fatalf("latest after migration: %+v, %v; want the usable opaque bundle, not the ended KeyPackage", got, err)
+	}
+	if c := s.Counts(); c.Bundles != 2 {
+		t.Fatalf("counts %+v, want the 2 bundles of d", c)
+	}
 }
