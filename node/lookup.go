@@ -408,7 +408,12 @@ collect:
 		}
 		return best, nil
 	}
-	if notFound > 0 {
+	// A miss needs the holders that said "no record" to outnumber those
+	// that could not answer (failed, timed out, or lied below the floor): a
+	// single provider (stale or hostile) saying NOT_FOUND while the others
+	// are out of reach is an outage, not a miss, and must not become a
+	// cached 404; an offline holder among honest "no record" answers is.
+	if unanswered := failed + refused + (asked - answered); notFound > 0 && notFound >= unanswered {
 		return zero, fmt.Errorf("%w: %d of %d holders have no record", errLookupMiss, notFound, asked)
 	}
 	return zero, fmt.Errorf("%w: %d holders asked, %d answered, %d failed, %d below the floor (%v)",
