@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,6 +126,13 @@ func (f *fetchService) handle(s network.Stream) {
 	f.wg.Add(1)
 	f.mu.Unlock()
 	defer f.wg.Done()
+	// A panic on hostile input ends this stream, never the process.
+	defer func() {
+		if r := recover(); r != nil {
+			f.log.Error("fetch: handler panicked", "peer", s.Conn().RemotePeer(), "panic", r, "stack", string(debug.Stack()))
+			_ = s.Reset()
+		}
+	}()
 
 	deadline := time.Now().Add(f.n.cfg.StreamTimeout)
 	_ = s.SetDeadline(deadline)
