@@ -8,11 +8,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -289,6 +291,9 @@ func New(cfg Config) (*Node, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("node: data dir: %w", err)
 	}
+	if err := checkDataDirNetwork(cfg.DataDir, cfg.Constants().NetworkID(cfg.Network)); err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
 	identity, err := LoadOrCreateIdentity(cfg.DataDir)
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
@@ -472,4 +477,44 @@ func storeClockSkew(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// networkFile records, in the data dir, the network ID (name and network
+// constants) the store was written under.
+const networkFile = "network"
+
+// ErrDataDirNetwork: the data dir was written under another network name
+// or other network constants.
+var ErrDataDirNetwork = errors.New("data dir belongs to another network")
+
+// checkDataDirNetwork binds a data dir to one network ID. Records a store
+// accepted under other constants (say --mls-validation=off) would be
+// offered to peers that must refuse them, so a node refuses to start on a
+// data dir of another network ID, with a message saying what to do. A data
+// dir without the file (new, or written by an older version) is bound to
+// the current ID.
+func checkDataDirNetwork(dir, netID string) error {
+	path := filepath.Join(dir, networkFile)
+	raw, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if got := strings.TrimSpace(string(raw)); got != netID {
+			return fmt.Errorf("%w: %s was written by network %q and this node is set up for %q; "+
+				"--network and the network constants (shard count, --mls-validation, --max-kp-lifetime) cannot change "+
+				"on a data dir: start with the settings it was created with, or use a new --data directory "+
+				"(a full node syncs its shards back from its peers)", ErrDataDirNetwork, dir, got, netID)
+		}
+		return nil
+	case errors.Is(err, fs.ErrNotExist):
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(netID+"\n"), 0o600); err != nil {
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		return nil
+	default:
+		return fmt.Errorf("read %s: %w", path, err)
+	}
 }

@@ -2,7 +2,9 @@ package node
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/kpnode/kpnode/protocol"
@@ -21,4 +23,26 @@ func TestStoreFullIs507AndReadsGoOn(t *testing.T) {
 	expect(t, do(t, "GET", base+"/v0/keypackage/"+older.DeviceID.String(), "", ""), 404, `{"error":"no keypackage for device"}`)
 	want := fmt.Sprintf(`{"payload":"%s","signature":"%s"}`, b64.EncodeToString(held.Payload), b64.EncodeToString(held.Signature[:]))
 	expect(t, do(t, "GET", base+"/v0/keypackage/"+held.DeviceID.String(), "", ""), 200, want)
+}
+
+// A data dir is bound to the network ID it was written under: restarting
+// it with other network constants is refused with a message saying what to
+// do, and the same settings start again.
+func TestDataDirKeepsItsNetwork(t *testing.T) {
+	dir := t.TempDir()
+	n, _ := testNode(t, func(c *Config) { c.DataDir = dir })
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.DataDir = dir
+	cfg.Policy.MLS = protocol.MLSStrict // testNode runs with MLS off
+	_, err := New(cfg)
+	if !errors.Is(err, ErrDataDirNetwork) || !strings.Contains(err.Error(), "--mls-validation") {
+		t.Fatalf("restart with another MLS mode: %v", err)
+	}
+	again, _ := testNode(t, func(c *Config) { c.DataDir = dir })
+	if err := again.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
