@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -528,6 +529,23 @@ func phases(ctx context.Context, o attackOpts, v *victim, r *attackResult, hosti
 	m := startMeter(pid)
 	defer m.close()
 
+	// settle: seeding leaves the node flushing and compacting its store for
+	// a while; wait until its CPU rate is steady (two 1 s windows within
+	// 0.03 cores of each other, at most 30 s) so that work is not charged
+	// to whichever phase comes next.
+	for prev, prevRate, start := m.cpu(), -1.0, time.Now(); time.Since(start) < 30*time.Second; {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+		cur := m.cpu()
+		rate := cur - prev
+		if prevRate >= 0 && math.Abs(rate-prevRate) < 0.03 {
+			break
+		}
+		prev, prevRate = cur, rate
+	}
 	// quiet
 	c0, t0 := m.cpu(), time.Now()
 	select {
