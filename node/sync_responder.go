@@ -139,11 +139,12 @@ type syncResponder struct {
 	kind  storage.SetKind
 
 	rounds  int
-	work    uint64 // items scanned plus syncRangeCost per range asked
+	work    uint64 // items scanned plus syncRangeCost per range or want asked
 	workCap uint64
 
 	rootAsked, rootListed bool
 	split                 map[string]*syncChildren // ranges split in this session → children asked, listed
+	listedItems           map[string]uint64        // items under each range listed in this session
 }
 
 // syncChildren records, for a range the responder split, which of its 256
@@ -157,10 +158,9 @@ func (c *syncChildren) isListed(b byte) bool { return c.listed[b>>6]&(1<<(b&63))
 func (c *syncChildren) setAsked(b byte)      { c.asked[b>>6] |= 1 << (b & 63) }
 func (c *syncChildren) setListed(b byte)     { c.listed[b>>6] |= 1 << (b & 63) }
 
-// syncRangeCost is the work charged per range asked, whatever it holds,
-// and per want beyond its item IDs (a listed range holds at most about
-// syncListThreshold items, or one key's).
-const syncRangeCost = 8
+// syncRangeCost is the work charged per range or want asked (one seek),
+// on top of the items its scans touch.
+const syncRangeCost = 1
 
 // Reasons a request is refused (the label of kpnode_peer_penalties_total).
 const (
@@ -168,7 +168,7 @@ const (
 	reasonNested      = "nested_prefix" // prefixes of a request not an antichain (equal or one inside another)
 	reasonNotOffered  = "not_offered"   // a range or want the responder did not offer in this session
 	reasonRounds      = "rounds"        // more rounds than any honest session
-	reasonSessionWork = "session_work"  // the session's work budget is spent
+	reasonSessionWork = "session_work"  // the session's work budget is spent (a quiet limit: no ban)
 )
 
 // checkRequest applies the per-request rules; it returns a reason, or "".
@@ -265,7 +265,8 @@ func (rs *syncResponder) offered(req *pb.SyncRequest) string {
 	return ""
 }
 
-func (rs *syncResponder) listed(prefix []byte) {
+func (rs *syncResponder) listed(prefix []byte, items int) {
+	rs.listedItems[string(prefix)] = uint64(items)
 	if len(prefix) == 0 {
 		rs.rootListed = true
 		return
@@ -291,6 +292,13 @@ func badRequest(reason string) (*pb.SyncResponse, string) {
 	return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_BAD_REQUEST}, reason
 }
 
+// workSpent ends the session quietly: the work budget bounds what one
+// session costs the responder, and a very large honest catch-up may reach
+// it; the initiator's next session continues where this one stopped.
+func workSpent() (*pb.SyncResponse, string) {
+	return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_UNSPECIFIED}, reasonSessionWork
+}
+
 // serve answers one round from the store. A non-empty reason with
 // STATUS_BAD_REQUEST is a budget the initiator broke.
 func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.SyncResponse, string) {
@@ -311,12 +319,13 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 		rs.shard, rs.set, rs.kind = shard, req.Set, kind
 		rs.workCap = syncWorkFactor*s.n.store.ShardDigest(kind, shard).Count + syncWorkSlack
 		rs.split = map[string]*syncChildren{}
+		rs.listedItems = map[string]uint64{}
 	}
 	if reason := rs.offered(req); reason != "" {
 		return badRequest(reason)
 	}
 	if !rs.charge(uint64(syncRangeCost * (len(req.Ranges) + len(req.Want)))) {
-		return badRequest(reasonSessionWork)
+		return workSpent()
 	}
 	resp := &pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK}
 	for _, rg := range req.Ranges {
@@ -331,7 +340,7 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 			return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_UNSPECIFIED}, ""
 		}
 		if !rs.chargeScan(mine.Count) {
-			return badRequest(reasonSessionWork)
+			return workSpent()
 		}
 		if fp := mine.Fingerprint(); bytes.Equal(fp[:], rg.Fingerprint) || mine.Count == 0 {
 			continue
@@ -344,17 +353,26 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 				return &pb.SyncResponse{Status: pb.SyncResponse_STATUS_UNSPECIFIED}, ""
 			}
 			if !rs.chargeScan(uint64(len(items))) {
-				return badRequest(reasonSessionWork)
+				return workSpent()
 			}
 			if len(items) == 0 {
 				continue
 			}
 			l := &pb.SyncListing{Prefix: rg.Prefix}
-			for _, h := range items[:min(len(items), syncMaxListing)] {
-				l.Ids = append(l.Ids, protocol.ItemID(h))
+			dup := make(map[uint64]bool, min(len(items), syncMaxListing))
+			for _, h := range items {
+				if len(l.Ids) == syncMaxListing {
+					break
+				}
+				// Two items of one 64-bit ID (a mined collision) are
+				// listed once; a want of it brings both.
+				if id := protocol.ItemID(h); !dup[id] {
+					dup[id] = true
+					l.Ids = append(l.Ids, id)
+				}
 			}
 			resp.Listings = append(resp.Listings, l)
-			rs.listed(rg.Prefix)
+			rs.listed(rg.Prefix, len(items))
 			continue
 		}
 		rs.split[string(rg.Prefix)] = &syncChildren{}
@@ -372,8 +390,10 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 			resp.Truncated = true
 			break
 		}
-		if !rs.charge(uint64(len(l.Ids) + syncListThreshold)) {
-			return badRequest(reasonSessionWork)
+		// The lookup scans the items under the listed range (as many as
+		// when it was listed) and reads the records it returns.
+		if !rs.chargeScan(rs.listedItems[string(l.Prefix)]) {
+			return workSpent()
 		}
 		ids := make(map[uint64]bool, len(l.Ids))
 		for _, id := range l.Ids {
@@ -381,6 +401,9 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 		}
 		if kind == storage.AccountSet {
 			as, _ := s.n.store.AccountsByID(ctx, shard, l.Prefix, ids)
+			if !rs.charge(uint64(len(as))) {
+				return workSpent()
+			}
 			for _, a := range as {
 				if size > syncResponseLimit {
 					resp.Truncated = true
@@ -392,6 +415,9 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 			continue
 		}
 		bs, _ := s.n.store.BundlesByID(ctx, shard, l.Prefix, ids)
+		if !rs.charge(uint64(len(bs))) {
+			return workSpent()
+		}
 		for _, b := range bs {
 			if size > syncResponseLimit {
 				resp.Truncated = true

@@ -1,0 +1,86 @@
+package node
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/binary"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// storeOpaqueSpread stores count opaque bundles (MLS validation off), one
+// device each, whose keys start with one of spread bytes: deterministic
+// keys ground for their first byte, so that every one of the spread
+// level-1 ranges holds count/spread items. With a single shard every key
+// is in shard 0.
+func storeOpaqueSpread(t testing.TB, n *Node, count, spread int) {
+	t.Helper()
+	now := uint64(time.Now().UnixMilli())
+	var seed [ed25519.SeedSize]byte
+	kp := make([]byte, 64)
+	for i, stored := uint64(1), 0; stored < count; i++ {
+		binary.BigEndian.PutUint64(seed[:], i)
+		dev := ed25519.NewKeyFromSeed(seed[:])
+		if int(dev[ed25519.SeedSize]) >= spread { // the public key's first byte
+			continue
+		}
+		binary.BigEndian.PutUint64(kp, i)
+		b := protocol.SignBundle(dev, now, kp)
+		if _, _, err := n.ingestBundle(t.Context(), &b, sourceHTTP); err != nil {
+			t.Fatal(err)
+		}
+		stored++
+	}
+}
+
+// An empty node catching up on a large shard from an honest holder is
+// never penalized. Above about 16,000 items a shard's level-1 ranges are
+// split and their children hold about one item each, so the initiator
+// sends about one want per item; the responder used to charge each want 73
+// whatever it scanned, and banned the initiator for session_work. The same
+// shape with fewer items (to run in seconds under -race): 1,600 items
+// whose keys start with one of 16 bytes, so 16 level-1 ranges of 100
+// items, each split into children of about one item. The responder now
+// charges the items its lookups really touch, and its work budget is a
+// quiet limit in any case.
+func TestSyncLargeShardIntoEmptyNodeIsNotPenalized(t *testing.T) {
+	const items, spread = 1600, 16
+	one := func(c *Config) {
+		c.Shards, _ = protocol.ParseShardSet("0", 1)
+		// With one shard every store scan seeks 256 key spaces, which under
+		// -race on a loaded machine makes a round of 1,024 ranges slow.
+		c.StreamTimeout = time.Minute
+		if testing.Verbose() {
+			c.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		}
+	}
+	a, _ := testNode(t, one)
+	b, _ := testNode(t, one)
+	start := time.Now()
+	storeOpaqueSpread(t, a, items, spread)
+	t.Logf("stored %d in %v", items, time.Since(start))
+	count := func(n *Node) uint64 { return n.store.ShardDigest(storage.BundleSet, 0).Count }
+	if got := count(a); got != items {
+		t.Fatalf("a holds %d items, want %d", got, items)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	connect(t, b, a)
+	start = time.Now()
+	waitUntil(t, ctx, "b to hold a's shard", func() bool { return count(b) == items })
+	t.Logf("synced in %v", time.Since(start))
+	for _, n := range []*Node{a, b} {
+		if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 {
+			t.Errorf("penalties: %v", p)
+		}
+	}
+	if a.guard.banned(b.host.ID()) || b.guard.banned(a.host.ID()) {
+		t.Error("an honest peer was banned")
+	}
+	t.Logf("responder scanned %v items for %d", metricSum(t, a, "kpnode_sync_items_scanned_total", `role="responder"`), items)
+}
