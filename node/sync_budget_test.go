@@ -3,13 +3,16 @@ package node
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/binary"
 	"log/slog"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
 )
 
@@ -83,4 +86,44 @@ func TestSyncLargeShardIntoEmptyNodeIsNotPenalized(t *testing.T) {
 		t.Error("an honest peer was banned")
 	}
 	t.Logf("responder scanned %v items for %d", metricSum(t, a, "kpnode_sync_items_scanned_total", `role="responder"`), items)
+}
+
+// A listing may name an item ID twice (two items of one 64-bit ID, a
+// mined collision, are both listed): the initiator wants it once, stores
+// the record, and does not penalize the responder.
+func TestSyncDuplicateListedIDIsNoViolation(t *testing.T) {
+	n, _ := testNode(t, func(c *Config) { c.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount) })
+	var b protocol.Bundle
+	for {
+		pub, dev, _ := ed25519.GenerateKey(rand.Reader)
+		if protocol.Shard(protocol.Key(pub), protocol.DefaultShardCount) == 0 {
+			b = protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), []byte("opaque key package"))
+			break
+		}
+	}
+	ts, kp, _ := protocol.SplitBundlePayload(b.Payload)
+	id := protocol.ItemID(protocol.BundleItem(b.DeviceID, ts, protocol.KeyPackageRef(kp)))
+	var wants atomic.Value
+	h, _ := hostileResponder(t, n, func(req *pb.SyncRequest) *pb.SyncResponse {
+		ok := &pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK}
+		if req.Set != pb.SyncRequest_SET_BUNDLES {
+			return ok
+		}
+		if len(req.Want) == 0 {
+			ok.Listings = []*pb.SyncListing{{Ids: []uint64{id, id}}}
+			return ok
+		}
+		wants.Store(req.Want[0].Ids)
+		ok.Bundles = []*pb.Bundle{bundleToPB(&b)}
+		return ok
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	waitUntil(t, ctx, "the listed bundle to be stored", func() bool { return n.store.ShardDigest(storage.BundleSet, 0).Count == 1 })
+	if got, _ := wants.Load().([]uint64); len(got) != 1 || got[0] != id {
+		t.Errorf("wanted %x, want [%x]", got, id)
+	}
+	if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
+		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
+	}
 }

@@ -242,7 +242,9 @@ func (ss *syncSession) round(ctx context.Context, req *pb.SyncRequest, resp *pb.
 			return ss.violation("unasked_listing")
 		}
 		asked[string(l.Prefix)] = listedRange
-		if len(l.Ids) > syncMaxListing || !uniqueListing(l.Ids) {
+		// An ID twice is no violation: two items may share a 64-bit ID
+		// (a mined collision); duplicates are dropped below.
+		if len(l.Ids) > syncMaxListing {
 			return ss.violation("malformed_listing")
 		}
 		ids += len(l.Ids)
@@ -292,6 +294,7 @@ func (ss *syncSession) round(ctx context.Context, req *pb.SyncRequest, resp *pb.
 		for _, id := range l.Ids {
 			if !have[id] && !ss.s.refused.has(ss.kind, id, now) {
 				want = append(want, id)
+				have[id] = true // a duplicate in the listing is wanted once
 			}
 		}
 		if !ss.addWants(string(l.Prefix), want) {
@@ -315,21 +318,12 @@ func (ss *syncSession) scan(children [256]protocol.Digest) error {
 	return nil
 }
 
-func uniqueListing(ids []uint64) bool {
-	seen := make(map[uint64]struct{}, len(ids))
-	for _, id := range ids {
-		if _, ok := seen[id]; ok {
-			return false
-		}
-		seen[id] = struct{}{}
-	}
-	return true
-}
-
 // ingest validates and stores the records of a response. Only records
-// whose item IDs the request wanted are validated, each once; any other
-// record, or one whose signature does not verify, is a violation (no honest
-// responder holds it). A valid record this node does not keep, and a
+// whose item IDs the request wanted are validated, each item (by its full
+// hash) once; any other record, or one whose signature does not verify, is
+// a violation (no honest responder holds it). Two different records may
+// share a wanted 64-bit ID (a mined collision): the responder sends both,
+// and both are accepted. A valid record this node does not keep, and a
 // signed one it refuses, is remembered so that it is not pulled again.
 func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb.SyncResponse) error {
 	wanted := map[uint64][]byte{} // item ID → prefix of its want
@@ -338,25 +332,29 @@ func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb
 			wanted[id] = l.Prefix
 		}
 	}
-	if len(resp.Bundles)+len(resp.Accounts) > len(wanted) {
+	if len(wanted) == 0 && len(resp.Bundles)+len(resp.Accounts) > 0 {
 		return ss.violation("unsolicited_record")
 	}
 	if ss.kind == storage.BundleSet && len(resp.Accounts) > 0 || ss.kind == storage.AccountSet && len(resp.Bundles) > 0 {
 		return ss.violation("unsolicited_record")
 	}
-	got := map[uint64]bool{}
-	accept := func(key protocol.Key, id uint64, ok bool) error {
+	got := map[uint64]bool{}       // wanted IDs answered
+	gotItem := map[[32]byte]bool{} // items received
+	accept := func(key protocol.Key, item [32]byte, ok bool) (uint64, error) {
+		id := protocol.ItemID(item)
 		prefix, isWanted := wanted[id]
 		switch {
 		case !ok:
-			return ss.violation("malformed_record")
+			return id, ss.violation("malformed_record")
+		case !isWanted || gotItem[item]:
+			return id, ss.violation("unsolicited_record")
 		case protocol.Shard(key, ss.s.n.cfg.Shards.Count()) != ss.shard:
-			return ss.violation("record_of_another_shard")
-		case !isWanted || got[id] || !bytes.HasPrefix(key[:], prefix):
-			return ss.violation("unsolicited_record")
+			return id, ss.violation("record_of_another_shard")
+		case !bytes.HasPrefix(key[:], prefix):
+			return id, ss.violation("unsolicited_record")
 		}
-		got[id] = true
-		return nil
+		got[id], gotItem[item] = true, true
+		return id, nil
 	}
 	now := ss.s.n.cfg.Now()
 	for _, m := range resp.Bundles {
@@ -364,8 +362,9 @@ func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb
 		if err != nil {
 			return ss.violation("malformed_record")
 		}
-		id, ok := ss.s.claimedBundleID(b)
-		if err := accept(b.DeviceID, id, ok); err != nil {
+		item, ok := ss.s.claimedBundleItem(b)
+		id, err := accept(b.DeviceID, item, ok)
+		if err != nil {
 			return err
 		}
 		outcome, _, err := ss.s.n.ingestBundle(ctx, b, sourceSync)
@@ -379,8 +378,8 @@ func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb
 			return ss.violation("malformed_record")
 		}
 		lamport, err := protocol.AccountLamport(a.Payload)
-		id := protocol.ItemID(protocol.AccountItem(a.AccountPub, lamport, a.Payload))
-		if err := accept(a.AccountPub, id, err == nil); err != nil {
+		id, err := accept(a.AccountPub, protocol.AccountItem(a.AccountPub, lamport, a.Payload), err == nil)
+		if err != nil {
 			return err
 		}
 		_, outcome, err := ss.s.n.ingestAccount(ctx, a, storage.AccountConverge, sourceSync)
@@ -433,21 +432,22 @@ func (ss *syncSession) outcome(id uint64, outcome storage.PutOutcome, err error,
 	return nil
 }
 
-// claimedBundleID computes a bundle's sync item ID from its bytes, without
-// verifying anything: the signed timestamp and the KeyPackageRef, parsed
-// the way validation parses them. ok is false when they cannot be read.
-func (s *syncService) claimedBundleID(b *protocol.Bundle) (id uint64, ok bool) {
+// claimedBundleItem computes a bundle's sync item hash from its bytes,
+// without verifying anything: the signed timestamp and the KeyPackageRef,
+// parsed the way validation parses them. ok is false when they cannot be
+// read.
+func (s *syncService) claimedBundleItem(b *protocol.Bundle) (item [32]byte, ok bool) {
 	ts, kp, err := protocol.SplitBundlePayload(b.Payload)
 	if err != nil || len(b.Payload) > protocol.MaxPayloadSize {
-		return 0, false
+		return item, false
 	}
 	ref := protocol.KeyPackageRef(kp)
 	if s.n.cfg.Policy.MLS != protocol.MLSOff {
 		parsed, err := mls.Parse(kp)
 		if err != nil {
-			return 0, false
+			return item, false
 		}
 		ref = protocol.Ref(mls.Ref(parsed.Raw))
 	}
-	return protocol.ItemID(protocol.BundleItem(b.DeviceID, ts, ref)), true
+	return protocol.BundleItem(b.DeviceID, ts, ref), true
 }
