@@ -172,7 +172,10 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 			b := protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), make([]byte, 100))
 			return &pb.SyncResponse{Status: ok, Bundles: []*pb.Bundle{{DeviceId: b.DeviceID[:], Payload: b.Payload, Signature: b.Signature[:]}}}
 		}},
-		{"ever deeper, wide", 6, "session_ranges", func(req *pb.SyncRequest) *pb.SyncResponse {
+		// Each range claims 2^40 items, so it might be a single key listed
+		// with 4,096 IDs: the initiator asks 16 a round (256 + 32 × 4,096
+		// children pass the session's 131,072 ranges in round 33).
+		{"ever deeper, wide", 34, "session_ranges", func(req *pb.SyncRequest) *pb.SyncResponse {
 			r := &pb.SyncResponse{Status: ok}
 			for _, rg := range req.Ranges {
 				if len(rg.Prefix) == protocol.KeySize-1 {

@@ -127,3 +127,39 @@ func TestSyncDuplicateListedIDIsNoViolation(t *testing.T) {
 		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
 	}
 }
+
+// A responder with a large per-device quota (a local setting) lists a
+// range of one key with up to 4,096 IDs. The initiator asks, per request,
+// only as many ranges as keep such listings within its own response caps,
+// so it never bans the honest responder (response_ids, malformed_response).
+func TestSyncLargeSingleKeyListingsStayWithinCaps(t *testing.T) {
+	n, _ := testNode(t, func(c *Config) { c.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount) })
+	var asked atomic.Int64
+	h, _ := hostileResponder(t, n, func(req *pb.SyncRequest) *pb.SyncResponse {
+		resp := &pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK}
+		if req.Set != pb.SyncRequest_SET_BUNDLES {
+			return resp
+		}
+		for _, rg := range req.Ranges {
+			if len(rg.Prefix) == 0 { // the root: 256 keys of 4,096 items each
+				for b := range 256 {
+					resp.Ranges = append(resp.Ranges, &pb.SyncRange{Prefix: []byte{byte(b)}, Count: syncMaxListing, Fingerprint: fp16(b)})
+				}
+				continue
+			}
+			asked.Add(1)
+			l := &pb.SyncListing{Prefix: rg.Prefix, Ids: make([]uint64, syncMaxListing)}
+			for i := range l.Ids {
+				l.Ids[i] = uint64(rg.Prefix[0])<<32 | uint64(i)
+			}
+			resp.Listings = append(resp.Listings, l)
+		}
+		return resp // wants are not answered: the records are gone
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	waitUntil(t, ctx, "every child range to be asked", func() bool { return asked.Load() == 256 || n.guard.banned(h.ID()) })
+	if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
+		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
+	}
+}

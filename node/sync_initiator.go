@@ -147,8 +147,10 @@ func (ss *syncSession) nextRequest() *pb.SyncRequest {
 	for ; n < len(ss.queue) && n < syncMaxRanges; n++ {
 		q := ss.queue[n]
 		// A large range is split into at most 256 children, or listed
-		// when it holds a single key (one device's bundles: a few).
-		c, i := uint64(0), min(q.claim, 256)
+		// when it holds a single key: up to syncMaxListing IDs (one
+		// device's bundles, as many as the responder's own per-device
+		// quota keeps).
+		c, i := uint64(0), min(q.claim, syncMaxListing)
 		if q.claim > syncListThreshold {
 			c = min(q.claim, 256)
 		}
