@@ -164,7 +164,7 @@ const syncRangeCost = 1
 
 // Reasons a request is refused (the label of kpnode_peer_penalties_total).
 const (
-	reasonBadRequest  = "bad_request"   // wrong shard or set, too many ranges or wants, malformed prefix or IDs
+	reasonBadRequest  = "bad_request"   // empty request, wrong shard or set, too many ranges or wants, malformed prefix or IDs
 	reasonNested      = "nested_prefix" // prefixes of a request not an antichain (equal or one inside another)
 	reasonNotOffered  = "not_offered"   // a range or want the responder did not offer in this session
 	reasonRounds      = "rounds"        // more rounds than any honest session
@@ -179,6 +179,11 @@ func (rs *syncResponder) checkRequest(req *pb.SyncRequest) string {
 		return reasonBadRequest
 	}
 	if rs.rounds > 1 && (int(req.Shard) != rs.shard || req.Set != rs.set) {
+		return reasonBadRequest
+	}
+	if len(req.Ranges) == 0 && len(req.Want) == 0 {
+		// An honest initiator closes its side instead; an empty request
+		// would only hold a session slot.
 		return reasonBadRequest
 	}
 	prefixes := make([][]byte, 0, len(req.Ranges)+len(req.Want))

@@ -140,7 +140,8 @@ func expectBanned(t *testing.T, ctx context.Context, n *node.Node, h host.Host, 
 // A hostile initiator's requests that are cheap to send and expensive to
 // answer are refused before any scan, and the peer is banned: 64 wants
 // naming the empty prefix, nested prefixes, wants and ranges the responder
-// never offered, endless rounds. Each costs the responder no more than an
+// never offered, an empty request (it would hold a session slot for
+// free), endless rounds. Each costs the responder no more than an
 // honest round (items scanned, counted by the node).
 func TestHostileSyncInitiatorIsRefused(t *testing.T) {
 	n := syncTarget(t, 2000)
@@ -166,6 +167,7 @@ func TestHostileSyncInitiatorIsRefused(t *testing.T) {
 		{"ranges never offered", "not_offered", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Prefix: []byte{1}}, {Prefix: []byte{2}}}}}},
 		{"root twice", "not_offered", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}, {Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}}},
 		{"duplicate want IDs", "bad_request", []*pb.SyncRequest{{Want: []*pb.SyncListing{{Prefix: []byte{1}, Ids: []uint64{5, 5}}}}}},
+		{"empty request", "bad_request", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}, {}}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
