@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"log/slog"
 	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -161,5 +162,43 @@ func TestSyncLargeSingleKeyListingsStayWithinCaps(t *testing.T) {
 	waitUntil(t, ctx, "every child range to be asked", func() bool { return asked.Load() == 256 || n.guard.banned(h.ID()) })
 	if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
 		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
+	}
+}
+
+// A panic inside a sync session (here from the store callback, standing in
+// for a parser that panics on a peer's bytes) ends that session, is
+// logged, and leaves the node running: the next session completes.
+func TestSyncPanicEndsOnlyTheSession(t *testing.T) {
+	var panics atomic.Int64
+	a, _ := testNode(t, func(c *Config) { c.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount) })
+	b, _ := testNode(t, func(c *Config) {
+		c.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+		c.OnBundleStored = func(protocol.Key, protocol.Ref) {
+			if panics.Add(1) == 1 {
+				panic("hostile bytes")
+			}
+		}
+	})
+	storeOpaqueIn(t, a, 3, 0)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	connect(t, b, a) // the session started on connect may meet the panic first
+	sawPanic := false
+	for range 3 {
+		_, err := b.SyncNow(ctx, a.host.ID(), 0)
+		if err != nil && strings.Contains(err.Error(), "panic") {
+			sawPanic = true
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if panics.Load() < 1 {
+		t.Fatal("no session met the panic")
+	}
+	t.Logf("SyncNow met the panic: %v", sawPanic)
+	if got := b.store.ShardDigest(storage.BundleSet, 0).Count; got != 3 {
+		t.Errorf("b holds %d bundles, want 3", got)
 	}
 }

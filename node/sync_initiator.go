@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -58,7 +59,15 @@ func (ss *syncSession) violation(reason string) error {
 
 // syncShard runs one initiator session: it pulls the records of shard's set
 // that p holds and this node lacks, and returns how many it stored.
-func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set pb.SyncRequest_Set, wait bool) (int, error) {
+func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set pb.SyncRequest_Set, wait bool) (pulled int, err error) {
+	// A panic on the peer's bytes (records are parsed before they are
+	// verified) ends the session, never the process.
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("sync: panic in a session", "peer", p, "shard", shard, "set", set, "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("sync: panic: %v", r)
+		}
+	}()
 	if shard < 0 || shard >= len(s.shardLocks) {
 		return 0, fmt.Errorf("no shard %d", shard)
 	}
@@ -80,8 +89,8 @@ func (s *syncService) syncShard(ctx context.Context, p peer.ID, shard int, set p
 	ss := &syncSession{s: s, p: p, shard: shard, set: set, kind: kind, pending: map[string][]uint64{},
 		queue:   []queuedRange{{count: root.Count, fp: root.Fingerprint(), claim: 256}},
 		scanCap: syncWorkFactor*root.Count + syncWorkSlack}
-	err := ss.run(ctx)
-	return ss.pulled, err
+	defer func() { pulled = ss.pulled }()
+	return 0, ss.run(ctx)
 }
 
 func (ss *syncSession) run(ctx context.Context) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime/debug"
 	"slices"
 	"time"
 
@@ -24,6 +25,13 @@ import (
 // initiator tries later); a peer that keeps opening them is banned.
 func (s *syncService) handle(raw network.Stream) {
 	p := raw.Conn().RemotePeer()
+	// A panic on a peer's bytes ends its session, never the process.
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("sync: panic serving a session", "peer", p, "panic", r, "stack", string(debug.Stack()))
+			_ = raw.Reset()
+		}
+	}()
 	release, ok := s.admit(p)
 	if !ok {
 		_ = raw.Reset()
