@@ -185,9 +185,12 @@ func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Acco
 
 // Status is the body of GET /v1/status.
 type Status struct {
-	Version        string   `json:"version"`
-	DataDir        string   `json:"data_dir"`
-	Network        string   `json:"network"`
+	Version string `json:"version"`
+	DataDir string `json:"data_dir"`
+	Network string `json:"network"`
+	// NetworkID is the network name with the network constants' tag, as
+	// topics and protocol IDs embed it; peers interoperate only when equal.
+	NetworkID      string   `json:"network_id"`
 	PeerID         string   `json:"peer_id"`
 	Addrs          []string `json:"addrs"`
 	ConnectedPeers int      `json:"connected_peers"`
@@ -214,6 +217,7 @@ func (n *Node) Status(ctx context.Context) any {
 		Version:       n.cfg.Version,
 		DataDir:       n.cfg.DataDir,
 		Network:       n.cfg.Network,
+		NetworkID:     n.netID,
 		Light:         n.cfg.Light,
 		Shards:        n.cfg.Shards.List(),
 		ShardCount:    n.cfg.Shards.Count(),
