@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"runtime/debug"
 	"time"
 
@@ -143,6 +144,12 @@ func (ss *syncSession) run(ctx context.Context) error {
 		}
 	}
 	_ = raw.CloseWrite()
+	// Wait (briefly) for the responder to close its side: it frees this
+	// session's slot first, so the next session with it, which may follow
+	// at once (SyncNow runs both sets back to back), is never refused for
+	// overlapping one that is over.
+	_ = raw.SetReadDeadline(time.Now().Add(min(time.Second, s.n.cfg.StreamTimeout)))
+	_, _ = io.Copy(io.Discard, io.LimitReader(raw, 1))
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"runtime/debug"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -32,11 +33,13 @@ func (s *syncService) handle(raw network.Stream) {
 			_ = raw.Reset()
 		}
 	}()
-	release, ok := s.admit(p)
+	admitted, ok := s.admit(p)
 	if !ok {
 		_ = raw.Reset()
 		return
 	}
+	var once sync.Once
+	release := func() { once.Do(admitted) }
 	defer release()
 	st := &countingStream{Stream: raw}
 	defer func() {
@@ -55,6 +58,9 @@ func (s *syncService) handle(raw network.Stream) {
 		if err := r.ReadMsg(&req); err != nil {
 			switch {
 			case errors.Is(err, io.EOF):
+				// The initiator is done: free the slot before closing, so
+				// its next session (it waits for this close) is admitted.
+				release()
 				_ = raw.Close()
 				return
 			case malformedMsg(err):
