@@ -1,0 +1,99 @@
+// Package ingest is the vocabulary the protocol services of a node share:
+// where a record came from, the one ingest path every record takes
+// (validation, then the store), the verdict that path's result maps to, and
+// the penalty a peer pays for breaking a protocol's budget. The services
+// (gossip, fetch, sync, lookup) depend on these small interfaces, never on
+// the node itself.
+package ingest
+
+import (
+	"context"
+	"errors"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// Source names the path a record arrived on, for metrics and logs.
+type Source string
+
+// The paths a record arrives on.
+const (
+	SourceHTTP   Source = "http"
+	SourceGossip Source = "gossip"
+	SourceFetch  Source = "fetch"
+	SourceSync   Source = "sync"
+)
+
+// Ingester is the one path every record takes, whatever it arrived on:
+// validate (failures are *protocol.ValidationError), then store.
+type Ingester interface {
+	IngestBundle(ctx context.Context, b *protocol.Bundle, src Source) (storage.PutOutcome, protocol.BundleInfo, error)
+	IngestAccount(ctx context.Context, a *protocol.AccountBundle, rule storage.AccountRule, src Source) (*storage.Account, storage.PutOutcome, error)
+}
+
+// Penalizer cuts off a peer that broke a protocol's budget (proto names the
+// protocol, reason the budget; both label a metric, so keep them few).
+type Penalizer interface {
+	Penalize(p peer.ID, proto, reason string)
+}
+
+// ErrMalformed marks a message that does not decode, has wrong sizes, or
+// names a key of another shard than the one it was sent for.
+var ErrMalformed = errors.New("malformed message")
+
+// Verdict is what a record's ingest result means for the peer that sent it.
+type Verdict int
+
+// Verdicts, as gossipsub's validators use them.
+const (
+	// Accept: the record is valid and new to this node; forward it.
+	Accept Verdict = iota + 1
+	// Ignore: drop the record without blaming the sender (a duplicate, a
+	// record this node's own clock, quotas or store refuse, a local failure).
+	Ignore
+	// Reject: the record is invalid for every node with the same network
+	// constants, so its sender is faulty or hostile.
+	Reject
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case Accept:
+		return "accept"
+	case Ignore:
+		return "ignore"
+	case Reject:
+		return "reject"
+	}
+	return "unknown"
+}
+
+// VerdictOf maps every result of the ingest path to a verdict, once for
+// every protocol (the table in protocol/README.md, "Gossip"):
+//
+//   - stored, or refreshed (a newer timestamp for a known ref): Accept;
+//   - malformed (ErrMalformed) or any validation rule but the transient
+//     ones: Reject;
+//   - a transient validation rule (this node's clock and retention),
+//     duplicate, over quota, stale, store full, any other error: Ignore.
+func VerdictOf(outcome storage.PutOutcome, err error) Verdict {
+	var ve *protocol.ValidationError
+	switch {
+	case errors.As(err, &ve):
+		if ve.Transient() {
+			return Ignore
+		}
+		return Reject
+	case errors.Is(err, ErrMalformed):
+		return Reject
+	case err != nil:
+		return Ignore
+	case outcome == storage.Stored || outcome == storage.Refreshed:
+		return Accept
+	default: // Duplicate, OverQuota
+		return Ignore
+	}
+}
