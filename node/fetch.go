@@ -245,7 +245,7 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 		} else if err != nil {
 			return internal(err), release
 		}
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{storedBundleToPB(b)}}, release
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}}, release
 	case pb.FetchRequest_KIND_ALL:
 		bs, cut, err := f.n.store.BundlesUpTo(ctx, key, maxFetchResponse)
 		if err != nil {
@@ -262,8 +262,9 @@ func (f *fetchService) serve(ctx context.Context, req *pb.FetchRequest) (resp *p
 		} else if err != nil {
 			return internal(err), release
 		}
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Account: &pb.AccountBundle{
-			AccountPub: a.AccountPub[:], Payload: a.Payload, Signature: a.Signature[:], UpdatedAtMs: a.UpdatedAtMS}}, release
+		m := pb.FromAccount(&a.AccountBundle)
+		m.UpdatedAtMs = a.UpdatedAtMS
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Account: m}, release
 	}
 }
 
@@ -278,7 +279,7 @@ func allResponse(bs []*storage.Bundle, cut bool) *pb.FetchResponse {
 		if len(b.Payload) > protocol.MaxPayloadSize {
 			continue // stored before the cap; no peer would accept it
 		}
-		m := storedBundleToPB(b)
+		m := pb.FromBundle(&b.Bundle)
 		n := proto.Size(m)
 		if size += 1 + protowire.SizeVarint(uint64(n)) + n; size > maxFetchResponse {
 			break
@@ -292,10 +293,6 @@ func allResponse(bs []*storage.Bundle, cut bool) *pb.FetchResponse {
 		resp.Error = fmt.Sprintf("truncated: %d bundles", len(resp.Bundles))
 	}
 	return resp
-}
-
-func storedBundleToPB(b *storage.Bundle) *pb.Bundle {
-	return &pb.Bundle{DeviceId: b.DeviceID[:], Payload: b.Payload, Signature: b.Signature[:]}
 }
 
 // errNotHeld: the peer does not hold the key's shard; errNoRecord: it holds
@@ -358,7 +355,7 @@ func (f *fetchService) fetchLatest(ctx context.Context, p peer.ID, device protoc
 	if len(resp.Bundles) != 1 {
 		return nil, protocol.BundleInfo{}, fmt.Errorf("%w: %d bundles for a latest request", errMalformed, len(resp.Bundles))
 	}
-	b, err := bundleFromPB(resp.Bundles[0])
+	b, err := pb.ToBundle(resp.Bundles[0])
 	if err != nil {
 		return nil, protocol.BundleInfo{}, err
 	}
@@ -379,7 +376,7 @@ func (f *fetchService) fetchAccount(ctx context.Context, p peer.ID, account prot
 	if err != nil {
 		return nil, 0, 0, err
 	}
-	a, err := accountFromPB(resp.Account)
+	a, err := pb.ToAccount(resp.Account)
 	if err != nil {
 		return nil, 0, 0, err
 	}

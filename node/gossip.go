@@ -277,7 +277,7 @@ func verdict(err error) pubsub.ValidationResult {
 
 // errMalformed marks a gossip or fetch message that does not decode, has
 // wrong sizes, or names a key of another shard.
-var errMalformed = errors.New("malformed message")
+var errMalformed = protocol.ErrMalformed
 
 func decodeGossip(data []byte) (*pb.GossipMessage, error) {
 	var gm pb.GossipMessage
@@ -296,7 +296,7 @@ func (g *gossip) validateBundle(ctx context.Context, self peer.ID, shard int, fr
 		g.log.Debug("gossip: malformed bundle message", "from", from, "err", err)
 		return pubsub.ValidationReject
 	}
-	b, err := bundleFromPB(gm.GetBundle())
+	b, err := pb.ToBundle(gm.GetBundle())
 	if err == nil && protocol.Shard(b.DeviceID, g.n.cfg.Shards.Count()) != shard {
 		err = fmt.Errorf("%w: device %s is not in shard %d", errMalformed, b.DeviceID, shard)
 	}
@@ -323,7 +323,7 @@ func (g *gossip) validateAccount(ctx context.Context, self peer.ID, shard int, f
 	if err != nil {
 		return pubsub.ValidationReject
 	}
-	a, err := accountFromPB(gm.GetAccount())
+	a, err := pb.ToAccount(gm.GetAccount())
 	if err == nil && protocol.Shard(a.AccountPub, g.n.cfg.Shards.Count()) != shard {
 		err = fmt.Errorf("%w: account %s is not in shard %d", errMalformed, a.AccountPub, shard)
 	}
@@ -347,7 +347,7 @@ func (g *gossip) validateAccount(ctx context.Context, self peer.ID, shard int, f
 
 // publishBundle gossips a bundle the node has validated and stored.
 func (g *gossip) publishBundle(ctx context.Context, b *protocol.Bundle) error {
-	data, err := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: bundleToPB(b)}})
+	data, err := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: pb.FromBundle(b)}})
 	if err != nil {
 		return err
 	}
@@ -356,47 +356,13 @@ func (g *gossip) publishBundle(ctx context.Context, b *protocol.Bundle) error {
 
 // publishAccount gossips an account bundle the node has validated and stored.
 func (g *gossip) publishAccount(ctx context.Context, a *protocol.AccountBundle, updatedAtMS int64) error {
-	msg := accountToPB(a)
+	msg := pb.FromAccount(a)
 	msg.UpdatedAtMs = updatedAtMS
 	data, err := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Account{Account: msg}})
 	if err != nil {
 		return err
 	}
 	return g.accounts[protocol.Shard(a.AccountPub, len(g.accounts))].Publish(ctx, data)
-}
-
-func bundleToPB(b *protocol.Bundle) *pb.Bundle {
-	return &pb.Bundle{DeviceId: b.DeviceID[:], Payload: b.Payload, Signature: b.Signature[:]}
-}
-
-func accountToPB(a *protocol.AccountBundle) *pb.AccountBundle {
-	return &pb.AccountBundle{AccountPub: a.AccountPub[:], Payload: a.Payload, Signature: a.Signature[:]}
-}
-
-func bundleFromPB(m *pb.Bundle) (*protocol.Bundle, error) {
-	if m == nil {
-		return nil, fmt.Errorf("%w: no bundle", errMalformed)
-	}
-	if len(m.DeviceId) != protocol.KeySize || len(m.Signature) != protocol.SignatureSize {
-		return nil, fmt.Errorf("%w: device_id of %d bytes, signature of %d", errMalformed, len(m.DeviceId), len(m.Signature))
-	}
-	b := &protocol.Bundle{Payload: m.Payload}
-	copy(b.DeviceID[:], m.DeviceId)
-	copy(b.Signature[:], m.Signature)
-	return b, nil
-}
-
-func accountFromPB(m *pb.AccountBundle) (*protocol.AccountBundle, error) {
-	if m == nil {
-		return nil, fmt.Errorf("%w: no account bundle", errMalformed)
-	}
-	if len(m.AccountPub) != protocol.KeySize || len(m.Signature) != protocol.SignatureSize {
-		return nil, fmt.Errorf("%w: account_pub of %d bytes, signature of %d", errMalformed, len(m.AccountPub), len(m.Signature))
-	}
-	a := &protocol.AccountBundle{Payload: m.Payload}
-	copy(a.AccountPub[:], m.AccountPub)
-	copy(a.Signature[:], m.Signature)
-	return a, nil
 }
 
 // rpcWatch is gossipsub's RPC logger. gossipsub refuses an inbound RPC

@@ -95,11 +95,11 @@ func TestGossipValidatorsMapEveryOutcome(t *testing.T) {
 		}
 	}
 	bundleMsg := func(b protocol.Bundle) []byte {
-		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: bundleToPB(&b)}})
+		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: pb.FromBundle(&b)}})
 		return data
 	}
 	accountMsg := func(a protocol.AccountBundle) []byte {
-		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Account{Account: accountToPB(&a)}})
+		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Account{Account: pb.FromAccount(&a)}})
 		return data
 	}
 	ms := func(t time.Time) uint64 { return uint64(t.UnixMilli()) }
@@ -213,7 +213,7 @@ func TestGossipValidatorMLSLifetimes(t *testing.T) {
 		}
 		b := protocol.SignBundle(dev, uint64(now.UnixMilli()), kp)
 		shard := protocol.Shard(b.DeviceID, count)
-		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: bundleToPB(&b)}})
+		data, _ := proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Bundle{Bundle: pb.FromBundle(&b)}})
 		topic := protocol.BundleTopic(n.netID, shard)
 		m := &pubsub.Message{Message: &pubsubpb.Message{Data: data, Topic: &topic}}
 		if got := n.gossip.validateBundle(context.Background(), n.PeerID(), shard, "other", m); got != tc.want {

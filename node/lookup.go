@@ -122,8 +122,7 @@ func newLookup(n *Node) *lookup {
 			if info.NotAfterMS > 0 && int64(info.NotAfterMS) < until {
 				until = int64(info.NotAfterMS)
 			}
-			return &storage.Bundle{DeviceID: device, Ref: info.Ref, TimestampMS: info.TimestampMS, LastResort: info.LastResort, NotAfterMS: info.NotAfterMS,
-					ReceivedAtMS: n.cfg.Now().UnixMilli(), Payload: b.Payload, Signature: b.Signature},
+			return &storage.Bundle{Bundle: *b, BundleInfo: info, ReceivedAtMS: n.cfg.Now().UnixMilli()},
 				storage.Floor{LastResort: info.LastResort, TimestampMS: info.TimestampMS, Ref: info.Ref, UntilMS: until}, nil
 		},
 		better: betterBundle,
@@ -145,7 +144,7 @@ func newLookup(n *Node) *lookup {
 			// An account's floor is void a retention after this node last
 			// saw it, as holders prune an account not updated within the
 			// retention.
-			return &storage.Account{AccountPub: account, Lamport: lamport, UpdatedAtMS: updatedAt, Payload: a.Payload, Signature: a.Signature},
+			return &storage.Account{AccountBundle: *a, Lamport: lamport, UpdatedAtMS: updatedAt},
 				storage.Floor{Lamport: lamport, PayloadHash: sha256.Sum256(a.Payload), UntilMS: now + retentionMS}, nil
 		},
 		better: func(fetched, cached *storage.Account) bool {

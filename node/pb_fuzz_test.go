@@ -26,12 +26,12 @@ func FuzzGossipMessage(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if b, err := bundleFromPB(gm.GetBundle()); err == nil {
+		if b, err := pb.ToBundle(gm.GetBundle()); err == nil {
 			if len(gm.GetBundle().DeviceId) != 32 || len(gm.GetBundle().Signature) != 64 || b == nil {
 				t.Fatal("accepted a bundle with wrong sizes")
 			}
 		}
-		if a, err := accountFromPB(gm.GetAccount()); err == nil {
+		if a, err := pb.ToAccount(gm.GetAccount()); err == nil {
 			if len(gm.GetAccount().AccountPub) != 32 || len(gm.GetAccount().Signature) != 64 || a == nil {
 				t.Fatal("accepted an account bundle with wrong sizes")
 			}
@@ -77,9 +77,9 @@ func FuzzFetchResponse(f *testing.F) {
 			return
 		}
 		for _, b := range resp.Bundles {
-			_, _ = bundleFromPB(b)
+			_, _ = pb.ToBundle(b)
 		}
-		_, _ = accountFromPB(resp.Account)
+		_, _ = pb.ToAccount(resp.Account)
 	})
 }
 

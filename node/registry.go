@@ -28,15 +28,7 @@ func (n *Node) ingestBundle(ctx context.Context, b *protocol.Bundle, src source)
 		n.metrics.bundleRejected(src, protocol.RuleOf(err))
 		return 0, info, err
 	}
-	outcome, err := n.store.PutBundle(ctx, &storage.Bundle{
-		DeviceID:    b.DeviceID,
-		Ref:         info.Ref,
-		TimestampMS: info.TimestampMS,
-		LastResort:  info.LastResort,
-		NotAfterMS:  info.NotAfterMS,
-		Payload:     b.Payload,
-		Signature:   b.Signature,
-	})
+	outcome, err := n.store.PutBundle(ctx, &storage.Bundle{Bundle: *b, BundleInfo: info})
 	if err != nil {
 		return 0, info, err
 	}
@@ -55,7 +47,7 @@ func (n *Node) ingestAccount(ctx context.Context, a *protocol.AccountBundle, rul
 		n.metrics.accountRejected(src, protocol.RuleOf(err))
 		return nil, 0, err
 	}
-	rec := &storage.Account{AccountPub: a.AccountPub, Lamport: lamport, Payload: a.Payload, Signature: a.Signature}
+	rec := &storage.Account{AccountBundle: *a, Lamport: lamport}
 	outcome, err := n.store.PutAccount(ctx, rec, rule)
 	if errors.Is(err, storage.ErrStale) {
 		n.metrics.accountRejected(src, "stale")

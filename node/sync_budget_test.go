@@ -115,7 +115,7 @@ func TestSyncDuplicateListedIDIsNoViolation(t *testing.T) {
 			return ok
 		}
 		wants.Store(req.Want[0].Ids)
-		ok.Bundles = []*pb.Bundle{bundleToPB(&b)}
+		ok.Bundles = []*pb.Bundle{pb.FromBundle(&b)}
 		return ok
 	})
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)

@@ -376,7 +376,7 @@ func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb
 	}
 	now := ss.s.n.cfg.Now()
 	for _, m := range resp.Bundles {
-		b, err := bundleFromPB(m)
+		b, err := pb.ToBundle(m)
 		if err != nil {
 			return ss.violation("malformed_record")
 		}
@@ -391,7 +391,7 @@ func (ss *syncSession) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb
 		}
 	}
 	for _, m := range resp.Accounts {
-		a, err := accountFromPB(m)
+		a, err := pb.ToAccount(m)
 		if err != nil {
 			return ss.violation("malformed_record")
 		}

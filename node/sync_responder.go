@@ -428,7 +428,9 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 					resp.Truncated = true
 					break
 				}
-				resp.Accounts = append(resp.Accounts, &pb.AccountBundle{AccountPub: a.AccountPub[:], Payload: a.Payload, Signature: a.Signature[:], UpdatedAtMs: a.UpdatedAtMS})
+				m := pb.FromAccount(&a.AccountBundle)
+				m.UpdatedAtMs = a.UpdatedAtMS
+				resp.Accounts = append(resp.Accounts, m)
 				size += len(a.Payload) + 100
 			}
 			continue
@@ -442,7 +444,7 @@ func (rs *syncResponder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.Sy
 				resp.Truncated = true
 				break
 			}
-			resp.Bundles = append(resp.Bundles, storedBundleToPB(b))
+			resp.Bundles = append(resp.Bundles, pb.FromBundle(&b.Bundle))
 			size += len(b.Payload) + 100
 		}
 	}

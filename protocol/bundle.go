@@ -104,3 +104,8 @@ func SignBundle(device ed25519.PrivateKey, timestampMS uint64, keyPackage []byte
 // SHA-256: SHA-256(opaque label<V> ‖ opaque value<V>). value is the bare
 // KeyPackage (or, with MLS validation off, the key_package bytes as given).
 func KeyPackageRef(value []byte) Ref { return Ref(mls.Ref(value)) }
+
+// ErrMalformed marks a wire message that does not decode, has wrong field
+// sizes, or names a key of another shard than the one it was sent for.
+// A peer that sends one is faulty or hostile.
+var ErrMalformed = errors.New("malformed message")

@@ -155,7 +155,7 @@ func (s *Store) migrateV1Bundle(txn *badger.Txn, k []byte) error {
 	if err != nil {
 		return err
 	}
-	b := &Bundle{DeviceID: dev, TimestampMS: ts, Ref: ref}
+	b := &Bundle{Bundle: protocol.Bundle{DeviceID: dev}, BundleInfo: protocol.BundleInfo{TimestampMS: ts, Ref: ref}}
 	oldL := append([]byte{prefixLastResort}, k[1:]...)
 	oldR := append(append(append([]byte{prefixRef, '/'}, dev[:]...), '/'), ref[:]...)
 	if err := decodeBundleValue(b, v); err != nil {

@@ -331,7 +331,7 @@ func TestMigrationDropsOversizedAndReadsLifetimes(t *testing.T) {
 	var d protocol.Key
 	copy(d[:], signer.Public().(ed25519.PublicKey))
 	ts := uint64(now.Add(-2 * time.Hour).UnixMilli())
-	ended := &Bundle{DeviceID: d, TimestampMS: ts, LastResort: true, Ref: protocol.KeyPackageRef(kp), Payload: protocol.BundlePayload(ts, kp)}
+	ended := &Bundle{Bundle: protocol.Bundle{DeviceID: d, Payload: protocol.BundlePayload(ts, kp)}, BundleInfo: protocol.BundleInfo{TimestampMS: ts, LastResort: true, Ref: protocol.KeyPackageRef(kp)}}
 	usable := bundle(d, ts-1000, "opaque, no lifetime", false)
 	huge := bundle(dev(9), ts, strings.Repeat("x", protocol.MaxPayloadSize), false)
 	writeV1(t, dir, true, []*Bundle{ended, usable, huge}, nil)

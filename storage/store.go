@@ -29,29 +29,22 @@ var (
 	ErrClosed = errors.New("storage: closed")
 )
 
-// Bundle is a validated bundle as the store keeps it.
+// Bundle is a validated bundle as the store keeps it: the record the
+// device signed, what validation derived from it, and when this node first
+// stored it. (protocol.BundleInfo.NotAfterMS is 0 when MLS validation is off:
+// such a bundle never expires by lifetime; past NotAfterMS a bundle is no
+// longer served, and ClockSkew later it is pruned.)
 type Bundle struct {
-	DeviceID     protocol.Key
-	Ref          protocol.Ref
-	TimestampMS  uint64 // the signed timestamp
-	LastResort   bool
+	protocol.Bundle
+	protocol.BundleInfo
 	ReceivedAtMS int64 // local time the bundle was first stored, Unix ms
-	// NotAfterMS is the end of the KeyPackage's MLS lifetime in Unix ms
-	// (protocol.BundleInfo.NotAfterMS); 0 when there is none (MLS
-	// validation off), and then the bundle never expires by lifetime.
-	// After it the bundle is no longer served; ClockSkew later it is pruned.
-	NotAfterMS int64
-	Payload    []byte
-	Signature  [protocol.SignatureSize]byte
 }
 
 // Account is a validated account bundle as the store keeps it.
 type Account struct {
-	AccountPub  protocol.Key
+	protocol.AccountBundle
 	Lamport     uint64
 	UpdatedAtMS int64 // local time of the last accepted upsert, Unix ms
-	Payload     []byte
-	Signature   [protocol.SignatureSize]byte
 }
 
 // PutOutcome says what PutBundle or PutAccount did with a valid record.
@@ -725,7 +718,7 @@ func bundleFromItem(item *badger.Item) (*Bundle, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Bundle{DeviceID: dev, TimestampMS: ts, Ref: ref}
+	b := &Bundle{Bundle: protocol.Bundle{DeviceID: dev}, BundleInfo: protocol.BundleInfo{TimestampMS: ts, Ref: ref}}
 	if err := item.Value(func(v []byte) error { return decodeBundleValue(b, v) }); err != nil {
 		return nil, err
 	}
@@ -906,7 +899,7 @@ func (s *Store) Account(ctx context.Context, acct protocol.Key) (_ *Account, err
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	a := &Account{AccountPub: acct}
+	a := &Account{AccountBundle: protocol.AccountBundle{AccountPub: acct}}
 	err = s.db.View(func(txn *badger.Txn) error {
 		item, err := txn.Get(accountKey(acct))
 		if err != nil {

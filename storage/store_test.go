@@ -41,7 +41,7 @@ func openStore(t *testing.T, dir string, mutate func(*Options)) *Store {
 func dev(n byte) protocol.Key { var k protocol.Key; k[0] = n; k[31] = 0xd; return k }
 
 func bundle(d protocol.Key, ts uint64, kp string, lastResort bool) *Bundle {
-	b := &Bundle{DeviceID: d, TimestampMS: ts, LastResort: lastResort, Ref: protocol.KeyPackageRef([]byte(kp))}
+	b := &Bundle{Bundle: protocol.Bundle{DeviceID: d}, BundleInfo: protocol.BundleInfo{TimestampMS: ts, LastResort: lastResort, Ref: protocol.KeyPackageRef([]byte(kp))}}
 	b.Payload = protocol.BundlePayload(ts, []byte(kp))
 	b.Signature[0] = byte(ts)
 	return b
@@ -174,7 +174,7 @@ func TestNotFound(t *testing.T) {
 
 func account(k protocol.Key, lamport uint64, extra byte) *Account {
 	p := protocol.EncodeAccountPayload(lamport, []protocol.Key{{extra}})
-	return &Account{AccountPub: k, Lamport: lamport, Payload: p}
+	return &Account{AccountBundle: protocol.AccountBundle{AccountPub: k, Payload: p}, Lamport: lamport}
 }
 
 func TestAccountMustIncrease(t *testing.T) {

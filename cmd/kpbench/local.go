@@ -185,8 +185,8 @@ func ingestBench(args []string) error {
 		if err != nil {
 			return err
 		}
-		_, err = store.PutBundle(ctx, &storage.Bundle{DeviceID: b.DeviceID, Ref: info.Ref, TimestampMS: info.TimestampMS,
-			LastResort: info.LastResort, Payload: bytes.Clone(b.Payload), Signature: b.Signature})
+		_, err = store.PutBundle(ctx, &storage.Bundle{Bundle: protocol.Bundle{DeviceID: b.DeviceID, Payload: bytes.Clone(b.Payload), Signature: b.Signature},
+			BundleInfo: info})
 		return err
 	})
 	loopTime := time.Since(start)

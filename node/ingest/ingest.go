@@ -40,10 +40,6 @@ type Penalizer interface {
 	Penalize(p peer.ID, proto, reason string)
 }
 
-// ErrMalformed marks a message that does not decode, has wrong sizes, or
-// names a key of another shard than the one it was sent for.
-var ErrMalformed = errors.New("malformed message")
-
 // Verdict is what a record's ingest result means for the peer that sent it.
 type Verdict int
 
@@ -75,7 +71,7 @@ func (v Verdict) String() string {
 // every protocol (the table in protocol/README.md, "Gossip"):
 //
 //   - stored, or refreshed (a newer timestamp for a known ref): Accept;
-//   - malformed (ErrMalformed) or any validation rule but the transient
+//   - malformed (protocol.ErrMalformed) or any validation rule but the transient
 //     ones: Reject;
 //   - a transient validation rule (this node's clock and retention),
 //     duplicate, over quota, stale, store full, any other error: Ignore.
@@ -87,7 +83,7 @@ func VerdictOf(outcome storage.PutOutcome, err error) Verdict {
 			return Ignore
 		}
 		return Reject
-	case errors.Is(err, ErrMalformed):
+	case errors.Is(err, protocol.ErrMalformed):
 		return Reject
 	case err != nil:
 		return Ignore
