@@ -61,6 +61,9 @@ func newPeerGuard(log *slog.Logger, reg prometheus.Registerer, now func() time.T
 // penalize bans p for banDuration and closes its connections. proto names
 // the protocol (sync, fetch, gossip) and reason the budget it broke; both
 // label kpnode_peer_penalties_total and the log line.
+// Penalize implements ingest.Penalizer.
+func (g *peerGuard) Penalize(p peer.ID, proto, reason string) { g.penalize(p, proto, reason) }
+
 func (g *peerGuard) penalize(p peer.ID, proto, reason string) {
 	if p == "" || (g.host != nil && p == g.host.ID()) {
 		return

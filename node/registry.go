@@ -5,19 +5,33 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
 
 // source names the path a record arrived on, for metrics and logs.
-type source string
+type source = ingest.Source
 
 const (
-	sourceHTTP   source = "http"
-	sourceGossip source = "gossip"
-	sourceFetch  source = "fetch"
-	sourceSync   source = "sync"
+	sourceHTTP   = ingest.SourceHTTP
+	sourceGossip = ingest.SourceGossip
+	sourceFetch  = ingest.SourceFetch
+	sourceSync   = ingest.SourceSync
 )
+
+// nodeIngester is the node's ingest path as the protocol services see it.
+type nodeIngester struct{ n *Node }
+
+var _ ingest.Ingester = nodeIngester{}
+
+func (i nodeIngester) IngestBundle(ctx context.Context, b *protocol.Bundle, src ingest.Source) (storage.PutOutcome, protocol.BundleInfo, error) {
+	return i.n.ingestBundle(ctx, b, src)
+}
+
+func (i nodeIngester) IngestAccount(ctx context.Context, a *protocol.AccountBundle, rule storage.AccountRule, src ingest.Source) (*storage.Account, storage.PutOutcome, error) {
+	return i.n.ingestAccount(ctx, a, rule, src)
+}
 
 // ingestBundle validates a bundle and stores it: the one path every bundle
 // takes, whatever it arrived on. Validation failures are
