@@ -330,7 +330,7 @@ func New(cfg Config) (*Node, error) {
 	n.outboxDone = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_outbox_done_total",
 		Help: "Outbox entries finished, by result (confirmed: a holder has the record; dropped: it can no longer be delivered)."}, []string{"result"})
 	n.registry.MustRegister(n.outboxDone)
-	n.api, err = httpapi.New(httpapi.Config{Backend: n, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})
+	n.api, err = httpapi.New(httpapi.Config{Backend: apiBackend{n}, Registry: n.registry, Logger: cfg.Logger.With("component", "httpapi")})
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("node: %w", err)

@@ -189,35 +189,8 @@ func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Acco
 	return local, nil
 }
 
-// Status is the body of GET /v1/status.
-type Status struct {
-	Version string `json:"version"`
-	DataDir string `json:"data_dir"`
-	Network string `json:"network"`
-	// NetworkID is the network name with the network constants' tag, as
-	// topics and protocol IDs embed it; peers interoperate only when equal.
-	NetworkID      string   `json:"network_id"`
-	PeerID         string   `json:"peer_id"`
-	Addrs          []string `json:"addrs"`
-	ConnectedPeers int      `json:"connected_peers"`
-	// Ready: connected, in the DHT, its shards provided, and a gossip peer
-	// in every topic of the shards it holds.
-	Ready         bool     `json:"ready"`
-	Peers         []string `json:"peers"`
-	Light         bool     `json:"light"`
-	Shards        []int    `json:"shards"`
-	ShardCount    int      `json:"shard_count"`
-	MLSValidation string   `json:"mls_validation"`
-	Devices       int64    `json:"devices"`
-	Bundles       int64    `json:"bundles"`
-	Accounts      int64    `json:"accounts"`
-	// PendingPublications: acknowledged publications of shards the node
-	// does not hold that no holder has confirmed yet (the outbox).
-	PendingPublications int `json:"pending_publications"`
-}
-
-// Status reports the node's state.
-func (n *Node) Status(ctx context.Context) any {
+// Status reports the node's state, as GET /v1/status serves it.
+func (n *Node) Status(ctx context.Context) Status {
 	c := n.store.Counts()
 	st := Status{
 		Version:       n.cfg.Version,

@@ -68,10 +68,10 @@ func TestBurstReachesEveryNode(t *testing.T) {
 	posted := time.Since(start)
 	for i, n := range c.Nodes {
 		if err := eventually(ctx, func() bool {
-			raw := n.Status(ctx).(node.Status)
+			raw := n.Status(ctx)
 			return raw.Bundles == total
 		}); err != nil {
-			t.Fatalf("node %d holds %d of %d bundles", i, n.Status(ctx).(node.Status).Bundles, total)
+			t.Fatalf("node %d holds %d of %d bundles", i, n.Status(ctx).Bundles, total)
 		}
 	}
 	t.Logf("%d bundles posted in %v, on all %d nodes after %v", total, posted.Round(time.Millisecond), len(c.Nodes), time.Since(start).Round(time.Millisecond))

@@ -45,7 +45,7 @@ func TestOfflineNodeCatchesUp(t *testing.T) {
 		}
 	}
 	for _, n := range c.Nodes {
-		if err := eventually(ctx, func() bool { return n.Status(ctx).(node.Status).Bundles == 50 }); err != nil {
+		if err := eventually(ctx, func() bool { return n.Status(ctx).Bundles == 50 }); err != nil {
 			t.Fatal("history did not spread")
 		}
 	}
@@ -80,10 +80,10 @@ func TestOfflineNodeCatchesUp(t *testing.T) {
 	start := time.Now()
 	want := int64(50 + missed)
 	if err := eventually(ctx, func() bool {
-		st := n.Status(ctx).(node.Status)
+		st := n.Status(ctx)
 		return st.Bundles == want && st.Accounts == int64(len(accounts))
 	}); err != nil {
-		st := n.Status(ctx).(node.Status)
+		st := n.Status(ctx)
 		t.Fatalf("restarted node holds %d/%d bundles and %d/%d accounts", st.Bundles, want, st.Accounts, len(accounts))
 	}
 	for _, a := range accounts {
@@ -111,8 +111,8 @@ func TestSyncBytesFollowTheDifference(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := eventually(ctx, func() bool { return b.Status(ctx).(node.Status).Bundles == 2000 }); err != nil {
-		t.Fatalf("gossip delivered %d of 2000", b.Status(ctx).(node.Status).Bundles)
+	if err := eventually(ctx, func() bool { return b.Status(ctx).Bundles == 2000 }); err != nil {
+		t.Fatalf("gossip delivered %d of 2000", b.Status(ctx).Bundles)
 	}
 	// One bundle only a has: stored directly, not gossiped.
 	extra := opaqueBundleIn(t, 0)

@@ -65,7 +65,7 @@ func catchup(args []string) error {
 		missingBytes += protocol.KeySize + len(b.Payload) + protocol.SignatureSize
 	}
 	want := int64(*missed)
-	for c.Nodes[1].Status(ctx).(node.Status).Bundles < want {
+	for c.Nodes[1].Status(ctx).Bundles < want {
 		if ctx.Err() != nil {
 			return errors.New("node 2 never got the bundles")
 		}
@@ -76,9 +76,9 @@ func catchup(args []string) error {
 	if err != nil {
 		return err
 	}
-	for n.Status(ctx).(node.Status).Bundles < want {
+	for n.Status(ctx).Bundles < want {
 		if ctx.Err() != nil {
-			return fmt.Errorf("node 3 holds %d of %d after %v", n.Status(ctx).(node.Status).Bundles, want, time.Since(start))
+			return fmt.Errorf("node 3 holds %d of %d after %v", n.Status(ctx).Bundles, want, time.Since(start))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

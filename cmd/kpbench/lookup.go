@@ -184,7 +184,7 @@ func memoryBench(args []string) error {
 	if err != nil {
 		return err
 	}
-	st := n.Status(ctx).(node.Status)
+	st := n.Status(ctx)
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	fmt.Printf("memory: %d bundles stored (%d devices): RSS %.0f MiB = anonymous %.0f MiB + file-backed %.0f MiB (mmapped Badger files); Go heap in use %.0f MiB, Go runtime total %.0f MiB | target RSS < 300 MiB\n",

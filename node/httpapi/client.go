@@ -22,9 +22,6 @@ type Client struct {
 	http *http.Client
 }
 
-// ErrNotFound is returned when the node has no record for the key.
-var ErrNotFound = errors.New("not found")
-
 // StatusError is a non-2xx answer other than 404 on a GET.
 type StatusError struct {
 	Code    int
@@ -141,20 +138,15 @@ func (c *Client) FetchBundle(ctx context.Context, device protocol.Key) (*protoco
 	return b, nil
 }
 
-// FetchedAccount is a verified account bundle with the node's updated_at.
-type FetchedAccount struct {
-	protocol.AccountBundle
-	UpdatedAtMS int64
-}
-
 // FetchAccount gets an account bundle from GET /v0/account/{account_pub}
-// and verifies its signature strictly under account.
-func (c *Client) FetchAccount(ctx context.Context, account protocol.Key) (*FetchedAccount, error) {
+// and verifies its signature strictly under account; UpdatedAtMS is the
+// node's updated_at.
+func (c *Client) FetchAccount(ctx context.Context, account protocol.Key) (*Account, error) {
 	var body accountBody
 	if err := c.getJSON(ctx, "/v0/account/"+account.String(), &body); err != nil {
 		return nil, err
 	}
-	a := &FetchedAccount{AccountBundle: protocol.AccountBundle{AccountPub: account}, UpdatedAtMS: body.UpdatedAt}
+	a := &Account{AccountBundle: protocol.AccountBundle{AccountPub: account}, UpdatedAtMS: body.UpdatedAt}
 	var err error
 	if a.Payload, a.Signature, err = decodeSigned(body.Payload, body.Signature); err != nil {
 		return nil, err

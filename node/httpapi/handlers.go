@@ -6,7 +6,6 @@ import (
 	"net/http"
 
 	"github.com/kpnode/kpnode/protocol"
-	"github.com/kpnode/kpnode/storage"
 )
 
 // Messages of chat-store that clients may match on.
@@ -32,18 +31,18 @@ func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, no
 	case errors.As(err, &ve):
 		a.log.Debug("refused", "route", r.URL.Path, "rule", ve.Rule, "err", err)
 		return writeError(w, http.StatusBadRequest, ve.Error())
-	case errors.Is(err, storage.ErrStale):
+	case errors.Is(err, ErrStale):
 		return writeError(w, http.StatusConflict, msgStale)
-	case errors.Is(err, storage.ErrNotFound):
+	case errors.Is(err, ErrNotFound):
 		return writeError(w, http.StatusNotFound, notFound)
 	case errors.Is(err, ErrUnavailable):
 		a.log.Debug("unavailable", "route", r.URL.Path, "err", err)
 		w.Header().Set("Retry-After", retryAfterSeconds)
 		return writeError(w, http.StatusServiceUnavailable, msgUnavailable)
-	case errors.Is(err, storage.ErrStoreFull):
+	case errors.Is(err, ErrStoreFull):
 		a.log.Warn("write refused: store full", "route", r.URL.Path, "err", err)
 		return writeError(w, http.StatusInsufficientStorage, msgStoreFull)
-	case errors.Is(err, storage.ErrOutboxFull):
+	case errors.Is(err, ErrOutboxFull):
 		a.log.Warn("publication refused: outbox full", "route", r.URL.Path)
 		w.Header().Set("Retry-After", retryAfterSeconds)
 		return writeError(w, http.StatusServiceUnavailable, msgOutboxFull)

@@ -20,26 +20,84 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/kpnode/kpnode/protocol"
-	"github.com/kpnode/kpnode/storage"
 )
 
-// ErrUnavailable is the error a Backend returns (wrapped) when it cannot
-// answer for now: the registry network did not answer in time or could not
-// be reached. It is a 503, never a 404: the record may well exist.
-var ErrUnavailable = errors.New("registry network unavailable")
+// Errors a Backend returns (wrapped, or joined with its own cause) for the
+// API to map to a status code. The Client returns ErrNotFound as well, for a
+// 404.
+var (
+	// ErrNotFound: no record for the key. A 404.
+	ErrNotFound = errors.New("not found")
+	// ErrStale: an account bundle does not supersede the stored one. A 409.
+	ErrStale = errors.New("stale account bundle")
+	// ErrUnavailable: the Backend cannot answer for now: the registry
+	// network did not answer in time or could not be reached. It is a 503
+	// with Retry-After, never a 404: the record may well exist.
+	ErrUnavailable = errors.New("registry network unavailable")
+	// ErrStoreFull: the store refuses writes until it has room. A 507.
+	ErrStoreFull = errors.New("store full")
+	// ErrOutboxFull: too many publications are waiting for the registry
+	// network. A 503 with Retry-After.
+	ErrOutboxFull = errors.New("outbox full")
+)
+
+// Bundle is a stored bundle as the API serves it: the record the device
+// signed and what validation derived from it.
+type Bundle struct {
+	protocol.Bundle
+	protocol.BundleInfo
+}
+
+// Account is a stored account bundle as the API serves it, with the local
+// time of its last accepted upsert (chat-store's updated_at).
+type Account struct {
+	protocol.AccountBundle
+	UpdatedAtMS int64
+}
+
+// Status is the body of GET /v1/status. Its fields are served in this order.
+type Status struct {
+	Version string `json:"version"`
+	DataDir string `json:"data_dir"`
+	Network string `json:"network"`
+	// NetworkID is the network name with the network constants' tag, as
+	// topics and protocol IDs embed it; peers interoperate only when equal.
+	NetworkID      string   `json:"network_id"`
+	PeerID         string   `json:"peer_id"`
+	Addrs          []string `json:"addrs"`
+	ConnectedPeers int      `json:"connected_peers"`
+	// Ready: connected, in the DHT, its shards provided, and a gossip peer
+	// in every topic of the shards it holds.
+	Ready         bool     `json:"ready"`
+	Peers         []string `json:"peers"`
+	Light         bool     `json:"light"`
+	Shards        []int    `json:"shards"`
+	ShardCount    int      `json:"shard_count"`
+	MLSValidation string   `json:"mls_validation"`
+	Devices       int64    `json:"devices"`
+	Bundles       int64    `json:"bundles"`
+	Accounts      int64    `json:"accounts"`
+	// PendingPublications: acknowledged publications of shards the node
+	// does not hold that no holder has confirmed yet (the outbox).
+	PendingPublications int `json:"pending_publications"`
+}
 
 // Backend is what the API serves. Errors it returns are mapped once:
-// *protocol.ValidationError → 400 with its text, storage.ErrStale → 409,
-// storage.ErrNotFound → 404, ErrUnavailable and storage.ErrOutboxFull → 503
-// (with Retry-After), anything else → 500 "internal error".
+// *protocol.ValidationError → 400 with its text, ErrStale → 409,
+// ErrNotFound → 404, ErrUnavailable and ErrOutboxFull → 503 (with
+// Retry-After), ErrStoreFull → 507, anything else → 500 "internal error".
+// Records it returns are only read.
 type Backend interface {
 	SubmitBundle(ctx context.Context, b *protocol.Bundle) error
-	LatestBundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error)
-	Bundles(ctx context.Context, device protocol.Key) ([]*storage.Bundle, error)
+	// LatestBundle returns the bundle to hand a chat client for a device.
+	LatestBundle(ctx context.Context, device protocol.Key) (*Bundle, error)
+	// Bundles returns every bundle held for a device, newest first; none is
+	// an empty list, not ErrNotFound.
+	Bundles(ctx context.Context, device protocol.Key) ([]*Bundle, error)
 	SubmitAccount(ctx context.Context, a *protocol.AccountBundle) error
-	Account(ctx context.Context, account protocol.Key) (*storage.Account, error)
+	Account(ctx context.Context, account protocol.Key) (*Account, error)
 	// Status is served as JSON at GET /v1/status.
-	Status(ctx context.Context) any
+	Status(ctx context.Context) Status
 }
 
 // DefaultMaxBodyBytes caps request bodies (chat-store: 2 MB; kpnode: 1 MiB,
