@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,7 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
 )
 
 // testNode starts a real node (Badger in a temp dir, HTTP on loopback).
@@ -327,6 +331,53 @@ func TestStatusHealthAndMetrics(t *testing.T) {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+}
+
+// The API contract httpapi's tests run over a fake, here over a real node:
+// Badger, the real ingest path and validation, the adapter's mapping.
+func TestAPIContract(t *testing.T) {
+	_, base := testNode(t, nil)
+	httpapitest.TestAPI(t, base)
+}
+
+// The adapter maps each storage and lookup error to the httpapi sentinel
+// the API answers by, keeps the cause in the chain and its text, and passes
+// any other error (a validation error, a failure that is a 500) through.
+func TestAPIErrorMapping(t *testing.T) {
+	validation := &protocol.ValidationError{Rule: protocol.RuleSignature, Field: "signature", Detail: "verification failed"}
+	other := errors.New("disk on fire")
+	for _, tc := range []struct {
+		err  error
+		want error // nil: returned as it is
+	}{
+		{fmt.Errorf("put: %w", storage.ErrStale), httpapi.ErrStale},
+		{storage.ErrNotFound, httpapi.ErrNotFound},
+		{fmt.Errorf("lookup: %w", ErrUnavailable), httpapi.ErrUnavailable},
+		{fmt.Errorf("budget: %w", storage.ErrStoreFull), httpapi.ErrStoreFull},
+		{fmt.Errorf("node: queue publication: %w", storage.ErrOutboxFull), httpapi.ErrOutboxFull},
+		{validation, nil},
+		{other, nil},
+		{storage.ErrClosed, nil},
+	} {
+		got := apiError(tc.err)
+		if tc.want == nil {
+			if got != tc.err {
+				t.Errorf("%v: mapped to %v", tc.err, got)
+			}
+			continue
+		}
+		if !errors.Is(got, tc.want) || !errors.Is(got, tc.err) || got.Error() != tc.err.Error() {
+			t.Errorf("%v: got %v, want %v wrapping the cause", tc.err, got, tc.want)
+		}
+		for _, s := range []error{httpapi.ErrStale, httpapi.ErrNotFound, httpapi.ErrStoreFull, httpapi.ErrOutboxFull} {
+			if s != tc.want && errors.Is(got, s) {
+				t.Errorf("%v: also matches %v", tc.err, s)
+			}
+		}
+	}
+	if apiError(nil) != nil {
+		t.Error("nil mapped to an error")
 	}
 }
 
