@@ -82,11 +82,12 @@ type Status struct {
 	PendingPublications int `json:"pending_publications"`
 }
 
-// Backend is what the API serves. Errors it returns are mapped once:
+// Backend is what the API serves. Errors it returns are matched with
+// errors.As and errors.Is, first match in this order:
 // *protocol.ValidationError → 400 with its text, ErrStale → 409,
-// ErrNotFound → 404, ErrUnavailable and ErrOutboxFull → 503 (with
-// Retry-After), ErrStoreFull → 507, anything else → 500 "internal error".
-// Records it returns are only read.
+// ErrNotFound → 404, ErrUnavailable → 503 (with Retry-After),
+// ErrStoreFull → 507, ErrOutboxFull → 503 (with Retry-After), anything
+// else → 500 "internal error". Records it returns are only read.
 type Backend interface {
 	SubmitBundle(ctx context.Context, b *protocol.Bundle) error
 	// LatestBundle returns the bundle to hand a chat client for a device.
