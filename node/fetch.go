@@ -353,14 +353,14 @@ func (f *fetchService) fetchLatest(ctx context.Context, p peer.ID, device protoc
 		return nil, protocol.BundleInfo{}, err
 	}
 	if len(resp.Bundles) != 1 {
-		return nil, protocol.BundleInfo{}, fmt.Errorf("%w: %d bundles for a latest request", errMalformed, len(resp.Bundles))
+		return nil, protocol.BundleInfo{}, fmt.Errorf("%w: %d bundles for a latest request", protocol.ErrMalformed, len(resp.Bundles))
 	}
 	b, err := pb.ToBundle(resp.Bundles[0])
 	if err != nil {
 		return nil, protocol.BundleInfo{}, err
 	}
 	if b.DeviceID != device {
-		return nil, protocol.BundleInfo{}, fmt.Errorf("%w: asked for %s, got %s", errMalformed, device, b.DeviceID)
+		return nil, protocol.BundleInfo{}, fmt.Errorf("%w: asked for %s, got %s", protocol.ErrMalformed, device, b.DeviceID)
 	}
 	info, err := f.n.cfg.Policy.ValidateBundle(b, f.n.cfg.Now())
 	if err != nil {
@@ -381,7 +381,7 @@ func (f *fetchService) fetchAccount(ctx context.Context, p peer.ID, account prot
 		return nil, 0, 0, err
 	}
 	if a.AccountPub != account {
-		return nil, 0, 0, fmt.Errorf("%w: asked for %s, got %s", errMalformed, account, a.AccountPub)
+		return nil, 0, 0, fmt.Errorf("%w: asked for %s, got %s", protocol.ErrMalformed, account, a.AccountPub)
 	}
 	lamport, err := f.n.cfg.Policy.ValidateAccount(a)
 	if err != nil {

@@ -1,11 +1,6 @@
 package node
 
 import (
-	"time"
-
-	pubsub "github.com/libp2p/go-libp2p-pubsub"
-	"github.com/libp2p/go-libp2p/core/peer"
-	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpnode/kpnode/protocol"
@@ -18,17 +13,14 @@ type metrics struct {
 	bundlesRejected  *prometheus.CounterVec
 	accountsAccepted *prometheus.CounterVec
 	accountsRejected *prometheus.CounterVec
-	gossipVerdicts   *prometheus.CounterVec
-	gossipDropped    *prometheus.CounterVec
 	fetchServedTotal *prometheus.CounterVec
 	lookups          *prometheus.CounterVec
 	provides         prometheus.Counter
 	syncRounds       prometheus.Counter
 	syncBytes        *prometheus.CounterVec
 
-	reg               prometheus.Registerer
-	peersMismatched   prometheus.Counter
-	gossipRPCsRefused *prometheus.CounterVec
+	reg             prometheus.Registerer
+	peersMismatched prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
@@ -46,10 +38,6 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 			"Valid account bundles by source and outcome.", "source", "outcome"),
 		accountsRejected: counter("kpnode_accounts_rejected_total",
 			"Account bundles refused, by source and rule (stale: lamport not newer).", "source", "reason"),
-		gossipVerdicts: counter("kpnode_gossip_validations_total",
-			"Gossip validator verdicts (accept, reject, ignore).", "verdict"),
-		gossipDropped: counter("kpnode_gossip_dropped_total",
-			"Gossip messages or RPCs dropped by a full queue (where: outbound, validation, subscription).", "where"),
 		fetchServedTotal: counter("kpnode_fetch_served_total",
 			"Fetch requests served, by status.", "status"),
 		lookups: counter("kpnode_lookups_total",
@@ -63,8 +51,6 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 	m.peersMismatched = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_peers_mismatched_total",
 		Help: "Identified peers of this network name whose kpnode protocols carry other network constants (shard count, MLS mode, lifetime cap)."})
 	reg.MustRegister(m.peersMismatched)
-	m.gossipRPCsRefused = counter("kpnode_gossip_rpcs_refused_total",
-		"Inbound gossipsub RPCs refused before decoding, by reason (too_large, malformed); the sender is cut off.", "reason")
 	gauge := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
 	}
@@ -96,48 +82,6 @@ func (m *metrics) accountRejected(src source, r protocol.Rule) {
 
 func (m *metrics) fetchServed(status string) { m.fetchServedTotal.WithLabelValues(status).Inc() }
 
-func (m *metrics) gossipVerdict(r pubsub.ValidationResult) {
-	switch r {
-	case pubsub.ValidationAccept:
-		m.gossipVerdicts.WithLabelValues("accept").Inc()
-	case pubsub.ValidationReject:
-		m.gossipVerdicts.WithLabelValues("reject").Inc()
-	default:
-		m.gossipVerdicts.WithLabelValues("ignore").Inc()
-	}
-}
-
-// gossipTracer counts the drops gossipsub otherwise makes silently.
-func (m *metrics) gossipTracer() pubsub.RawTracer { return dropTracer{m} }
-
-type dropTracer struct{ m *metrics }
-
-func (t dropTracer) DropRPC(*pubsub.RPC, peer.ID) {
-	t.m.gossipDropped.WithLabelValues("outbound").Inc()
-}
-func (t dropTracer) UndeliverableMessage(*pubsub.Message) {
-	t.m.gossipDropped.WithLabelValues("subscription").Inc()
-}
-func (t dropTracer) RejectMessage(_ *pubsub.Message, reason string) {
-	switch reason {
-	case pubsub.RejectValidationQueueFull, pubsub.RejectValidationThrottled:
-		t.m.gossipDropped.WithLabelValues("validation").Inc()
-	}
-}
-func (dropTracer) OnNewOutboundStream(peer.ID, p2pprotocol.ID)          {}
-func (dropTracer) OnClosedOutboundStream(peer.ID)                       {}
-func (dropTracer) SendRPCCompleted(*pubsub.RPC, peer.ID, time.Duration) {}
-func (dropTracer) Join(string)                                          {}
-func (dropTracer) Leave(string)                                         {}
-func (dropTracer) Graft(peer.ID, string)                                {}
-func (dropTracer) Prune(peer.ID, string)                                {}
-func (dropTracer) ValidateMessage(*pubsub.Message)                      {}
-func (dropTracer) DeliverMessage(*pubsub.Message)                       {}
-func (dropTracer) DuplicateMessage(*pubsub.Message)                     {}
-func (dropTracer) ThrottlePeer(peer.ID)                                 {}
-func (dropTracer) RecvRPC(*pubsub.RPC)                                  {}
-func (dropTracer) SendRPC(*pubsub.RPC, peer.ID)                         {}
-
 // fetchInflight exports the fetch service's response bytes in flight.
 func (m *metrics) fetchInflight(f func() int64) {
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kpnode_fetch_inflight_bytes",
@@ -148,7 +92,3 @@ func (m *metrics) fetchInflight(f func() int64) {
 // peerMismatched counts peers of this network that speak its protocols with
 // other network constants (a configuration split).
 func (m *metrics) peerMismatched() { m.peersMismatched.Inc() }
-
-// gossipRPCRefused counts inbound gossipsub RPCs refused before decoding
-// (over the size cap, or undecodable), by reason.
-func (m *metrics) gossipRPCRefused(reason string) { m.gossipRPCsRefused.WithLabelValues(reason).Inc() }

@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -27,7 +28,14 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	if n.dht, err = startDHT(n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
-	if n.gossip, err = startGossip(ctx, n, h); err != nil {
+	if n.gossip, err = gossip.New(gossip.Config{NetworkID: n.netID, Shards: n.cfg.Shards, Logger: n.log.With("component", "gossip"),
+		Registerer: n.registry, PeerScoreInspect: n.cfg.PeerScoreInspect, Now: n.cfg.Now}, h, nodeIngester{n}, n.guard); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	if err := n.gossip.Start(ctx); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	if n.watch, err = startMismatchWatch(ctx, n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
 	n.lookup = newLookup(n)
@@ -43,8 +51,11 @@ func (n *Node) startNetwork(ctx context.Context) error {
 // stopNetwork closes what startNetwork started, in reverse order.
 func (n *Node) stopNetwork() error {
 	var errs []error
+	if n.watch != nil {
+		n.watch.close()
+	}
 	if n.gossip != nil {
-		n.gossip.close()
+		n.gossip.Close()
 	}
 	if n.dht != nil {
 		if err := n.dht.close(); err != nil {
@@ -171,10 +182,10 @@ func (n *Node) ConnectedPeers() []peer.ID {
 // TopicPeers returns how many peers the node knows subscribe to the bundle
 // and account topics of shard (the lower of the two).
 func (n *Node) TopicPeers(shard int) int {
-	if n.gossip == nil || shard < 0 || shard >= len(n.gossip.bundles) {
+	if n.gossip == nil {
 		return 0
 	}
-	return min(len(n.gossip.bundles[shard].ListPeers()), len(n.gossip.accounts[shard].ListPeers()))
+	return n.gossip.TopicPeers(shard)
 }
 
 // DHTPeers returns the size of the node's DHT routing table.

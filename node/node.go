@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -232,7 +233,8 @@ type Node struct {
 
 	// Set by Start, read-only afterwards.
 	host   host.Host
-	gossip *gossip
+	gossip *gossip.Service
+	watch  *mismatchWatch
 	fetch  *fetchService
 	sync   *syncService
 	dht    *discovery

@@ -74,9 +74,9 @@ func (n *Node) outboxLoop(ctx context.Context) {
 func (n *Node) outboxTopic(e storage.OutboxKind, key protocol.Key) *pubsub.Topic {
 	shard := protocol.Shard(key, n.cfg.Shards.Count())
 	if e == storage.OutboxAccount {
-		return n.gossip.accounts[shard]
+		return n.gossip.AccountTopic(shard)
 	}
-	return n.gossip.bundles[shard]
+	return n.gossip.BundleTopic(shard)
 }
 
 // outboxRound handles the entries due now whose topic has a holder, and
@@ -189,9 +189,9 @@ func (n *Node) outboxAttempt(ctx context.Context, e *storage.OutboxEntry, holder
 // gossipEntry publishes a record on its topic.
 func (n *Node) gossipEntry(ctx context.Context, e *storage.OutboxEntry) error {
 	if e.Kind == storage.OutboxAccount {
-		return n.gossip.publishAccount(ctx, &protocol.AccountBundle{AccountPub: e.Key, Payload: e.Payload, Signature: e.Signature}, e.UpdatedAtMS)
+		return n.gossip.PublishAccount(ctx, &protocol.AccountBundle{AccountPub: e.Key, Payload: e.Payload, Signature: e.Signature}, e.UpdatedAtMS)
 	}
-	return n.gossip.publishBundle(ctx, &protocol.Bundle{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature})
+	return n.gossip.PublishBundle(ctx, &protocol.Bundle{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature})
 }
 
 // outboxValid reports whether a holder would still accept the record. Only

@@ -25,9 +25,6 @@ const (
 	// maxBans bounds the ban list (peer IDs cost nothing to mint); the
 	// oldest ban is forgotten first.
 	maxBans = 10_000
-	// bannedScore is the app-specific gossipsub score of a banned peer,
-	// well below graylistThreshold.
-	bannedScore = 10 * graylistThreshold
 )
 
 // peerGuard remembers banned peers. It is a libp2p connection gater and
@@ -86,13 +83,8 @@ func (g *peerGuard) banned(p peer.ID) bool {
 	return ok
 }
 
-// appScore is gossipsub's app-specific score: banned peers are graylisted.
-func (g *peerGuard) appScore(p peer.ID) float64 {
-	if g.banned(p) {
-		return bannedScore
-	}
-	return 0
-}
+// Banned reports whether p is banned now (gossip graylists it).
+func (g *peerGuard) Banned(p peer.ID) bool { return g.banned(p) }
 
 // The connection gater: a banned peer can neither be dialled nor connect.
 

@@ -225,7 +225,7 @@ func (s *syncService) loop() {
 		case <-t.C:
 		}
 		for _, shard := range s.n.cfg.Shards.List() {
-			peers := s.n.gossip.bundles[shard].ListPeers()
+			peers := s.n.gossip.ShardPeers(shard)
 			if len(peers) == 0 {
 				continue
 			}

@@ -1,4 +1,4 @@
-package node
+package gossip
 
 import (
 	"errors"
@@ -11,28 +11,23 @@ import (
 )
 
 // Per-peer inbound gossip budget. Each peer has a bucket of message bytes:
-// gossipPeerBurst, refilled at gossipPeerRate per second. Every message an
-// RPC carries costs its data's length, at least gossipMinCharge (so a
+// Config.PeerBurst, refilled at Config.PeerRate per second. Every message
+// an RPC carries costs its data's length, at least Config.MinCharge (so a
 // stream of tiny messages pays for the per-message work: decoding, the
 // seen-cache, a signature check). An RPC that does not fit is dropped
 // unread, which bounds the bytes a peer can queue in this node; the peer is
 // not banned for it, since an honest node forwards whatever the network
 // publishes and a burst of valid records (anyone can mint devices and POST
 // to some node) would otherwise cut honest forwarders off. What is dropped
-// arrives from other mesh peers or through sync. The burst is ten 1,000-bundle bursts of
-// real KeyPackages (2.9 KB each) at once, and the rate over a thousand such
-// bundles a second for ever, from one peer; honest peers forward at most
-// what the network publishes on the topics both hold, which is far below.
-const (
-	gossipPeerBurst = 32 << 20
-	gossipPeerRate  = 4 << 20
-	gossipMinCharge = 1 << 10
-	// maxBudgetPeers bounds the buckets kept (peers come and go; a peer
-	// forgotten starts again with a full bucket).
-	maxBudgetPeers = 4096
-)
+// arrives from other mesh peers or through sync.
 
-var errGossipBudget = errors.New("gossip: peer over its inbound byte budget")
+// maxBudgetPeers bounds the buckets kept (peers come and go; a peer
+// forgotten starts again with a full bucket).
+const maxBudgetPeers = 4096
+
+// ErrBudget is what the inspector answers for an RPC over its sender's
+// budget; gossipsub then drops the RPC unread.
+var ErrBudget = errors.New("gossip: peer over its inbound byte budget")
 
 type bucket struct {
 	tokens float64
@@ -42,31 +37,31 @@ type bucket struct {
 // inboundBudget is gossipsub's app-specific RPC inspector. gossipsub calls
 // it from its event loop, one RPC at a time; the mutex is for tests.
 type inboundBudget struct {
-	mu      sync.Mutex
-	peers   *simplelru.LRU[peer.ID, *bucket]
-	now     func() time.Time
-	guard   *peerGuard
-	metrics *metrics
+	burst, rate, minCharge float64
+	mu                     sync.Mutex
+	peers                  *simplelru.LRU[peer.ID, *bucket]
+	now                    func() time.Time
+	metrics                *metrics
 }
 
-func newInboundBudget(guard *peerGuard, m *metrics, now func() time.Time) *inboundBudget {
+func newInboundBudget(burst, rate, minCharge int, m *metrics, now func() time.Time) *inboundBudget {
 	l, _ := simplelru.NewLRU[peer.ID, *bucket](maxBudgetPeers, nil)
-	return &inboundBudget{peers: l, now: now, guard: guard, metrics: m}
+	return &inboundBudget{burst: float64(burst), rate: float64(rate), minCharge: float64(minCharge), peers: l, now: now, metrics: m}
 }
 
 // charge is what an RPC's messages cost.
-func charge(rpc *pubsub.RPC) float64 {
-	var n int
+func (b *inboundBudget) charge(rpc *pubsub.RPC) float64 {
+	var n float64
 	for _, m := range rpc.GetPublish() {
-		n += max(len(m.GetData()), gossipMinCharge)
+		n += max(float64(len(m.GetData())), b.minCharge)
 	}
-	return float64(n)
+	return n
 }
 
 // inspect takes an RPC's cost from its sender's bucket, or drops the RPC
 // when the bucket cannot pay.
 func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
-	cost := charge(rpc)
+	cost := b.charge(rpc)
 	if cost == 0 {
 		return nil
 	}
@@ -74,10 +69,10 @@ func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 	now := b.now()
 	bk, ok := b.peers.Get(from)
 	if !ok {
-		bk = &bucket{tokens: gossipPeerBurst, last: now}
+		bk = &bucket{tokens: b.burst, last: now}
 		b.peers.Add(from, bk)
 	}
-	bk.tokens = min(gossipPeerBurst, bk.tokens+now.Sub(bk.last).Seconds()*gossipPeerRate)
+	bk.tokens = min(b.burst, bk.tokens+now.Sub(bk.last).Seconds()*b.rate)
 	bk.last = now
 	over := bk.tokens < cost
 	if !over {
@@ -85,8 +80,8 @@ func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 	}
 	b.mu.Unlock()
 	if over {
-		b.metrics.gossipRPCRefused("inbound_bytes")
-		return errGossipBudget
+		b.metrics.rpcRefused("inbound_bytes")
+		return ErrBudget
 	}
 	return nil
 }
