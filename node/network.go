@@ -29,7 +29,7 @@ func (n *Node) startNetwork(ctx context.Context) error {
 		return fmt.Errorf("node: %w", err)
 	}
 	if n.gossip, err = gossip.New(gossip.Config{NetworkID: n.netID, Shards: n.cfg.Shards, Logger: n.log.With("component", "gossip"),
-		Registerer: n.registry, PeerScoreInspect: n.cfg.PeerScoreInspect, Now: n.cfg.Now}, h, nodeIngester{n}, n.guard); err != nil {
+		Registerer: n.registry, PeerScoreInspect: n.cfg.PeerScoreInspect}, h, nodeIngester{n}, n.guard); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
 	if err := n.gossip.Start(ctx); err != nil {

@@ -72,7 +72,7 @@ func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 		bk = &bucket{tokens: b.burst, last: now}
 		b.peers.Add(from, bk)
 	}
-	bk.tokens = min(b.burst, bk.tokens+now.Sub(bk.last).Seconds()*b.rate)
+	bk.tokens = min(b.burst, bk.tokens+max(0, now.Sub(bk.last).Seconds())*b.rate) // a clock that steps back refills nothing
 	bk.last = now
 	over := bk.tokens < cost
 	if !over {

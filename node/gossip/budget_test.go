@@ -98,6 +98,11 @@ func TestGossipInboundBudget(t *testing.T) {
 	if err := b.inspect(hostile, rpcOf(1)); err != nil {
 		t.Fatalf("refilled bucket refused: %v", err)
 	}
+	// A clock that steps back refills nothing and takes nothing away.
+	now = now.Add(-time.Hour)
+	if err := b.inspect(hostile, rpcOf(1)); err != nil {
+		t.Fatalf("after the clock stepped back: %v", err)
+	}
 }
 
 // counterValue reads one series of a counter vector from reg (0 if absent).

@@ -114,7 +114,8 @@ type Config struct {
 	// PeerScoreInspect, if set, receives every gossipsub peer score ten
 	// times a second (diagnostics and tests).
 	PeerScoreInspect func(map[peer.ID]float64)
-	// Now is the budgets' clock. Default time.Now.
+	// Now is the budgets' clock (wall time, not a node's adjustable clock:
+	// only its differences count). Default time.Now.
 	Now func() time.Time
 }
 
