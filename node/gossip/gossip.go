@@ -186,7 +186,6 @@ type Service struct {
 	cancel  context.CancelFunc
 
 	// Set by Start, read-only afterwards.
-	ps       *pubsub.PubSub
 	bundles  []*pubsub.Topic // by shard; every shard is joined, held ones subscribed
 	accounts []*pubsub.Topic
 	subs     []*pubsub.Subscription
@@ -266,7 +265,6 @@ func (s *Service) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("gossipsub: %w", err)
 	}
-	s.ps = ps
 	s.bundles, s.accounts = make([]*pubsub.Topic, count), make([]*pubsub.Topic, count)
 	for sh := 0; sh < count; sh++ {
 		shard := sh
