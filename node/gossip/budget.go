@@ -25,9 +25,9 @@ import (
 // forgotten starts again with a full bucket).
 const maxBudgetPeers = 4096
 
-// ErrBudget is what the inspector answers for an RPC over its sender's
+// errBudget is what the inspector answers for an RPC over its sender's
 // budget; gossipsub then drops the RPC unread.
-var ErrBudget = errors.New("gossip: peer over its inbound byte budget")
+var errBudget = errors.New("gossip: peer over its inbound byte budget")
 
 type bucket struct {
 	tokens float64
@@ -81,7 +81,7 @@ func (b *inboundBudget) inspect(from peer.ID, rpc *pubsub.RPC) error {
 	b.mu.Unlock()
 	if over {
 		b.metrics.rpcRefused("inbound_bytes")
-		return ErrBudget
+		return errBudget
 	}
 	return nil
 }

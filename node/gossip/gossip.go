@@ -84,7 +84,7 @@ var (
 // Guard is what the service needs of the node's peer guard: cutting a peer
 // off (an RPC over the size cap, undecodable, or with an oversized control
 // part), and knowing which peers are cut off (their gossipsub
-// app-specific score is BannedScore).
+// app-specific score is far below the graylist threshold).
 type Guard interface {
 	ingest.Penalizer
 	Banned(p peer.ID) bool
@@ -345,7 +345,7 @@ func (s *Service) stop() {
 // appScore is gossipsub's app-specific score: banned peers are graylisted.
 func (s *Service) appScore(p peer.ID) float64 {
 	if s.guard.Banned(p) {
-		return BannedScore
+		return bannedScore
 	}
 	return 0
 }

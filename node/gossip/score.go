@@ -20,13 +20,13 @@ import (
 const (
 	gossipThreshold    = -100
 	publishThreshold   = -200
-	GraylistThreshold  = -400
+	graylistThreshold  = -400
 	invalidWeight      = -100
 	acceptPXThreshold  = 10
 	opportunisticGraft = 5
-	// BannedScore is the app-specific score of a peer the guard has cut
-	// off, well below GraylistThreshold: nothing it sends is processed.
-	BannedScore = 10 * GraylistThreshold
+	// bannedScore is the app-specific score of a peer the guard has cut
+	// off, well below graylistThreshold: nothing it sends is processed.
+	bannedScore = 10 * graylistThreshold
 )
 
 func scoreParams(topics []string, appScore func(peer.ID) float64) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
@@ -67,7 +67,7 @@ func scoreParams(topics []string, appScore func(peer.ID) float64) (*pubsub.PeerS
 	thresholds := &pubsub.PeerScoreThresholds{
 		GossipThreshold:             gossipThreshold,
 		PublishThreshold:            publishThreshold,
-		GraylistThreshold:           GraylistThreshold,
+		GraylistThreshold:           graylistThreshold,
 		AcceptPXThreshold:           acceptPXThreshold,
 		OpportunisticGraftThreshold: opportunisticGraft,
 	}
