@@ -1,0 +1,156 @@
+package fetch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-msgio/pbio"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// DefaultTimeout bounds one request: opening the stream, sending the
+// request and reading the answer.
+const DefaultTimeout = 5 * time.Second
+
+// ClientConfig configures a Client. Zero fields take the defaults.
+type ClientConfig struct {
+	// Protocol is the fetch protocol ID (protocol.FetchProtocol(netID)).
+	Protocol p2pprotocol.ID
+	// Opener opens streams to peers (host.Host).
+	Opener StreamOpener
+	// Validator checks every record a peer serves.
+	Validator Validator
+	// Timeout bounds one request. Default DefaultTimeout.
+	Timeout time.Duration
+}
+
+// Validate reports whether c (with its defaults) is usable.
+func (c ClientConfig) Validate() error {
+	switch {
+	case c.Protocol == "":
+		return errors.New("fetch client: protocol ID is required")
+	case c.Opener == nil:
+		return errors.New("fetch client: stream opener is required")
+	case c.Validator == nil:
+		return errors.New("fetch client: validator is required")
+	case c.Timeout < 0:
+		return fmt.Errorf("fetch client: timeout must be positive, got %v", c.Timeout)
+	}
+	return nil
+}
+
+// Client asks peers for records over the fetch protocol. It holds no
+// state besides its configuration and starts no goroutine.
+type Client struct {
+	cfg ClientConfig
+}
+
+// NewClient builds a Client.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	return &Client{cfg: cfg}, nil
+}
+
+// Request sends one request to p and reads its response, within ctx and
+// the client's timeout; it reads at most MaxResponse bytes. Only an OK
+// answer is returned; NOT_FOUND is ErrNoRecord, NOT_HOLDER ErrNotHeld, BUSY
+// ErrBusy (wrapped), anything else an error naming the status. The records
+// in an OK answer are not verified: FetchLatest and FetchAccount do that.
+func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (*pb.FetchResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
+	defer cancel()
+	s, err := c.cfg.Opener.NewStream(ctx, p, c.cfg.Protocol)
+	if err != nil {
+		return nil, fmt.Errorf("open stream to %s: %w", p, err)
+	}
+	defer s.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = s.SetDeadline(dl)
+	}
+	// A cancelled ctx must also end a read blocked on a slow peer.
+	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
+	defer stop()
+	if err := pbio.NewDelimitedWriter(s).WriteMsg(req); err != nil {
+		_ = s.Reset()
+		return nil, fmt.Errorf("send request to %s: %w", p, err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		_ = s.Reset()
+		return nil, fmt.Errorf("send request to %s: %w", p, err)
+	}
+	var resp pb.FetchResponse
+	if err := pbio.NewDelimitedReader(s, MaxResponse).ReadMsg(&resp); err != nil {
+		_ = s.Reset()
+		return nil, fmt.Errorf("read response from %s: %w", p, err)
+	}
+	switch resp.Status {
+	case pb.FetchResponse_STATUS_OK:
+		return &resp, nil
+	case pb.FetchResponse_STATUS_NOT_FOUND:
+		return nil, ErrNoRecord
+	case pb.FetchResponse_STATUS_NOT_HOLDER:
+		return nil, ErrNotHeld
+	case pb.FetchResponse_STATUS_BUSY:
+		return nil, fmt.Errorf("%w: %s", ErrBusy, p)
+	}
+	return nil, fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
+}
+
+// FetchLatest asks p for a device's latest bundle and validates it fully
+// (the same rules as every other path) before returning it with what
+// validation derived (ReceivedAtMS is left zero). A bundle of another
+// device, or more or fewer than one, is protocol.ErrMalformed.
+func (c *Client) FetchLatest(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, error) {
+	resp, err := c.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: device[:]})
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Bundles) != 1 {
+		return nil, fmt.Errorf("%w: %d bundles for a latest request", protocol.ErrMalformed, len(resp.Bundles))
+	}
+	b, err := pb.ToBundle(resp.Bundles[0])
+	if err != nil {
+		return nil, err
+	}
+	if b.DeviceID != device {
+		return nil, fmt.Errorf("%w: asked for %s, got %s", protocol.ErrMalformed, device, b.DeviceID)
+	}
+	info, err := c.cfg.Validator.ValidateBundle(b)
+	if err != nil {
+		return nil, fmt.Errorf("bundle from %s: %w", p, err)
+	}
+	return &storage.Bundle{Bundle: *b, BundleInfo: info}, nil
+}
+
+// FetchAccount asks p for an account bundle and validates it. UpdatedAtMS
+// is what the holder says (0 if it says nothing).
+func (c *Client) FetchAccount(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, error) {
+	resp, err := c.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ACCOUNT, Key: account[:]})
+	if err != nil {
+		return nil, err
+	}
+	a, err := pb.ToAccount(resp.Account)
+	if err != nil {
+		return nil, err
+	}
+	if a.AccountPub != account {
+		return nil, fmt.Errorf("%w: asked for %s, got %s", protocol.ErrMalformed, account, a.AccountPub)
+	}
+	lamport, err := c.cfg.Validator.ValidateAccount(a)
+	if err != nil {
+		return nil, fmt.Errorf("account bundle from %s: %w", p, err)
+	}
+	return &storage.Account{AccountBundle: *a, Lamport: lamport, UpdatedAtMS: resp.Account.UpdatedAtMs}, nil
+}
