@@ -1,0 +1,261 @@
+package lookup
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/kpnode/kpnode/node/fetch"
+	"github.com/kpnode/kpnode/node/fetch/fetchtest"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+const (
+	testProto  = "/kpnode/test/fetch/1.0.0"
+	shardCount = 8
+)
+
+var self = peer.ID("light")
+
+func testPolicy() protocol.Policy {
+	p := protocol.DefaultPolicy()
+	p.MLS = protocol.MLSOff
+	return p
+}
+
+func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func seedKey(b byte) ed25519.PrivateKey { return ed25519.NewKeyFromSeed(bytes.Repeat([]byte{b}, 32)) }
+
+// clock is a settable clock starting at the wall time.
+type clock struct{ off atomic.Int64 }
+
+func (c *clock) Now() time.Time          { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *clock) Advance(d time.Duration) { c.off.Add(int64(d)) }
+
+// memStore is a holder's store: what a fetch.Server reads, in memory.
+type memStore struct {
+	mu       sync.Mutex
+	bundles  map[protocol.Key]*storage.Bundle
+	accounts map[protocol.Key]*storage.Account
+}
+
+func newMemStore() *memStore {
+	return &memStore{bundles: map[protocol.Key]*storage.Bundle{}, accounts: map[protocol.Key]*storage.Account{}}
+}
+
+func (m *memStore) putBundle(b protocol.Bundle) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.bundles[b.DeviceID] = &storage.Bundle{Bundle: b}
+}
+
+func (m *memStore) putAccount(a protocol.AccountBundle) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.accounts[a.AccountPub] = &storage.Account{AccountBundle: a, UpdatedAtMS: time.Now().UnixMilli()}
+}
+
+func (m *memStore) LatestBundle(_ context.Context, k protocol.Key) (*storage.Bundle, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if b, ok := m.bundles[k]; ok {
+		return b, nil
+	}
+	return nil, storage.ErrNotFound
+}
+
+func (m *memStore) BundlesUpTo(ctx context.Context, k protocol.Key, _ int) ([]*storage.Bundle, bool, error) {
+	b, err := m.LatestBundle(ctx, k)
+	if err != nil {
+		return nil, false, nil
+	}
+	return []*storage.Bundle{b}, false, nil
+}
+
+func (m *memStore) Account(_ context.Context, k protocol.Key) (*storage.Account, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if a, ok := m.accounts[k]; ok {
+		return a, nil
+	}
+	return nil, storage.ErrNotFound
+}
+
+// finder names holders; with open set, its query runs until ctx ends (as
+// a DHT query does), else it ends once it has named them.
+type finder struct {
+	mu      sync.Mutex
+	holders []peer.ID
+	open    bool
+	queries atomic.Int64
+}
+
+func (f *finder) set(open bool, holders ...peer.ID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.holders, f.open = holders, open
+}
+
+func (f *finder) Holders(ctx context.Context, _ int) <-chan peer.AddrInfo {
+	f.queries.Add(1)
+	f.mu.Lock()
+	holders, open := append([]peer.ID(nil), f.holders...), f.open
+	f.mu.Unlock()
+	ch := make(chan peer.AddrInfo, len(holders))
+	for _, h := range holders {
+		ch <- peer.AddrInfo{ID: h}
+	}
+	if !open {
+		close(ch)
+		return ch
+	}
+	context.AfterFunc(ctx, func() { close(ch) })
+	return ch
+}
+
+// world is a light node's lookup and the holders it may ask: real fetch
+// servers (or hostile handlers) reached by the real fetch client over
+// net.Pipe, the lookup's floors in a real Badger store.
+type world struct {
+	t      testing.TB
+	lookup *Lookup
+	floors *storage.Store
+	clock  *clock
+	find   *finder
+	pipes  *fetchtest.Pipes
+	reg    *prometheus.Registry
+	stores map[peer.ID]*memStore
+}
+
+func newWorld(t testing.TB, mutate func(*Config)) *world {
+	t.Helper()
+	floors, err := storage.Open(storage.Options{Dir: t.TempDir(), NoSync: true, Logger: quietLogger(), MinFreeDisk: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { floors.Close() })
+	w := &world{t: t, floors: floors, clock: &clock{}, find: &finder{}, pipes: fetchtest.New(self),
+		reg: prometheus.NewRegistry(), stores: map[peer.ID]*memStore{}}
+	t.Cleanup(w.pipes.Wait)
+	w.lookup = w.newLookup(mutate)
+	return w
+}
+
+// newLookup builds and starts a lookup over the world's holders and floors
+// (a second one models a restarted node: same floors, empty cache).
+func (w *world) newLookup(mutate func(*Config)) *Lookup {
+	w.t.Helper()
+	client, err := fetch.NewClient(fetch.ClientConfig{Protocol: testProto, Opener: w.pipes,
+		Validator: fetch.PolicyValidator{Policy: testPolicy(), Now: w.clock.Now}})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	cfg := Config{Holders: w.find, Fetcher: client, Floors: w.floors, Self: self, ShardCount: shardCount,
+		Retention: testPolicy().Retention, Timeout: 5 * time.Second, Grace: 50 * time.Millisecond,
+		Now: w.clock.Now, Logger: quietLogger()}
+	if w.lookup == nil {
+		cfg.Registerer = w.reg
+	}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	l, err := New(cfg)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := l.Start(w.t.Context()); err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { l.Close() })
+	return l
+}
+
+// server starts a real fetch server over st.
+func (w *world) server(st *memStore) *fetch.Server {
+	w.t.Helper()
+	srv, err := fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: st,
+		Holds: func(protocol.Key) bool { return true }, Logger: quietLogger()})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := srv.Start(w.t.Context()); err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { srv.Close() })
+	return srv
+}
+
+// holder makes id an honest holder: a real fetch server over a store of
+// its own, which it returns.
+func (w *world) holder(id peer.ID) *memStore {
+	w.t.Helper()
+	st := newMemStore()
+	srv := w.server(st)
+	w.pipes.Handle(id, func(s network.Stream, from peer.ID) { srv.Handle(s, from) })
+	w.stores[id] = st
+	return st
+}
+
+// delayed makes id a lagging holder: a real fetch server that takes each
+// stream only once release is closed.
+func (w *world) delayed(id peer.ID, release <-chan struct{}) *memStore {
+	w.t.Helper()
+	st := newMemStore()
+	srv := w.server(st)
+	w.pipes.Handle(id, func(s network.Stream, from peer.ID) {
+		select {
+		case <-release:
+		case <-w.t.Context().Done():
+		}
+		srv.Handle(s, from)
+	})
+	w.stores[id] = st
+	return st
+}
+
+// stalling makes id a holder that takes the request and never answers.
+func (w *world) stalling(id peer.ID) {
+	w.pipes.Handle(id, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		_, _ = io.Copy(io.Discard, s)
+	})
+}
+
+func (w *world) count(kind, result string) float64 {
+	var m dto.Metric
+	c, err := w.lookup.lookups.GetMetricWithLabelValues(kind, result)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	_ = c.Write(&m)
+	return m.GetCounter().GetValue()
+}
+
+func bundleAt(key ed25519.PrivateKey, ts time.Time, kp string) protocol.Bundle {
+	return protocol.SignBundle(key, uint64(ts.UnixMilli()), []byte(kp))
+}
+
+// waitFor polls cond until it holds, failing t after 10 s.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
