@@ -107,7 +107,8 @@ func (d *discovery) provideAll(ctx context.Context, shards []int) bool {
 	return all
 }
 
-// holders streams the peers that provide a shard (never this node).
-func (d *discovery) holders(ctx context.Context, shard int) <-chan peer.AddrInfo {
+// Holders streams the peers that provide a shard (lookup.HolderFinder);
+// the channel closes when the DHT query ends or ctx does.
+func (d *discovery) Holders(ctx context.Context, shard int) <-chan peer.AddrInfo {
 	return d.dht.FindProvidersAsync(ctx, shardCID(d.network, shard), 0)
 }

@@ -13,8 +13,6 @@ type metrics struct {
 	bundlesRejected  *prometheus.CounterVec
 	accountsAccepted *prometheus.CounterVec
 	accountsRejected *prometheus.CounterVec
-	fetchServedTotal *prometheus.CounterVec
-	lookups          *prometheus.CounterVec
 	provides         prometheus.Counter
 	syncRounds       prometheus.Counter
 	syncBytes        *prometheus.CounterVec
@@ -38,10 +36,6 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 			"Valid account bundles by source and outcome.", "source", "outcome"),
 		accountsRejected: counter("kpnode_accounts_rejected_total",
 			"Account bundles refused, by source and rule (stale: lamport not newer).", "source", "reason"),
-		fetchServedTotal: counter("kpnode_fetch_served_total",
-			"Fetch requests served, by status.", "status"),
-		lookups: counter("kpnode_lookups_total",
-			"Network lookups for keys of shards the node does not hold, by kind and result.", "kind", "result"),
 		provides: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_dht_provides_total", Help: "Shard provider records announced."}),
 	}
 	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync rounds this node ran as initiator: one per SyncResponse read and decoded, whatever its status."})
@@ -78,15 +72,6 @@ func (m *metrics) accountAccepted(src source, o storage.PutOutcome) {
 
 func (m *metrics) accountRejected(src source, r protocol.Rule) {
 	m.accountsRejected.WithLabelValues(string(src), string(r)).Inc()
-}
-
-func (m *metrics) fetchServed(status string) { m.fetchServedTotal.WithLabelValues(status).Inc() }
-
-// fetchInflight exports the fetch service's response bytes in flight.
-func (m *metrics) fetchInflight(f func() int64) {
-	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kpnode_fetch_inflight_bytes",
-		Help: "Fetch response bytes reserved by requests being served (bounded by the fetch budgets)."},
-		func() float64 { return float64(f()) }))
 }
 
 // peerMismatched counts peers of this network that speak its protocols with

@@ -24,7 +24,9 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	}
 	n.host = h
 	n.guard.host = h
-	n.fetch = startFetch(n, h)
+	if err := n.startFetch(ctx, h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
 	if n.dht, err = startDHT(n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
@@ -38,7 +40,9 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	if n.watch, err = startMismatchWatch(ctx, n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
-	n.lookup = newLookup(n)
+	if err := n.startLookup(ctx); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
 	n.sync = startSync(ctx, n, h)
 	n.goTracked(n.bootstrapLoop)
 	n.goTracked(n.dht.provideLoop)
@@ -51,6 +55,9 @@ func (n *Node) startNetwork(ctx context.Context) error {
 // stopNetwork closes what startNetwork started, in reverse order.
 func (n *Node) stopNetwork() error {
 	var errs []error
+	if n.lookup != nil {
+		n.lookup.Close()
+	}
 	if n.watch != nil {
 		n.watch.close()
 	}
@@ -62,8 +69,8 @@ func (n *Node) stopNetwork() error {
 			errs = append(errs, fmt.Errorf("dht close: %w", err))
 		}
 	}
-	if n.fetch != nil {
-		n.fetch.close()
+	if n.fetchServer != nil {
+		n.fetchServer.Close()
 	}
 	if n.sync != nil {
 		n.sync.close()

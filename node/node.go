@@ -25,8 +25,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/node/lookup"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -232,13 +234,14 @@ type Node struct {
 	outboxDone *prometheus.CounterVec
 
 	// Set by Start, read-only afterwards.
-	host   host.Host
-	gossip *gossip.Service
-	watch  *mismatchWatch
-	fetch  *fetchService
-	sync   *syncService
-	dht    *discovery
-	lookup *lookup
+	host        host.Host
+	gossip      *gossip.Service
+	watch       *mismatchWatch
+	fetchServer *fetch.Server
+	fetchClient *fetch.Client
+	sync        *syncService
+	dht         *discovery
+	lookup      *lookup.Lookup
 
 	// outbox holds acknowledged publications for shards the node does not
 	// hold until a holder has them; outboxWake nudges its worker.

@@ -8,6 +8,7 @@ import (
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -36,6 +37,10 @@ const (
 	// the 64 KiB cap do not.
 	outboxMaxBytes = 64 << 20
 )
+
+// DefaultOutboxMax caps the acknowledged publications waiting for a holder
+// (Config.OutboxMax).
+const DefaultOutboxMax = 10_000
 
 func (n *Node) wakeOutbox() {
 	select {
@@ -217,7 +222,7 @@ func (n *Node) outboxValid(e *storage.OutboxEntry) error {
 // bundle, the same one or one that supersedes it. A holder that cannot be
 // asked is skipped.
 func (n *Node) outboxHeld(ctx context.Context, e *storage.OutboxEntry, holders []peer.ID) (bool, error) {
-	var lastErr error = errNoRecord
+	var lastErr error = fetch.ErrNoRecord
 	for i, p := range holders {
 		if i == outboxHoldersAsked {
 			break
@@ -235,8 +240,8 @@ func (n *Node) outboxHeld(ctx context.Context, e *storage.OutboxEntry, holders [
 
 func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry) (bool, error) {
 	if e.Kind == storage.OutboxAccount {
-		a, lamport, _, err := n.fetch.fetchAccount(ctx, p, e.Key)
-		if errors.Is(err, errNoRecord) {
+		a, err := n.fetchClient.FetchAccount(ctx, p, e.Key)
+		if errors.Is(err, fetch.ErrNoRecord) {
 			return false, nil
 		} else if err != nil {
 			return false, err
@@ -246,15 +251,15 @@ func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry)
 			return false, err
 		}
 		same := a.Signature == e.Signature && string(a.Payload) == string(e.Payload)
-		return same || protocol.AccountSupersedes(lamport, a.Payload, mine, e.Payload), nil
+		return same || protocol.AccountSupersedes(a.Lamport, a.Payload, mine, e.Payload), nil
 	}
 	ts, kp, err := protocol.SplitBundlePayload(e.Payload)
 	if err != nil {
 		return false, err
 	}
 	ref := protocol.KeyPackageRef(kp)
-	resp, err := n.fetch.request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: e.Key[:]})
-	if errors.Is(err, errNoRecord) {
+	resp, err := n.fetchClient.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: e.Key[:]})
+	if errors.Is(err, fetch.ErrNoRecord) {
 		return false, nil
 	} else if err != nil {
 		return false, err

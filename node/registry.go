@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/node/lookup"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -139,29 +140,16 @@ func (n *Node) LatestBundle(ctx context.Context, device protocol.Key) (*storage.
 	if n.cfg.Shards.HasKey(device) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
 		return local, err
 	}
-	remote, rerr := n.lookup.bundle(ctx, device)
+	remote, rerr := n.lookupBundle(ctx, device)
 	switch {
 	case rerr != nil && local == nil:
 		return nil, rerr
 	case rerr != nil:
 		return local, nil
-	case local == nil || betterBundle(remote, local):
+	case local == nil || lookup.BetterBundle(remote, local):
 		return remote, nil
 	}
 	return local, nil
-}
-
-// betterBundle reports whether a should be served rather than b, by the
-// rule of "latest": a last-resort bundle first, then the greater signed
-// timestamp, then the smaller ref.
-func betterBundle(a, b *storage.Bundle) bool {
-	if a.LastResort != b.LastResort {
-		return a.LastResort
-	}
-	if a.TimestampMS != b.TimestampMS {
-		return a.TimestampMS > b.TimestampMS
-	}
-	return string(a.Ref[:]) < string(b.Ref[:])
 }
 
 // Bundles returns every bundle held for a device, newest first.
@@ -177,7 +165,7 @@ func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Acco
 	if n.cfg.Shards.HasKey(account) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
 		return local, err
 	}
-	remote, rerr := n.lookup.account(ctx, account)
+	remote, rerr := n.lookupAccount(ctx, account)
 	switch {
 	case rerr != nil && local == nil:
 		return nil, rerr
