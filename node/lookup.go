@@ -2,13 +2,9 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
-	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/node/lookup"
-	"github.com/kpnode/kpnode/protocol"
-	"github.com/kpnode/kpnode/storage"
 )
 
 // Defaults of the network lookup a node makes for keys of shards it does
@@ -32,7 +28,8 @@ const (
 
 // ErrUnavailable: the registry network could not answer in time (no holder
 // reachable, every fetch failed, only records older than the floor
-// offered). Unlike a miss it is not remembered, and the API answers 503.
+// offered). Unlike a miss it is not remembered, and the API answers 503
+// (apiError).
 var ErrUnavailable = lookup.ErrUnavailable
 
 // startLookup wires the lookup: holders from the DHT, records over the
@@ -64,24 +61,4 @@ func (n *Node) startLookup(ctx context.Context) error {
 	}
 	n.lookup = l
 	return nil
-}
-
-// lookupBundle and lookupAccount ask the network for a key of a shard the
-// node does not hold. An outage is also httpapi.ErrUnavailable, which the
-// API answers 503.
-func (n *Node) lookupBundle(ctx context.Context, device protocol.Key) (*storage.Bundle, error) {
-	b, err := n.lookup.Bundle(ctx, device)
-	return b, lookupErr(err)
-}
-
-func (n *Node) lookupAccount(ctx context.Context, account protocol.Key) (*storage.Account, error) {
-	a, err := n.lookup.Account(ctx, account)
-	return a, lookupErr(err)
-}
-
-func lookupErr(err error) error {
-	if errors.Is(err, lookup.ErrUnavailable) && !errors.Is(err, httpapi.ErrUnavailable) {
-		return fmt.Errorf("%w: %w", httpapi.ErrUnavailable, err)
-	}
-	return err
 }

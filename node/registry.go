@@ -140,7 +140,7 @@ func (n *Node) LatestBundle(ctx context.Context, device protocol.Key) (*storage.
 	if n.cfg.Shards.HasKey(device) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
 		return local, err
 	}
-	remote, rerr := n.lookupBundle(ctx, device)
+	remote, rerr := n.lookup.Bundle(ctx, device)
 	switch {
 	case rerr != nil && local == nil:
 		return nil, rerr
@@ -165,7 +165,7 @@ func (n *Node) Account(ctx context.Context, account protocol.Key) (*storage.Acco
 	if n.cfg.Shards.HasKey(account) || n.lookup == nil || (err != nil && !errors.Is(err, storage.ErrNotFound)) {
 		return local, err
 	}
-	remote, rerr := n.lookupAccount(ctx, account)
+	remote, rerr := n.lookup.Account(ctx, account)
 	switch {
 	case rerr != nil && local == nil:
 		return nil, rerr
