@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -27,7 +28,11 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	if err := n.startFetch(ctx, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
-	if n.dht, err = startDHT(n, h); err != nil {
+	if n.dht, err = discovery.New(discovery.Config{NetworkID: n.netID, Shards: n.cfg.Shards, Light: n.cfg.Light,
+		Logger: n.log.With("component", "dht"), Registerer: n.registry}, h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	if err := n.dht.Start(ctx); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
 	if n.gossip, err = gossip.New(gossip.Config{NetworkID: n.netID, Shards: n.cfg.Shards, Logger: n.log.With("component", "gossip"),
@@ -45,7 +50,6 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	}
 	n.sync = startSync(ctx, n, h)
 	n.goTracked(n.bootstrapLoop)
-	n.goTracked(n.dht.provideLoop)
 	addrs, _ := n.P2PAddrs()
 	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.netID, "shards", n.cfg.Shards.String(),
 		"light", n.cfg.Light, "addrs", addrs)
@@ -65,8 +69,8 @@ func (n *Node) stopNetwork() error {
 		n.gossip.Close()
 	}
 	if n.dht != nil {
-		if err := n.dht.close(); err != nil {
-			errs = append(errs, fmt.Errorf("dht close: %w", err))
+		if err := n.dht.Close(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if n.fetchServer != nil {
@@ -105,7 +109,7 @@ func (n *Node) bootstrapLoop(ctx context.Context) {
 		if len(n.host.Network().Peers()) == 0 {
 			connected := n.dialAll(ctx, infos)
 			if connected > 0 {
-				if err := n.dht.dht.Bootstrap(ctx); err != nil {
+				if err := n.dht.Bootstrap(ctx); err != nil {
 					n.log.Debug("dht bootstrap", "err", err)
 				}
 				backoff = time.Second
@@ -200,7 +204,7 @@ func (n *Node) DHTPeers() int {
 	if n.dht == nil {
 		return 0
 	}
-	return n.dht.dht.RoutingTable().Size()
+	return n.dht.RoutingTableSize()
 }
 
 // Shards returns the shards the node holds.
@@ -212,7 +216,7 @@ func (n *Node) Provided() bool {
 	if n.cfg.Light || n.cfg.Shards.Empty() {
 		return true
 	}
-	return n.dht != nil && n.dht.provided.Load()
+	return n.dht != nil && n.dht.Provided()
 }
 
 // NetworkID returns the network name with the constants' tag, as topics,

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/node/httpapi"
@@ -240,7 +241,7 @@ type Node struct {
 	fetchServer *fetch.Server
 	fetchClient *fetch.Client
 	sync        *syncService
-	dht         *discovery
+	dht         *discovery.Service
 	lookup      *lookup.Lookup
 
 	// outbox holds acknowledged publications for shards the node does not

@@ -1,0 +1,289 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kpnode/kpnode/protocol"
+)
+
+const (
+	testNetwork = "test/discovery"
+	testShards  = 4
+)
+
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func shards(t *testing.T, spec string) protocol.ShardSet {
+	t.Helper()
+	if spec == "" {
+		return protocol.NoShards(testShards)
+	}
+	s, err := protocol.ParseShardSet(spec, testShards)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+type testService struct {
+	*Service
+	reg *prometheus.Registry
+}
+
+// newTestService starts a discovery service on h; the test's cleanup
+// closes it.
+func newTestService(t *testing.T, h host.Host, held string, light bool) *testService {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	s, err := New(Config{NetworkID: testNetwork, Shards: shards(t, held), Light: light, Registerer: reg}, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return &testService{Service: s, reg: reg}
+}
+
+// holders drains a Holders query of shard.
+func holders(t *testing.T, s *testService, shard int) map[peer.ID]bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	found := map[peer.ID]bool{}
+	for ai := range s.Holders(ctx, shard) {
+		found[ai.ID] = true
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("holders query of shard %d did not end by itself", shard)
+	}
+	return found
+}
+
+func counter(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			var sum float64
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+			return sum
+		}
+	}
+	t.Fatalf("metric %s not registered", name)
+	return 0
+}
+
+// packageGoroutines returns the stacks of goroutines running this package's
+// non-test code.
+func packageGoroutines() []string {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for _, s := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(s, "/node/discovery/") && !strings.Contains(s, "_test.go") {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Three full nodes and a light node on go-libp2p's in-memory network: each
+// full node provides exactly the shards it holds, and a query from the
+// light node or a full node names exactly their holders for every shard
+// (none for a shard nobody holds). The light node runs the DHT in client
+// mode: it is never a holder and never enters a full node's routing table.
+func TestHoldersAreTheFullNodesOfTheShard(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	gen := func() host.Host {
+		h, err := mn.GenPeer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	ha, hb, hc, hl := gen(), gen(), gen(), gen()
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	a := newTestService(t, ha, "0,1", false)
+	b := newTestService(t, hb, "2", false)
+	c := newTestService(t, hc, "1", false)
+	l := newTestService(t, hl, "", true)
+	full := []*testService{a, b, c}
+	if err := mn.ConnectAllButSelf(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every full node to provide its shards", 20*time.Second, func() bool {
+		return a.Provided() && b.Provided() && c.Provided()
+	})
+	if !l.Provided() {
+		t.Error("a light node has nothing to provide but is not Provided")
+	}
+	for _, s := range full {
+		if got, want := counter(t, s.reg, "kpnode_dht_provides_total"), float64(len(s.cfg.Shards.List())); got < want {
+			t.Errorf("kpnode_dht_provides_total = %v, want at least %v", got, want)
+		}
+	}
+
+	want := map[int][]peer.ID{
+		0: {ha.ID()},
+		1: {ha.ID(), hc.ID()},
+		2: {hb.ID()},
+		3: nil,
+	}
+	for _, asker := range []*testService{l, b} {
+		for shard := range testShards {
+			got := slices.Collect(maps.Keys(holders(t, asker, shard)))
+			slices.Sort(got)
+			exp := slices.Clone(want[shard])
+			slices.Sort(exp)
+			if !slices.Equal(got, exp) {
+				t.Errorf("holders of shard %d asked from %s: %v, want %v", shard, asker.host.ID(), got, exp)
+			}
+		}
+	}
+
+	// The light node's queries reached every full node, yet it sits in no
+	// routing table: each full node's holds the two others.
+	if got := l.RoutingTableSize(); got != len(full) {
+		t.Errorf("light node's routing table: %d peers, want %d", got, len(full))
+	}
+	for _, s := range full {
+		if got := s.RoutingTableSize(); got != len(full)-1 {
+			t.Errorf("%s's routing table: %d peers, want %d (the light node is a DHT client)", s.host.ID(), got, len(full)-1)
+		}
+	}
+	if err := l.Bootstrap(t.Context()); err != nil {
+		t.Errorf("Bootstrap: %v", err)
+	}
+}
+
+// Close ends the provide loop (no goroutine of the package is left, even
+// while the loop waits out a backoff with no peer to provide to), is
+// idempotent, and a closed service cannot start again.
+func TestCloseEndsTheProvideLoop(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newTestService(t, h, "0,2", false)
+	waitFor(t, "the provide loop to run", 5*time.Second, func() bool { return len(packageGoroutines()) == 1 })
+	if s.Provided() {
+		t.Error("Provided with no peer to provide to")
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left := packageGoroutines(); len(left) != 0 {
+		t.Fatalf("%d goroutines run the package's code after Close:\n\n%s", len(left), strings.Join(left, "\n\n"))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if err := s.Start(t.Context()); !errors.Is(err, ErrClosed) {
+		t.Errorf("Start after Close: %v, want ErrClosed", err)
+	}
+}
+
+// Before Start there is no DHT: no holders, an empty routing table,
+// Bootstrap refused; Close is still safe.
+func TestBeforeStart(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{NetworkID: testNetwork, Shards: shards(t, "1")}, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range s.Holders(t.Context(), 1) {
+		t.Error("a holder before Start")
+	}
+	if s.RoutingTableSize() != 0 || s.Provided() {
+		t.Error("routing table or provided before Start")
+	}
+	if err := s.Bootstrap(t.Context()); !errors.Is(err, ErrNotStarted) {
+		t.Errorf("Bootstrap before Start: %v, want ErrNotStarted", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The config takes its defaults and refuses what cannot work; the metric
+// keeps its name and cannot be registered twice on one registry.
+func TestConfigValidate(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok := Config{NetworkID: testNetwork, Shards: shards(t, "0")}
+	c := ok
+	c.setDefaults()
+	if err := c.Validate(); err != nil || c.ReprovideInterval != DefaultReprovideInterval || c.ProvideTimeout != DefaultProvideTimeout ||
+		c.Logger == nil || c.Registerer == nil {
+		t.Fatalf("defaults: %+v, %v", c, err)
+	}
+	for name, mutate := range map[string]func(*Config){
+		"no network ID":               func(c *Config) { c.NetworkID = "" },
+		"no shard count":              func(c *Config) { c.Shards = protocol.ShardSet{} },
+		"light holding a shard":       func(c *Config) { c.Light = true },
+		"negative reprovide interval": func(c *Config) { c.ReprovideInterval = -time.Second },
+		"negative provide timeout":    func(c *Config) { c.ProvideTimeout = -time.Second },
+	} {
+		c := ok
+		mutate(&c)
+		if _, err := New(c, h); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := New(ok, nil); err == nil {
+		t.Error("no host: accepted")
+	}
+	reg := prometheus.NewRegistry()
+	ok.Registerer = reg
+	if _, err := New(ok, h); err != nil {
+		t.Fatal(err)
+	}
+	if counter(t, reg, "kpnode_dht_provides_total") != 0 {
+		t.Error("a fresh counter is not zero")
+	}
+	if _, err := New(ok, h); err == nil {
+		t.Error("a second service registered the same metric on one registry")
+	}
+}
