@@ -1,5 +1,5 @@
 // Package discovery runs kpnode's private Kademlia DHT (protocol/README.md,
-// "Discovery"): server mode on full nodes, which announce a provider record
+// "DHT"): server mode on full nodes, which announce a provider record
 // for every shard they hold and re-provide them periodically, client mode
 // on light nodes, which only query. Holders finds the peers that provide a
 // shard (the lookup's HolderFinder). It depends on a libp2p host only.

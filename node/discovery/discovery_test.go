@@ -15,8 +15,12 @@ import (
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/lookup"
 	"github.com/kpnode/kpnode/protocol"
 )
+
+// The service is the lookup's holder finder.
+var _ lookup.HolderFinder = (*Service)(nil)
 
 const (
 	testNetwork = "test/discovery"
@@ -184,6 +188,43 @@ func TestHoldersAreTheFullNodesOfTheShard(t *testing.T) {
 	}
 	if err := l.Bootstrap(t.Context()); err != nil {
 		t.Errorf("Bootstrap: %v", err)
+	}
+}
+
+// After a round that provided every shard the loop provides them all
+// again every ReprovideInterval.
+func TestProvideLoopReprovides(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	ha, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	a, err := New(Config{NetworkID: testNetwork, Shards: shards(t, "0,3"), ReprovideInterval: 20 * time.Millisecond, Registerer: reg}, ha)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	newTestService(t, hb, "1", false)
+	if err := mn.ConnectAllButSelf(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "three provide rounds of both shards", 20*time.Second, func() bool {
+		return counter(t, reg, "kpnode_dht_provides_total") >= 6
+	})
+	if !a.Provided() {
+		t.Error("not Provided after three rounds")
 	}
 }
 
