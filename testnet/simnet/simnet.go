@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
@@ -57,10 +58,12 @@ type Options struct {
 	Full, Light int
 	// ShardCount is the network's S. Default 8.
 	ShardCount int
-	// Replication is how many full nodes hold each shard: shard s goes to
-	// full nodes (s·R + r) mod Full for r < R, so shards spread evenly; a
-	// full node left without a shard (S·R < Full) then holds shard
-	// i mod S. Default min(2, Full); at most Full.
+	// Replication is how many full nodes at least hold each shard. Shard s
+	// goes to full nodes s, s+S, s+2S, … (mod Full), so a shard's holders
+	// spread over the index range and every full node holds about as many
+	// shards as the others. Every full node holds at least one shard, so
+	// when S·R < Full shards have about Full/S holders. Default min(2,
+	// Full); at most Full.
 	Replication int
 	// Latency is the one-way delay of every packet. Default 10 ms.
 	Latency time.Duration
@@ -223,21 +226,32 @@ func seedBytes(seed int64, purpose string) [32]byte {
 	return b
 }
 
-// placeShards returns each node's shards (nil for a light node).
+// placeShards returns each node's shards (nil for a light node): slot k
+// of K = max(S·R, Full) rounded up to a multiple of S puts shard k mod S on
+// full node k mod Full (the next node not holding it yet, on a collision).
+// A shard's holders are thus S apart in index order, spread over the whole
+// network, and every full node holds about K/Full shards.
 func placeShards(o Options) [][]int {
 	out := make([][]int, o.Full+o.Light)
-	for s := range o.ShardCount {
-		for r := range o.Replication {
-			i := (s*o.Replication + r) % o.Full
+	k := max(o.ShardCount*o.Replication, o.Full)
+	k = (k + o.ShardCount - 1) / o.ShardCount * o.ShardCount
+	holds := make([]map[int]bool, o.Full)
+	for i := range holds {
+		holds[i] = map[int]bool{}
+	}
+	for slot := range k {
+		s := slot % o.ShardCount
+		i := slot % o.Full
+		for n := 0; holds[i][s] && n < o.Full; n++ {
+			i = (i + 1) % o.Full
+		}
+		if !holds[i][s] {
+			holds[i][s] = true
 			out[i] = append(out[i], s)
 		}
 	}
 	for i := range o.Full {
-		if len(out[i]) == 0 {
-			out[i] = []int{i % o.ShardCount}
-		}
 		slices.Sort(out[i])
-		out[i] = slices.Compact(out[i])
 	}
 	return out
 }
@@ -635,6 +649,21 @@ func (nw *Network) HoldersOfShard(shard int) []int {
 		}
 	}
 	return out
+}
+
+// Metric returns the value of one series of node i's /metrics, as
+// written there (say `kpnode_sync_bytes_total{direction="in"}`), or 0 when
+// absent.
+func (nw *Network) Metric(i int, series string) float64 {
+	rec := httptest.NewRecorder()
+	nw.Nodes[i].Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for line := range strings.Lines(rec.Body.String()) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
 }
 
 // Close stops every node, closes their hosts and the simulated links. All

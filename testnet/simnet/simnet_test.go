@@ -48,3 +48,34 @@ func TestSmoke(t *testing.T) {
 		t.Logf("virtual time %v, log %q", time.Since(nw.events.start), nw.Log())
 	})
 }
+
+func TestPlaceShards(t *testing.T) {
+	for _, o := range []Options{
+		{Full: 20, ShardCount: 4, Replication: 5},
+		{Full: 3, ShardCount: 8, Replication: 2},
+		{Full: 4, ShardCount: 2, Replication: 3},
+		{Full: 1000, ShardCount: 64, Replication: 3},
+		{Full: 7, ShardCount: 256, Replication: 7},
+	} {
+		place := placeShards(o)
+		holders := make([]int, o.ShardCount)
+		lo, hi := o.ShardCount, 0
+		for i := range o.Full {
+			if len(place[i]) == 0 {
+				t.Fatalf("%+v: full node %d holds no shard", o, i)
+			}
+			lo, hi = min(lo, len(place[i])), max(hi, len(place[i]))
+			for _, s := range place[i] {
+				holders[s]++
+			}
+		}
+		for s, h := range holders {
+			if h < o.Replication {
+				t.Fatalf("%+v: shard %d has %d holders, want at least %d", o, s, h, o.Replication)
+			}
+		}
+		if hi-lo > 1 {
+			t.Fatalf("%+v: full nodes hold from %d to %d shards, want an even spread", o, lo, hi)
+		}
+	}
+}
