@@ -87,9 +87,10 @@ type Options struct {
 	// discarded.
 	Logger *slog.Logger
 	// NodeConfig, if set, adjusts node i's config after the harness set it
-	// up (Host, Gater, InMemory, Shards, Light are the harness's; changing
-	// them breaks the network's bookkeeping). An OnBundleStored it sets is
-	// called after the harness's own.
+	// up. It may change anything but Host and Gater: the shards the harness
+	// placed (Light too, with Shards to match), or InMemory off with a
+	// DataDir for a store that survives Restart. An OnBundleStored it sets
+	// is called after the harness's own.
 	NodeConfig func(i int, c *node.Config)
 }
 
@@ -156,7 +157,10 @@ type Node struct {
 	// Addr is the host's address, for Connect.
 	Addr peer.AddrInfo
 
-	conn *linkConn
+	sk      crypto.PrivKey
+	cfg     node.Config // as built, without Host and Gater
+	conn    *linkConn
+	stopped bool
 }
 
 // Traffic is what a node's link carried, counted on the simulated link
@@ -178,9 +182,12 @@ type Network struct {
 	edges   [][2]int // seeded topology: Start dials a → b
 	rng     *rand.Rand
 	rngMu   sync.Mutex
-	groupMu sync.RWMutex
-	group   []int // node → partition group; nil: no partition
-	ipNode  map[[4]byte]int
+	groupMu sync.RWMutex    // guards group and ipNode
+	group   map[int]int     // endpoint → partition group; nil: no partition
+	ipNode  map[[4]byte]int // endpoint of an address
+	ids     io.Reader       // seeded identities, nodes first, then NewHost's
+	hosts   []host.Host
+	ends    int // endpoints so far: nodes 0..len(Nodes)-1, then NewHost's
 
 	events eventLog
 
@@ -204,10 +211,10 @@ func New(opts Options) (*Network, error) {
 	}
 	nw.events.start = time.Now()
 	shards := placeShards(opts)
-	ids := rand.NewChaCha8(seedBytes(opts.Seed, "identities"))
+	nw.ids = rand.NewChaCha8(seedBytes(opts.Seed, "identities"))
 	total := opts.Full + opts.Light
 	for i := range total {
-		n, err := nw.newNode(i, ids, shards[i])
+		n, err := nw.newNode(i, shards[i])
 		if err != nil {
 			nw.Close()
 			return nil, fmt.Errorf("simnet: node %d: %w", i, err)
@@ -291,9 +298,9 @@ func topology(n, degree int, rng *rand.Rand) [][2]int {
 	return edges
 }
 
-func (nw *Network) newNode(i int, ids io.Reader, shards []int) (*Node, error) {
+func (nw *Network) newNode(i int, shards []int) (*Node, error) {
 	o := nw.opts
-	sk, _, err := crypto.GenerateEd25519Key(ids)
+	sk, _, err := crypto.GenerateEd25519Key(nw.ids)
 	if err != nil {
 		return nil, err
 	}
@@ -332,25 +339,53 @@ func (nw *Network) newNode(i int, ids io.Reader, shards []int) (*Node, error) {
 		}
 	}
 
-	ip := msim.IntToPublicIPv4(i).To4()
-	nw.ipNode[[4]byte(ip)] = i
-	addr := &net.UDPAddr{IP: ip, Port: 8000}
-	n := &Node{Index: i, Light: light}
+	n := &Node{Index: i, Light: cfg.Light, sk: sk, cfg: cfg}
+	nw.ends++
+	if err := nw.build(n); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// build makes n's host (on endpoint n.Index, with n.sk) and node (from
+// n.cfg), not started.
+func (nw *Network) build(n *Node) error {
+	cfg := n.cfg
 	gater := node.NewGater()
 	hostOpts, err := node.HostOptions(cfg, gater)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	link := msim.NodeBiDiLinkSettings{
-		Downlink: msim.LinkSettings{BitsPerSecond: o.Bandwidth},
-		Uplink:   msim.LinkSettings{BitsPerSecond: o.Bandwidth},
+	h, conn, err := nw.newHost(n.Index, n.sk, hostOpts...)
+	if err != nil {
+		return err
 	}
-	h, err := libp2p.New(append(hostOpts,
+	cfg.Host = h
+	cfg.Gater = gater
+	nn, err := node.New(cfg)
+	if err != nil {
+		h.Close()
+		return err
+	}
+	n.Node, n.Host, n.conn = nn, h, conn
+	n.Addr = peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
+	return nil
+}
+
+// newHost builds a libp2p host with identity sk on endpoint end of the
+// simulated network: QUIC only, on its own public IPv4 address.
+func (nw *Network) newHost(end int, sk crypto.PrivKey, opts ...libp2p.Option) (host.Host, *linkConn, error) {
+	ip := msim.IntToPublicIPv4(end).To4()
+	nw.groupMu.Lock()
+	nw.ipNode[[4]byte(ip)] = end
+	nw.groupMu.Unlock()
+	var conn *linkConn
+	h, err := libp2p.New(append(opts,
 		libp2p.Identity(sk),
-		libp2p.ListenAddrStrings(fmt.Sprintf("/ip4/%s/udp/%d/quic-v1", ip, addr.Port)),
+		libp2p.ListenAddrStrings(fmt.Sprintf("/ip4/%s/udp/8000/quic-v1", ip)),
 		libp2p.NoTransports,
 		libp2p.Transport(libp2pquic.NewTransport),
-		nw.quicReuse(n, link),
+		nw.quicReuse(end, &conn),
 		// Identify's address discovery and the metrics are off, as in
 		// go-libp2p's own simulations: the first stalls synctest, the
 		// second registers on a process-global registry.
@@ -359,30 +394,53 @@ func (nw *Network) newNode(i int, ids io.Reader, shards []int) (*Node, error) {
 		libp2p.DisableRelay(),
 	)...)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	n.Host = h
-	n.Addr = peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
-	cfg.Host = h
-	cfg.Gater = gater
-	if n.Node, err = node.New(cfg); err != nil {
-		h.Close()
-		return nil, err
-	}
-	return n, nil
+	return h, conn, nil
 }
 
-// quicReuse is go-libp2p's x/simlibp2p QUICSimnet with the node's UDP
-// socket wrapped in a linkConn (loss, partitions, traffic counts).
-func (nw *Network) quicReuse(n *Node, link msim.NodeBiDiLinkSettings) libp2p.Option {
+// NewHost returns a bare libp2p host (no kpnode: a raw peer for a test to
+// drive, say a hostile one) on the simulated network, with the next seeded
+// identity and endpoint index len(Nodes)+k for the k-th host (Partition
+// takes these indexes too). Add options (libp2p.Option) as for
+// libp2p.New; transports, identity and listen address are the harness's.
+// The Network closes it.
+func (nw *Network) NewHost(opts ...libp2p.Option) (host.Host, error) {
+	nw.mu.Lock()
+	defer nw.mu.Unlock()
+	if nw.closed {
+		return nil, errors.New("simnet: closed")
+	}
+	sk, _, err := crypto.GenerateEd25519Key(nw.ids)
+	if err != nil {
+		return nil, err
+	}
+	end := nw.ends
+	nw.ends++
+	h, _, err := nw.newHost(end, sk, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("simnet: host: %w", err)
+	}
+	nw.hosts = append(nw.hosts, h)
+	return h, nil
+}
+
+// quicReuse is go-libp2p's x/simlibp2p QUICSimnet with the endpoint's UDP
+// socket wrapped in a linkConn (loss, partitions, traffic counts), which it
+// stores in *conn.
+func (nw *Network) quicReuse(end int, conn **linkConn) libp2p.Option {
+	link := msim.NodeBiDiLinkSettings{
+		Downlink: msim.LinkSettings{BitsPerSecond: nw.opts.Bandwidth},
+		Uplink:   msim.LinkSettings{BitsPerSecond: nw.opts.Bandwidth},
+	}
 	sel := &sourceIP{}
 	opts := []quicreuse.Option{
 		quicreuse.OverrideSourceIPSelector(func() (quicreuse.SourceIPSelector, error) { return sel, nil }),
 		quicreuse.OverrideListenUDP(func(_ string, address *net.UDPAddr) (net.PacketConn, error) {
 			sel.set(address.IP)
-			c := &linkConn{SimConn: nw.sim.NewEndpoint(address, link), nw: nw, self: n.Index,
-				rng: rand.New(rand.NewPCG(uint64(nw.opts.Seed), uint64(n.Index)))}
-			n.conn = c
+			c := &linkConn{SimConn: nw.sim.NewEndpoint(address, link), nw: nw, self: end,
+				rng: rand.New(rand.NewPCG(uint64(nw.opts.Seed), uint64(end)))}
+			*conn = c
 			return c, nil
 		}),
 	}
@@ -454,6 +512,8 @@ func (nw *Network) nodeOf(addr net.Addr) (int, bool) {
 	if ip == nil {
 		return 0, false
 	}
+	nw.groupMu.RLock()
+	defer nw.groupMu.RUnlock()
 	i, ok := nw.ipNode[[4]byte(ip)]
 	return i, ok
 }
@@ -461,7 +521,15 @@ func (nw *Network) nodeOf(addr net.Addr) (int, bool) {
 func (nw *Network) reachable(a, b int) bool {
 	nw.groupMu.RLock()
 	defer nw.groupMu.RUnlock()
-	return nw.group == nil || nw.group[a] == nw.group[b]
+	return nw.group == nil || nw.groupOf(a) == nw.groupOf(b)
+}
+
+// groupOf is a's partition group; endpoints listed in no group share -1.
+func (nw *Network) groupOf(a int) int {
+	if g, ok := nw.group[a]; ok {
+		return g
+	}
+	return -1
 }
 
 // Start starts the simulated links and every node, then dials the seeded
@@ -504,15 +572,53 @@ func (nw *Network) dial(ctx context.Context, edges [][2]int) error {
 	return g.Wait()
 }
 
-// Partition splits the network: packets between nodes of different groups
-// are dropped (both ways), so their connections time out as on a real
-// network. Nodes listed in no group form one more group together.
-// Partition replaces any partition in place.
-func (nw *Network) Partition(groups ...[]int) {
-	g := make([]int, len(nw.Nodes))
-	for i := range g {
-		g[i] = len(groups)
+// Connect dials node b from node a.
+func (nw *Network) Connect(ctx context.Context, a, b int) error {
+	return nw.Nodes[a].Host.Connect(ctx, nw.Nodes[b].Addr)
+}
+
+// Stop closes node i and its host, as a machine that goes away: its peers
+// see its connections end. Restart brings it back.
+func (nw *Network) Stop(i int) error {
+	n := nw.Nodes[i]
+	if n.stopped {
+		return nil
 	}
+	n.stopped = true
+	return errors.Join(n.Close(), n.Host.Close())
+}
+
+// Restart brings node i back after Stop: the same identity and address, a
+// new host, and a new node.Node from its config adjusted by configure (may
+// be nil; the change is kept for later restarts). An in-memory store comes
+// back empty; a node whose NodeConfig turned InMemory off and gave it a
+// DataDir keeps its store. It dials no one: set Bootstrap in configure or
+// call Connect. Traffic counts start again from zero.
+func (nw *Network) Restart(ctx context.Context, i int, configure func(*node.Config)) error {
+	n := nw.Nodes[i]
+	if err := nw.Stop(i); err != nil {
+		return fmt.Errorf("simnet: stop node %d: %w", i, err)
+	}
+	if configure != nil {
+		configure(&n.cfg)
+	}
+	if err := nw.build(n); err != nil {
+		return fmt.Errorf("simnet: restart node %d: %w", i, err)
+	}
+	n.stopped = false
+	if err := n.Start(ctx); err != nil {
+		return fmt.Errorf("simnet: restart node %d: %w", i, err)
+	}
+	return nil
+}
+
+// Partition splits the network: packets between nodes (or NewHost's hosts,
+// by their endpoint index) of different groups are dropped, both ways, so
+// their connections time out as on a real network. Nodes listed in no
+// group form one more group together. Partition replaces any partition in
+// place.
+func (nw *Network) Partition(groups ...[]int) {
+	g := map[int]int{}
 	for k, members := range groups {
 		for _, i := range members {
 			g[i] = k
@@ -570,8 +676,11 @@ func (nw *Network) Ready(i int) bool {
 }
 
 // WaitReady polls (every 100 ms of network time) until every node is
-// Ready or ctx ends.
+// Ready or ctx ends. A network of one node is ready at once.
 func (nw *Network) WaitReady(ctx context.Context) error {
+	if len(nw.Nodes) < 2 {
+		return nil
+	}
 	return nw.WaitFor(ctx, func() bool {
 		for i := range nw.Nodes {
 			if !nw.Ready(i) {
@@ -678,12 +787,13 @@ func (nw *Network) Close() error {
 	nw.mu.Unlock()
 	var errs []error
 	for i := len(nw.Nodes) - 1; i >= 0; i-- {
-		n := nw.Nodes[i]
-		if err := n.Close(); err != nil {
+		if err := nw.Stop(i); err != nil {
 			errs = append(errs, fmt.Errorf("node %d: %w", i, err))
 		}
-		if err := n.Host.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("host %d: %w", i, err))
+	}
+	for i, h := range nw.hosts {
+		if err := h.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("extra host %d: %w", i, err))
 		}
 	}
 	nw.sim.Close()
