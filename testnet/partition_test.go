@@ -3,6 +3,7 @@ package testnet
 import (
 	"context"
 	"slices"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -147,6 +148,7 @@ func TestPartitionHealConvergesDeterministically(t *testing.T) {
 	if len(first) < 4 {
 		t.Fatalf("event log %q is too short", first)
 	}
+	t.Logf("event log of seed 1:\n%s", strings.Join(first, "\n"))
 	if again := partitionScenario(t, 1); !slices.Equal(first, again) {
 		t.Fatalf("same seed, different event logs:\n%q\n%q", first, again)
 	}
