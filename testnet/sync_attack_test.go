@@ -170,20 +170,19 @@ func expectBanned(t *testing.T, ctx context.Context, n *node.Node, h host.Host, 
 // free), endless rounds. Each costs the responder no more than an
 // honest round (items scanned, counted by the node).
 //
-// Each case runs in its own simulated network in virtual time (synctest
-// allows no subtests inside a bubble), against its own target and honest
-// reference round.
+// The target is a simulated network in virtual time; the cases share it,
+// each with a hostile host of its own, and run in turn (synctest allows no
+// subtests inside a bubble): a failure names its case.
 func TestHostileSyncInitiatorIsRefused(t *testing.T) {
-	// target starts the case's network and measures the honest round.
-	devs := devicesInShard0(t, 2000)
-	target := func(t *testing.T) (ctx context.Context, nw *simnet.Network, n *node.Node, honest float64) {
-		nw, n = syncTarget(t, devs)
-		ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-		t.Cleanup(cancel)
-		honest, _ = honestRootRound(t, ctx, nw, n)
-		t.Logf("honest root round: %v items scanned", honest)
-		return ctx, nw, n, honest
-	}
+	synctest.Test(t, hostileSyncInitiatorIsRefused)
+}
+
+func hostileSyncInitiatorIsRefused(t *testing.T) {
+	nw, n := syncTarget(t, devicesInShard0(t, 2000))
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	honest, _ := honestRootRound(t, ctx, nw, n)
+	t.Logf("honest root round: %v items scanned", honest)
 
 	var emptyWants []*pb.SyncListing
 	for i := range 64 {
@@ -205,72 +204,64 @@ func TestHostileSyncInitiatorIsRefused(t *testing.T) {
 		{"empty request", "bad_request", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}, {}}},
 	}
 	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			synctest.Test(t, func(t *testing.T) {
-				ctx, nw, n, honest := target(t)
-				h := simHost(t, nw)
-				connectTo(t, ctx, h, n)
-				ss, err := openSync(t, ctx, h, n)
-				if err != nil {
-					t.Fatal(err)
-				}
-				before := scannedByResponder(t, n)
-				var last *pb.SyncResponse
-				for _, req := range tc.reqs {
-					if last, err = ss.round(req); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if last.Status != pb.SyncResponse_STATUS_BAD_REQUEST {
-					t.Fatalf("answered %v", last.Status)
-				}
-				cost := scannedByResponder(t, n) - before
-				if cost > honest*float64(len(tc.reqs)) {
-					t.Errorf("refusing cost %v items scanned; an honest round %v", cost, honest)
-				}
-				t.Logf("%v items scanned (honest round: %v)", cost, honest)
-				expectBanned(t, ctx, n, h, tc.reason)
-			})
-		})
+		t.Logf("case %q", tc.name)
+		h := simHost(t, nw)
+		connectTo(t, ctx, h, n)
+		ss, err := openSync(t, ctx, h, n)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		before := scannedByResponder(t, n)
+		var last *pb.SyncResponse
+		for _, req := range tc.reqs {
+			if last, err = ss.round(req); err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+		}
+		if last.Status != pb.SyncResponse_STATUS_BAD_REQUEST {
+			t.Fatalf("%s: answered %v", tc.name, last.Status)
+		}
+		cost := scannedByResponder(t, n) - before
+		if cost > honest*float64(len(tc.reqs)) {
+			t.Errorf("%s: refusing cost %v items scanned; an honest round %v", tc.name, cost, honest)
+		}
+		t.Logf("%v items scanned (honest round: %v)", cost, honest)
+		expectBanned(t, ctx, n, h, tc.reason)
 	}
 
-	t.Run("endless rounds", func(t *testing.T) {
-		synctest.Test(t, func(t *testing.T) {
-			ctx, nw, n, _ := target(t)
-			h := simHost(t, nw)
-			connectTo(t, ctx, h, n)
-			ss, err := openSync(t, ctx, h, n)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
-			if err != nil || resp.Status != pb.SyncResponse_STATUS_OK {
-				t.Fatal(resp, err)
-			}
-			// Ask about one child, which is listed; then want one of its
-			// items again and again.
-			child := &pb.SyncRange{Prefix: resp.Ranges[0].Prefix, Fingerprint: emptyFingerprint}
-			if resp, err = ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{child}}); err != nil || len(resp.Listings) != 1 {
-				t.Fatal(resp, err)
-			}
-			want := &pb.SyncRequest{Want: []*pb.SyncListing{{Prefix: child.Prefix, Ids: resp.Listings[0].Ids[:1]}}}
-			before := scannedByResponder(t, n)
-			rounds := 2
-			for ; rounds < 10_000; rounds++ {
-				if resp, err = ss.round(want); err != nil {
-					t.Fatal(err)
-				}
-				if resp.Status != pb.SyncResponse_STATUS_OK {
-					break
-				}
-			}
-			if resp.Status != pb.SyncResponse_STATUS_BAD_REQUEST || rounds > 600 {
-				t.Fatalf("after %d rounds: %v", rounds, resp.Status)
-			}
-			t.Logf("cut off after %d rounds; %v items charged for the repeated wants", rounds, scannedByResponder(t, n)-before)
-			expectBanned(t, ctx, n, h, "rounds")
-		})
-	})
+	t.Logf("case %q", "endless rounds")
+	h := simHost(t, nw)
+	connectTo(t, ctx, h, n)
+	ss, err := openSync(t, ctx, h, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
+	if err != nil || resp.Status != pb.SyncResponse_STATUS_OK {
+		t.Fatal(resp, err)
+	}
+	// Ask about one child, which is listed; then want one of its items
+	// again and again.
+	child := &pb.SyncRange{Prefix: resp.Ranges[0].Prefix, Fingerprint: emptyFingerprint}
+	if resp, err = ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{child}}); err != nil || len(resp.Listings) != 1 {
+		t.Fatal(resp, err)
+	}
+	want := &pb.SyncRequest{Want: []*pb.SyncListing{{Prefix: child.Prefix, Ids: resp.Listings[0].Ids[:1]}}}
+	before := scannedByResponder(t, n)
+	rounds := 2
+	for ; rounds < 10_000; rounds++ {
+		if resp, err = ss.round(want); err != nil {
+			t.Fatal(err)
+		}
+		if resp.Status != pb.SyncResponse_STATUS_OK {
+			break
+		}
+	}
+	if resp.Status != pb.SyncResponse_STATUS_BAD_REQUEST || rounds > 600 {
+		t.Fatalf("endless rounds: after %d rounds: %v", rounds, resp.Status)
+	}
+	t.Logf("cut off after %d rounds; %v items charged for the repeated wants", rounds, scannedByResponder(t, n)-before)
+	expectBanned(t, ctx, n, h, "rounds")
 }
 
 // Parallel and rapid sessions from one peer are refused with a reset
