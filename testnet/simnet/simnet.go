@@ -72,8 +72,8 @@ type Options struct {
 	Bandwidth int
 	// Loss is the probability that a packet is dropped, in [0, 1).
 	Loss float64
-	// Seed seeds node identities, shard-independent choices of the
-	// topology, loss and NewBundle's device keys.
+	// Seed seeds node identities, the topology, loss and NewBundle's
+	// device keys (shard placement follows from the counts alone).
 	Seed int64
 	// Degree is how many peers each node dials at Start (a random, seeded
 	// choice among the others, after one link to an earlier node that keeps
