@@ -7,16 +7,21 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/connmgr"
+	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	p2pnetwork "github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
-	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	p2pconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	ma "github.com/multiformats/go-multiaddr"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -115,27 +120,97 @@ func resourceManager(network string) (p2pnetwork.ResourceManager, error) {
 
 // newHost builds the libp2p host: TCP and QUIC, the persisted identity,
 // deliberate connection and resource limits, metrics on reg.
-func newHost(cfg Config, netID string, sk crypto.PrivKey, gater *peerGuard, reg prometheus.Registerer) (host.Host, error) {
-	cm, err := connmgr.NewConnManager(connLow, connHigh, connmgr.WithGracePeriod(connGrace))
+func newHost(cfg Config, sk crypto.PrivKey, gater connmgr.ConnectionGater, reg prometheus.Registerer) (host.Host, error) {
+	opts, closeRM, err := hostOptions(cfg, gater)
 	if err != nil {
 		return nil, err
 	}
-	rm, err := resourceManager(netID)
-	if err != nil {
-		return nil, err
-	}
-	h, err := libp2p.New(
+	h, err := libp2p.New(append(opts,
 		libp2p.Identity(sk),
 		libp2p.ListenAddrStrings(cfg.Listen...),
-		libp2p.ConnectionManager(cm),
-		libp2p.ResourceManager(rm),
-		libp2p.ConnectionGater(gater),
 		libp2p.PrometheusRegisterer(reg),
-		libp2p.UserAgent("kpnode/"+cfg.Version),
-	)
+	)...)
 	if err != nil {
-		rm.Close()
+		closeRM()
 		return nil, fmt.Errorf("libp2p host: %w", err)
 	}
 	return h, nil
 }
+
+// HostOptions returns the libp2p options a kpnode host is built with —
+// connection manager watermarks, the resource manager's per-protocol
+// stream limits, the connection gater g (if not nil), the user agent — for
+// a caller that builds the host itself and passes it as Config.Host. The
+// caller adds the identity, transports and listen addresses (and, for a
+// simulation, libp2p.DisableMetrics). cfg's Network, Shards, Policy and
+// Version are used.
+func HostOptions(cfg Config, g *Gater) ([]libp2p.Option, error) {
+	var gater connmgr.ConnectionGater
+	if g != nil {
+		gater = g
+	}
+	opts, _, err := hostOptions(cfg, gater)
+	return opts, err
+}
+
+func hostOptions(cfg Config, gater connmgr.ConnectionGater) (opts []libp2p.Option, closeRM func(), err error) {
+	cm, err := p2pconnmgr.NewConnManager(connLow, connHigh, p2pconnmgr.WithGracePeriod(connGrace))
+	if err != nil {
+		return nil, nil, err
+	}
+	rm, err := resourceManager(cfg.Constants().NetworkID(cfg.Network))
+	if err != nil {
+		return nil, nil, err
+	}
+	opts = []libp2p.Option{
+		libp2p.ConnectionManager(cm),
+		libp2p.ResourceManager(rm),
+		libp2p.UserAgent("kpnode/" + cfg.Version),
+	}
+	if gater != nil {
+		opts = append(opts, libp2p.ConnectionGater(gater))
+	}
+	return opts, func() { rm.Close() }, nil
+}
+
+// Gater is a libp2p connection gater that enforces a node's peer bans: a
+// banned peer can neither be dialled nor connect. Build a host with it
+// (HostOptions), then pass both as Config.Host and Config.Gater; until the
+// node is created it lets every peer through. One Gater serves one node.
+type Gater struct {
+	guard atomic.Pointer[peerGuard]
+}
+
+var _ connmgr.ConnectionGater = (*Gater)(nil)
+
+// NewGater returns a Gater not yet bound to a node.
+func NewGater() *Gater { return &Gater{} }
+
+func (g *Gater) bind(guard *peerGuard) error {
+	if !g.guard.CompareAndSwap(nil, guard) {
+		return errors.New("the connection gater already serves another node")
+	}
+	return nil
+}
+
+func (g *Gater) banned(p peer.ID) bool {
+	guard := g.guard.Load()
+	return guard != nil && guard.banned(p)
+}
+
+// InterceptPeerDial refuses to dial a banned peer.
+func (g *Gater) InterceptPeerDial(p peer.ID) bool { return !g.banned(p) }
+
+// InterceptAddrDial allows every address.
+func (g *Gater) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
+
+// InterceptAccept allows every inbound connection until its peer is known.
+func (g *Gater) InterceptAccept(p2pnetwork.ConnMultiaddrs) bool { return true }
+
+// InterceptSecured refuses a connection, either way, with a banned peer.
+func (g *Gater) InterceptSecured(_ p2pnetwork.Direction, p peer.ID, _ p2pnetwork.ConnMultiaddrs) bool {
+	return !g.banned(p)
+}
+
+// InterceptUpgraded allows every upgraded connection.
+func (g *Gater) InterceptUpgraded(p2pnetwork.Conn) (bool, control.DisconnectReason) { return true, 0 }

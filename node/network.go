@@ -19,15 +19,19 @@ import (
 // startNetwork brings up the libp2p host, gossip, fetch and the DHT, and
 // starts dialling the bootstrap peers.
 func (n *Node) startNetwork(ctx context.Context) error {
-	h, err := newHost(n.cfg, n.netID, n.identity, n.guard, n.registry)
-	if err != nil {
-		return fmt.Errorf("node: %w", err)
+	h := n.cfg.Host
+	if h == nil {
+		var err error
+		if h, err = newHost(n.cfg, n.identity, n.guard, n.registry); err != nil {
+			return fmt.Errorf("node: %w", err)
+		}
 	}
 	n.host = h
 	n.guard.host = h
 	if err := n.startFetch(ctx, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
+	var err error
 	if n.dht, err = discovery.New(discovery.Config{NetworkID: n.netID, Shards: n.cfg.Shards, Light: n.cfg.Light,
 		Logger: n.log.With("component", "dht"), Registerer: n.registry}, h); err != nil {
 		return fmt.Errorf("node: %w", err)
@@ -79,7 +83,7 @@ func (n *Node) stopNetwork() error {
 	if n.sync != nil {
 		n.sync.close()
 	}
-	if n.host != nil {
+	if n.host != nil && n.cfg.Host == nil { // an injected host is the caller's to close
 		if err := n.host.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("host close: %w", err))
 		}

@@ -37,10 +37,28 @@ import (
 // Config configures a Node. Start from DefaultConfig.
 type Config struct {
 	// DataDir holds the store and the node's state. Created 0700 if missing.
+	// Not used (and may be empty) with both Host and InMemory set.
 	DataDir string
 	// APIAddr is the local HTTP API's listen address (host:port). Port 0
-	// picks a free port; Node.APIAddr tells which.
+	// picks a free port; Node.APIAddr tells which. Empty: no HTTP listener
+	// (Handler still serves the API, for embedding and simulations).
 	APIAddr string
+	// Host, if set, is the libp2p host the node uses instead of building
+	// one from Listen and the identity in DataDir (simulations, embedding).
+	// The caller built it and owns it: the node never closes it, and Close
+	// leaves it open. Listen is then ignored. Build it with HostOptions so
+	// it carries the node's connection and resource limits; give the same
+	// Gater as Config.Gater so that bans refuse connections.
+	Host host.Host
+	// Gater, with Host, is the connection gater the host was built with
+	// (HostOptions adds it). The node enforces its bans through it. Nil: an
+	// injected host has no ban gater, and bans rely on closing the peer's
+	// connections and its gossipsub score alone.
+	Gater *Gater
+	// InMemory keeps the store in memory (storage.Options.InMemory):
+	// nothing is written under DataDir's store and everything is lost on
+	// Close. For simulations and tests where Badger is not under test.
+	InMemory bool
 	// Network names the registry network; it is part of every topic and
 	// protocol ID, so nodes of two networks never mix.
 	Network string
@@ -162,13 +180,13 @@ func (c Config) Constants() protocol.Constants {
 
 // Validate reports whether c is usable.
 func (c Config) Validate() error {
-	if c.DataDir == "" {
-		return errors.New("data dir is required")
+	if c.DataDir == "" && (c.Host == nil || !c.InMemory) {
+		return errors.New("data dir is required (unless both Host and InMemory are set)")
 	}
 	if err := protocol.ValidateNetworkName(c.Network); err != nil {
 		return err
 	}
-	if len(c.Listen) == 0 {
+	if len(c.Listen) == 0 && c.Host == nil {
 		return errors.New("at least one listen address is required")
 	}
 	for _, a := range c.Listen {
@@ -199,8 +217,10 @@ func (c Config) Validate() error {
 	if c.LookupTimeout <= 0 || c.CacheTTL <= 0 || c.CacheRefresh <= 0 || c.NegativeTTL <= 0 || c.CacheSize < 1 {
 		return errors.New("lookup timeout, cache size and cache TTLs must be positive")
 	}
-	if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {
-		return fmt.Errorf("api address %q: %w", c.APIAddr, err)
+	if c.APIAddr != "" {
+		if _, _, err := net.SplitHostPort(c.APIAddr); err != nil {
+			return fmt.Errorf("api address %q: %w", c.APIAddr, err)
+		}
 	}
 	if c.OutboxMax < 1 {
 		return fmt.Errorf("outbox max must be at least 1, got %d", c.OutboxMax)
@@ -260,6 +280,7 @@ type Node struct {
 	cancel   context.CancelFunc
 
 	mu       sync.Mutex // guards the fields below
+	started  bool
 	listener net.Listener
 	server   *http.Server
 	serveErr chan error
@@ -294,18 +315,31 @@ func New(cfg Config) (*Node, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("node: config: %w", err)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("node: data dir: %w", err)
+	// The data dir holds the network binding, the store and the identity;
+	// an injected host brings its identity and an in-memory store needs no
+	// directory, so with both the node touches no file.
+	if cfg.Host == nil || !cfg.InMemory {
+		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("node: data dir: %w", err)
+		}
+		if err := checkDataDirNetwork(cfg.DataDir, cfg.Constants().NetworkID(cfg.Network)); err != nil {
+			return nil, fmt.Errorf("node: %w", err)
+		}
 	}
-	if err := checkDataDirNetwork(cfg.DataDir, cfg.Constants().NetworkID(cfg.Network)); err != nil {
-		return nil, fmt.Errorf("node: %w", err)
+	var identity crypto.PrivKey
+	if cfg.Host == nil {
+		var err error
+		if identity, err = LoadOrCreateIdentity(cfg.DataDir); err != nil {
+			return nil, fmt.Errorf("node: %w", err)
+		}
 	}
-	identity, err := LoadOrCreateIdentity(cfg.DataDir)
-	if err != nil {
-		return nil, fmt.Errorf("node: %w", err)
+	storeDir := ""
+	if !cfg.InMemory {
+		storeDir = filepath.Join(cfg.DataDir, "store")
 	}
 	store, err := storage.Open(storage.Options{
-		Dir:           filepath.Join(cfg.DataDir, "store"),
+		Dir:           storeDir,
+		InMemory:      cfg.InMemory,
 		MaxPerDevice:  cfg.MaxPerDevice,
 		Retention:     cfg.Policy.Retention,
 		PruneInterval: cfg.PruneInterval,
@@ -328,6 +362,12 @@ func New(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
 		netID: cfg.Constants().NetworkID(cfg.Network), outbox: outbox, outboxWake: make(chan struct{}, 1)}
 	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry, cfg.Now)
+	if cfg.Gater != nil {
+		if err := cfg.Gater.bind(n.guard); err != nil {
+			store.Close()
+			return nil, fmt.Errorf("node: %w", err)
+		}
+	}
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	n.metrics = newMetrics(n.registry, store)
 	n.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kpnode_outbox_pending",
@@ -357,7 +397,7 @@ func (n *Node) Start(ctx context.Context) error {
 	if n.closed {
 		return errors.New("node: closed")
 	}
-	if n.listener != nil {
+	if n.started {
 		return errors.New("node: already started")
 	}
 	if err := ctx.Err(); err != nil {
@@ -374,6 +414,13 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	if err := n.startNetwork(life); err != nil {
 		return fail(err)
+	}
+	n.started = true
+	if n.cfg.APIAddr == "" {
+		n.store.Start(life)
+		n.goTracked(n.outboxLoop)
+		n.goTracked(n.maintenanceLoop)
+		return nil
 	}
 	ln, err := net.Listen("tcp", n.cfg.APIAddr)
 	if err != nil {
@@ -400,7 +447,8 @@ func (n *Node) Start(ctx context.Context) error {
 	return nil
 }
 
-// APIAddr returns the address the API listens on, or nil before Start.
+// APIAddr returns the address the API listens on, or nil before Start
+// and when Config.APIAddr is empty.
 func (n *Node) APIAddr() net.Addr {
 	n.mu.Lock()
 	defer n.mu.Unlock()

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
 
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -91,8 +92,14 @@ const (
 
 // Options configure a Store.
 type Options struct {
-	// Dir is the Badger directory. Required.
+	// Dir is the Badger directory. Required unless InMemory.
 	Dir string
+	// InMemory keeps the whole store in memory (Badger's in-memory mode,
+	// with small memtables and caches so a store costs a few MiB): nothing
+	// is written to disk and everything is lost on Close. For simulations
+	// and tests where Badger's persistence is not under test. Dir is
+	// ignored and the free-disk check is off.
+	InMemory bool
 	// MaxPerDevice caps the bundles kept per device (newest kept). Default 100.
 	MaxPerDevice int
 	// Retention is how long a bundle is kept after its signed timestamp and
@@ -180,7 +187,7 @@ func (o *Options) setDefaults() {
 // Validate reports whether the options are usable (after defaults).
 func (o Options) Validate() error {
 	switch {
-	case o.Dir == "":
+	case o.Dir == "" && !o.InMemory:
 		return errors.New("storage: Dir is required")
 	case o.MaxPerDevice < 1:
 		return fmt.Errorf("storage: MaxPerDevice must be at least 1, got %d", o.MaxPerDevice)
@@ -250,12 +257,17 @@ func Open(opts Options) (*Store, error) {
 		// and the memory compactions need low (process heap about 100 MiB
 		// with 100k bundles instead of about 470 MiB).
 		WithValueThreshold(1 << 10)
+	diskFreeOf := func() (int64, error) { return diskFree(opts.Dir) }
+	if opts.InMemory {
+		bo = inMemoryOptions(bo)
+		diskFreeOf = func() (int64, error) { return 0, errors.ErrUnsupported }
+	}
 	db, err := badger.Open(bo)
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", opts.Dir, err)
 	}
 	s := &Store{opts: opts, db: db, log: opts.Logger, stop: make(chan struct{}), done: make(chan struct{}),
-		digests: newShardDigests(opts.ShardCount), diskFree: func() (int64, error) { return diskFree(opts.Dir) }}
+		digests: newShardDigests(opts.ShardCount), diskFree: diskFreeOf}
 	migrated, err := s.openSchema()
 	if err != nil {
 		db.Close()
@@ -276,6 +288,33 @@ func Open(opts Options) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// inMemoryOptions turns bo into Badger's in-memory mode sized for many
+// stores in one process (a simulated network of hundreds of nodes): small
+// memtables, no block cache (nothing is read from files), a small index
+// cache, one compactor.
+func inMemoryOptions(bo badger.Options) badger.Options {
+	return bo.WithDir("").WithValueDir("").
+		WithInMemory(true).
+		WithSyncWrites(false).
+		WithMemTableSize(2 << 20).
+		WithNumMemtables(2).
+		WithNumLevelZeroTables(2).
+		WithNumLevelZeroTablesStall(4).
+		WithBaseTableSize(512 << 10).
+		WithBaseLevelSize(2 << 20).
+		// No compression, so no block cache: tables are in memory already.
+		WithCompression(options.None).
+		WithBlockCacheSize(0).
+		WithIndexCacheSize(0).
+		WithNumCompactors(2).
+		WithValueLogFileSize(1 << 20).
+		// No value log in memory: every value stays in the LSM tree, so the
+		// threshold must exceed the largest record (a 64 KiB payload and
+		// its fields) and stay under the batch size (15% of a memtable).
+		WithValueThreshold(256 << 10).
+		WithNumGoroutines(1)
 }
 
 // recount sets the counters from a key-only scan.

@@ -10,6 +10,7 @@ import (
 	"io"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -25,6 +26,7 @@ import (
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
 // rawHost is a bare libp2p host on loopback, standing in for a peer that
@@ -67,10 +69,18 @@ func gossipData(t *testing.T, b *protocol.Bundle) []byte {
 
 // A peer that floods invalid messages is graylisted by the node it floods,
 // while valid bundles keep reaching every honest node.
+//
+// The network is simulated, in virtual time, so waiting for the periodic
+// sync costs no wall time.
 func TestInvalidFloodIsGraylisted(t *testing.T) {
+	synctest.Test(t, invalidFloodIsGraylisted)
+}
+
+func invalidFloodIsGraylisted(t *testing.T) {
 	var mu sync.Mutex
 	scores := map[peer.ID]float64{}
-	c := startCluster(t, 3, func(i int, cfg *node.Config) {
+	nw := startSim(t, simnet.Options{Full: 3, ShardCount: protocol.DefaultShardCount, NodeConfig: func(i int, cfg *node.Config) {
+		cfg.Shards = protocol.AllShards(protocol.DefaultShardCount)
 		if i == 1 {
 			cfg.PeerScoreInspect = func(m map[peer.ID]float64) {
 				mu.Lock()
@@ -80,14 +90,18 @@ func TestInvalidFloodIsGraylisted(t *testing.T) {
 				}
 			}
 		}
-	})
+	}})
+	var nodes []*node.Node
+	for _, n := range nw.Nodes {
+		nodes = append(nodes, n.Node)
+	}
 	// Long enough for the periodic sync (30 s ± 20 %) to repair what gossip
 	// did not deliver, which is the network's guarantee (below).
 	ctx, cancel := context.WithTimeout(context.Background(), 75*time.Second)
 	defer cancel()
-	victim := c.Nodes[1]
+	victim := nodes[1]
 
-	h := rawHost(t)
+	h := simHost(t, nw)
 	ps, err := pubsub.NewGossipSub(ctx, h,
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign), pubsub.WithNoAuthor(),
 		pubsub.WithMessageIdFn(func(m *pubsubpb.Message) string { s := sha256.Sum256(m.Data); return string(s[:]) }))
@@ -143,10 +157,10 @@ func TestInvalidFloodIsGraylisted(t *testing.T) {
 	after := bundleFor(t, deviceInShard(t, shard, protocol.DefaultShardCount))
 	publish(gossipData(t, &after))
 	honest := bundleFor(t, deviceInShard(t, shard, protocol.DefaultShardCount))
-	if err := c.Nodes[2].SubmitBundle(ctx, &honest); err != nil {
+	if err := nodes[2].SubmitBundle(ctx, &honest); err != nil {
 		t.Fatal(err)
 	}
-	for i, n := range c.Nodes {
+	for i, n := range nodes {
 		if err := waitServed(ctx, n, honest); err != nil {
 			t.Fatalf("node %d: honest traffic stopped: %v", i, err)
 		}
@@ -157,7 +171,7 @@ func TestInvalidFloodIsGraylisted(t *testing.T) {
 	// The pre-flood bundle reaches every holder: at once through the mesh,
 	// through gossip's IHAVE/IWANT when a node was not yet in the victim's
 	// mesh when it arrived, or at the latest through the periodic sync.
-	for i, n := range c.Nodes {
+	for i, n := range nodes {
 		if !n.Shards().Has(shard) {
 			continue
 		}

@@ -9,16 +9,19 @@ import (
 	"net/http"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-msgio/pbio"
 
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
 // scoreBoard keeps the latest gossipsub score a node gives each peer.
@@ -64,9 +67,9 @@ type gossipAttacker struct {
 	topic *pubsub.Topic
 }
 
-func newGossipAttacker(t *testing.T, ctx context.Context, victim *node.Node, shard int, opts ...pubsub.Option) *gossipAttacker {
+// newGossipAttacker runs gossipsub on the raw host h.
+func newGossipAttacker(t *testing.T, ctx context.Context, h host.Host, victim *node.Node, shard int, opts ...pubsub.Option) *gossipAttacker {
 	t.Helper()
-	h := rawHost(t)
 	ps, err := pubsub.NewGossipSub(ctx, h, append([]pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictNoSign), pubsub.WithNoAuthor(),
 		pubsub.WithMaxMessageSize(4 << 20),
@@ -103,9 +106,9 @@ func signedBundle(t *testing.T, shard, size int) protocol.Bundle {
 }
 
 // heldBy reports how many nodes store a bundle of b's device.
-func heldBy(ctx context.Context, c *Cluster, b protocol.Bundle) int {
+func heldBy(ctx context.Context, nodes []*node.Node, b protocol.Bundle) int {
 	held := 0
-	for _, n := range c.Nodes {
+	for _, n := range nodes {
 		if got, _ := n.Bundles(ctx, b.DeviceID); len(got) > 0 {
 			held++
 		}
@@ -119,24 +122,35 @@ func heldBy(ctx context.Context, c *Cluster, b protocol.Bundle) int {
 // just over the cap reaches the validator and is Rejected by the rule; one
 // whose RPC is over the node's RPC cap (70 KB, 2 MB) is refused unread and
 // its sender is cut off.
+//
+// The network is simulated, in virtual time.
 func TestGossipRefusesBundlesOverThePayloadCap(t *testing.T) {
+	synctest.Test(t, gossipRefusesBundlesOverThePayloadCap)
+}
+
+func gossipRefusesBundlesOverThePayloadCap(t *testing.T) {
 	board := newScoreBoard()
-	c := startCluster(t, 3, func(i int, cfg *node.Config) {
-		cfg.Policy.MLS = protocol.MLSOff
-		if i == 1 {
-			cfg.PeerScoreInspect = board.inspect
-		}
-	})
+	nw := startSim(t, simnet.Options{Full: 3, ShardCount: protocol.DefaultShardCount, MLS: protocol.MLSOff,
+		NodeConfig: func(i int, cfg *node.Config) {
+			cfg.Shards = protocol.AllShards(protocol.DefaultShardCount)
+			if i == 1 {
+				cfg.PeerScoreInspect = board.inspect
+			}
+		}})
+	var nodes []*node.Node
+	for _, n := range nw.Nodes {
+		nodes = append(nodes, n.Node)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	victim := c.Nodes[1]
+	victim := nodes[1]
 	const shard = 0
 
 	// 60 KB: under the cap, stored by the victim and forwarded to the others.
-	a := newGossipAttacker(t, ctx, victim, shard)
+	a := newGossipAttacker(t, ctx, simHost(t, nw), victim, shard)
 	ok := signedBundle(t, shard, 60_000)
 	a.publish(t, ctx, &ok)
-	for i, n := range c.Nodes {
+	for i, n := range nodes {
 		if err := waitServed(ctx, n, ok); err != nil {
 			t.Fatalf("node %d: 60 KB bundle: %v", i, err)
 		}
@@ -159,7 +173,7 @@ func TestGossipRefusesBundlesOverThePayloadCap(t *testing.T) {
 	// they are read, and the sender is cut off (banned, score far below the
 	// graylist threshold).
 	for _, size := range []int{70_008, 2 << 20} {
-		a := newGossipAttacker(t, ctx, victim, shard)
+		a := newGossipAttacker(t, ctx, simHost(t, nw), victim, shard)
 		b := signedBundle(t, shard, size)
 		before := metricValue(t, victim, `kpnode_peer_penalties_total{protocol="gossip",reason="rpc_too_large"}`)
 		a.publish(t, ctx, &b)
@@ -182,22 +196,22 @@ func TestGossipRefusesBundlesOverThePayloadCap(t *testing.T) {
 		}); err != nil {
 			t.Fatalf("%d-byte bundle: sender still connected", size)
 		}
-		if got := heldBy(ctx, c, b); got != 0 {
+		if got := heldBy(ctx, nodes, b); got != 0 {
 			t.Fatalf("%d-byte bundle stored on %d nodes", size, got)
 		}
 	}
 	// Honest traffic still flows (a fresh bundle reaches every node), and
 	// nothing over the cap was stored anywhere.
 	honest := signedBundle(t, shard, 3000)
-	if err := c.Nodes[2].SubmitBundle(ctx, &honest); err != nil {
+	if err := nodes[2].SubmitBundle(ctx, &honest); err != nil {
 		t.Fatal(err)
 	}
-	for i, n := range c.Nodes {
+	for i, n := range nodes {
 		if err := waitServed(ctx, n, honest); err != nil {
 			t.Fatalf("node %d: honest bundle after the attack: %v", i, err)
 		}
 	}
-	if got := heldBy(ctx, c, over); got != 0 {
+	if got := heldBy(ctx, nodes, over); got != 0 {
 		t.Fatalf("66 KB bundle stored on %d nodes", got)
 	}
 }

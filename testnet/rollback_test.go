@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -25,6 +26,7 @@ import (
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
 // liar is a raw libp2p host that joins the network's DHT, provides every
@@ -47,9 +49,9 @@ func shardCID(t *testing.T, netID string, shard int) cid.Cid {
 	return cid.NewCidV1(cid.Raw, sum)
 }
 
-func startLiar(t *testing.T, ctx context.Context, n *node.Node) *liar {
+func startLiar(t *testing.T, ctx context.Context, nw *simnet.Network, n *node.Node) *liar {
 	t.Helper()
-	h := rawHost(t)
+	h := simHost(t, nw)
 	l := &liar{h: h, accounts: map[protocol.Key]protocol.AccountBundle{}, bundles: map[protocol.Key]protocol.Bundle{}}
 	h.SetStreamHandler(p2pprotocol.ID(protocol.FetchProtocol(n.NetworkID())), l.serve)
 	d, err := dht.New(h, dht.Mode(dht.ModeServer), dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.NetworkID()))))
@@ -97,10 +99,11 @@ func (l *liar) serve(s network.Stream) {
 	pbio.NewDelimitedWriter(s).WriteMsg(resp)
 }
 
-// getPayload GETs path on n's API and returns the status and the payload.
+// getPayload GETs path on n's API (its handler, in process) and returns the
+// status and the payload.
 func getPayload(t *testing.T, n *node.Node, path string) (int, []byte, string) {
 	t.Helper()
-	resp, err := http.Get("http://" + n.APIAddr().String() + path)
+	resp, err := (&http.Client{Transport: handlerTransport{n.Handler()}}).Get("http://node.invalid" + path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,24 +128,41 @@ func getPayload(t *testing.T, n *node.Node, path string) (int, []byte, string) {
 // serves the new account bundle (a revoked device gone) and the newer
 // KeyPackage every time, and after a restart with a cold cache it still
 // refuses the old records (503) when only the liars answer, because it
-// remembers on disk the version it served.
+// remembers on disk the version it served. The network is simulated, in
+// virtual time; the light node's store is on disk.
 func TestLightNodeCannotBeRolledBack(t *testing.T) {
+	synctest.Test(t, lightNodeCannotBeRolledBack)
+}
+
+func lightNodeCannotBeRolledBack(t *testing.T) {
 	const (
 		honest = 3
 		liars  = 12
 		keys   = 32
 	)
+	dir := t.TempDir()
+	nw := startSim(t, simnet.Options{Full: honest, Light: 1, ShardCount: protocol.DefaultShardCount, MLS: protocol.MLSOff,
+		NodeConfig: func(i int, cfg *node.Config) {
+			if i < honest {
+				cfg.Shards = protocol.AllShards(protocol.DefaultShardCount)
+				return
+			}
+			// The light node keeps its lookup floors on disk, across the
+			// restart below.
+			cfg.InMemory = false
+			cfg.DataDir = dir
+			// Generous for a race-enabled run on a loaded machine; the
+			// default is DefaultLookupGrace.
+			cfg.LookupGrace = time.Second
+			cfg.LookupTimeout = 5 * time.Second
+		}})
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
-	c, err := Start(ctx, Options{Nodes: honest, Dir: t.TempDir(), MLS: protocol.MLSOff, Logger: testLogger()})
-	if err != nil {
-		t.Fatal(err)
+	var holders []*node.Node
+	for _, n := range nw.Nodes[:honest] {
+		holders = append(holders, n.Node)
 	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	netID := c.Nodes[0].NetworkID()
+	netID := holders[0].NetworkID()
 
 	// keys accounts revoke a device (v1 names two, v2 one); keys devices
 	// publish a newer KeyPackage (b2 after b1). The honest holders get both,
@@ -169,17 +189,17 @@ func TestLightNodeCannotBeRolledBack(t *testing.T) {
 	}
 	for i := range accts {
 		for _, a := range []protocol.AccountBundle{accts[i].v1, accts[i].v2} {
-			if err := c.Nodes[i%honest].SubmitAccount(ctx, &a); err != nil {
+			if err := holders[i%honest].SubmitAccount(ctx, &a); err != nil {
 				t.Fatal(err)
 			}
 		}
 		for _, b := range devs[i] {
-			if err := c.Nodes[i%honest].SubmitBundle(ctx, &b); err != nil {
+			if err := holders[i%honest].SubmitBundle(ctx, &b); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	for i, n := range c.Nodes {
+	for i, n := range holders {
 		for j := range accts {
 			if err := eventually(ctx, func() bool { a, err := n.Account(ctx, accts[j].v2.AccountPub); return err == nil && a.Lamport == 2 }); err != nil {
 				t.Fatalf("honest node %d never got account %d", i, j)
@@ -192,7 +212,7 @@ func TestLightNodeCannotBeRolledBack(t *testing.T) {
 
 	var ls []*liar
 	for range liars {
-		l := startLiar(t, ctx, c.Nodes[0])
+		l := startLiar(t, ctx, nw, holders[0])
 		for _, a := range accts {
 			l.accounts[a.v1.AccountPub] = a.v1
 		}
@@ -205,18 +225,8 @@ func TestLightNodeCannotBeRolledBack(t *testing.T) {
 		l.provide(t, ctx, netID)
 	}
 
-	light, err := c.Add(ctx, func(cfg *node.Config) {
-		cfg.Light = true
-		cfg.Shards = protocol.NoShards(protocol.DefaultShardCount)
-		// Generous for a race-enabled run on a loaded machine; the default
-		// is DefaultLookupGrace.
-		cfg.LookupGrace = time.Second
-		cfg.LookupTimeout = 5 * time.Second
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lightIdx := len(c.Nodes) - 1
+	lightIdx := honest
+	light := nw.Nodes[lightIdx].Node
 	if err := eventually(ctx, func() bool { return light.DHTPeers() > 0 }); err != nil {
 		t.Fatal(err)
 	}
@@ -243,24 +253,23 @@ func TestLightNodeCannotBeRolledBack(t *testing.T) {
 	}
 
 	// Only the liars are left; the light node restarts with a cold cache.
-	if err := light.Close(); err != nil {
+	if err := nw.Stop(lightIdx); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range c.Nodes[:honest] {
-		n.Close()
+	for i := range honest {
+		nw.Stop(i)
 	}
-	cfg := c.configs[lightIdx]
-	cfg.Bootstrap = nil
-	for _, l := range ls {
-		for _, a := range l.h.Addrs() {
-			cfg.Bootstrap = append(cfg.Bootstrap, fmt.Sprintf("%s/p2p/%s", a, l.h.ID()))
+	if err := nw.Restart(ctx, lightIdx, func(cfg *node.Config) {
+		cfg.Bootstrap = nil
+		for _, l := range ls {
+			for _, a := range l.h.Addrs() {
+				cfg.Bootstrap = append(cfg.Bootstrap, fmt.Sprintf("%s/p2p/%s", a, l.h.ID()))
+			}
 		}
-	}
-	light, err = startNode(ctx, cfg)
-	if err != nil {
+	}); err != nil {
 		t.Fatal(err)
 	}
-	c.Nodes[lightIdx] = light
+	light = nw.Nodes[lightIdx].Node
 	if err := eventually(ctx, func() bool { return light.DHTPeers() > 0 }); err != nil {
 		t.Fatal(err)
 	}

@@ -3,11 +3,13 @@ package testnet
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
 	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -18,6 +20,7 @@ import (
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
 // syncMetric adds up the samples of a node's metric whose line contains
@@ -81,31 +84,54 @@ func (ss *syncStream) round(req *pb.SyncRequest) (*pb.SyncResponse, error) {
 
 var emptyFingerprint = func() []byte { fp := (protocol.Digest{}).Fingerprint(); return fp[:] }()
 
-// syncTarget starts one node holding shard 0 with count bundles in it.
-func syncTarget(t *testing.T, count int) *node.Node {
+// devicesInShard0 returns count device keys of shard 0 (generated once per
+// test, outside the bubbles: finding them is most of a target's cost).
+func devicesInShard0(t *testing.T, count int) []ed25519.PrivateKey {
+	devs := make([]ed25519.PrivateKey, count)
+	for i := range devs {
+		devs[i] = deviceInShard(t, 0, protocol.DefaultShardCount)
+	}
+	return devs
+}
+
+// syncTarget starts a simulated network of one node holding shard 0 with a
+// bundle of each of devs in it (call it inside synctest.Test); the hostile
+// peers are the network's raw hosts.
+func syncTarget(t *testing.T, devs []ed25519.PrivateKey) (*simnet.Network, *node.Node) {
 	t.Helper()
-	c := startCluster(t, 1, func(_ int, cfg *node.Config) {
-		cfg.Policy.MLS = protocol.MLSOff
-		cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
-		cfg.SyncInterval = time.Hour
-	})
-	n := c.Nodes[0]
+	nw := startSim(t, simnet.Options{Full: 1, ShardCount: protocol.DefaultShardCount, MLS: protocol.MLSOff,
+		NodeConfig: func(_ int, cfg *node.Config) {
+			cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+			cfg.SyncInterval = time.Hour
+		}})
+	n := nw.Nodes[0].Node
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	for range count {
-		b := opaqueBundleIn(t, 0)
+	for _, dev := range devs {
+		b := opaqueBundleOf(dev)
 		if err := n.SubmitBundle(ctx, &b); err != nil {
 			t.Fatal(err)
 		}
 	}
-	return n
+	return nw, n
+}
+
+// simHost is a raw host on nw, standing in for a peer that does not run
+// kpnode's validation.
+func simHost(t *testing.T, nw *simnet.Network) host.Host {
+	t.Helper()
+	h, err := nw.NewHost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }
 
 // honestRootRound measures what the root round of a session with an empty
 // initiator costs the responder: the reference for every hostile request.
-func honestRootRound(t *testing.T, ctx context.Context, n *node.Node) (scanned float64, children []*pb.SyncRange) {
+func honestRootRound(t *testing.T, ctx context.Context, nw *simnet.Network, n *node.Node) (scanned float64, children []*pb.SyncRange) {
 	t.Helper()
-	h := rawHost(t)
+	h := simHost(t, nw)
 	connectTo(t, ctx, h, n)
 	ss, err := openSync(t, ctx, h, n)
 	if err != nil {
@@ -143,11 +169,19 @@ func expectBanned(t *testing.T, ctx context.Context, n *node.Node, h host.Host, 
 // never offered, an empty request (it would hold a session slot for
 // free), endless rounds. Each costs the responder no more than an
 // honest round (items scanned, counted by the node).
+//
+// The target is a simulated network in virtual time; the cases share it,
+// each with a hostile host of its own, and run in turn (synctest allows no
+// subtests inside a bubble): a failure names its case.
 func TestHostileSyncInitiatorIsRefused(t *testing.T) {
-	n := syncTarget(t, 2000)
+	synctest.Test(t, hostileSyncInitiatorIsRefused)
+}
+
+func hostileSyncInitiatorIsRefused(t *testing.T) {
+	nw, n := syncTarget(t, devicesInShard0(t, 2000))
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
-	honest, children := honestRootRound(t, ctx, n)
+	honest, _ := honestRootRound(t, ctx, nw, n)
 	t.Logf("honest root round: %v items scanned", honest)
 
 	var emptyWants []*pb.SyncListing
@@ -170,130 +204,137 @@ func TestHostileSyncInitiatorIsRefused(t *testing.T) {
 		{"empty request", "bad_request", []*pb.SyncRequest{{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}, {}}},
 	}
 	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			h := rawHost(t)
-			connectTo(t, ctx, h, n)
-			ss, err := openSync(t, ctx, h, n)
-			if err != nil {
-				t.Fatal(err)
-			}
-			before := scannedByResponder(t, n)
-			var last *pb.SyncResponse
-			for _, req := range tc.reqs {
-				if last, err = ss.round(req); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if last.Status != pb.SyncResponse_STATUS_BAD_REQUEST {
-				t.Fatalf("answered %v", last.Status)
-			}
-			cost := scannedByResponder(t, n) - before
-			if cost > honest*float64(len(tc.reqs)) {
-				t.Errorf("refusing cost %v items scanned; an honest round %v", cost, honest)
-			}
-			t.Logf("%v items scanned (honest round: %v)", cost, honest)
-			expectBanned(t, ctx, n, h, tc.reason)
-		})
-	}
-
-	t.Run("endless rounds", func(t *testing.T) {
-		h := rawHost(t)
+		t.Logf("case %q", tc.name)
+		h := simHost(t, nw)
 		connectTo(t, ctx, h, n)
 		ss, err := openSync(t, ctx, h, n)
 		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		before := scannedByResponder(t, n)
+		var last *pb.SyncResponse
+		for _, req := range tc.reqs {
+			if last, err = ss.round(req); err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+		}
+		if last.Status != pb.SyncResponse_STATUS_BAD_REQUEST {
+			t.Fatalf("%s: answered %v", tc.name, last.Status)
+		}
+		cost := scannedByResponder(t, n) - before
+		if cost > honest*float64(len(tc.reqs)) {
+			t.Errorf("%s: refusing cost %v items scanned; an honest round %v", tc.name, cost, honest)
+		}
+		t.Logf("%v items scanned (honest round: %v)", cost, honest)
+		expectBanned(t, ctx, n, h, tc.reason)
+	}
+
+	t.Logf("case %q", "endless rounds")
+	h := simHost(t, nw)
+	connectTo(t, ctx, h, n)
+	ss, err := openSync(t, ctx, h, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
+	if err != nil || resp.Status != pb.SyncResponse_STATUS_OK {
+		t.Fatal(resp, err)
+	}
+	// Ask about one child, which is listed; then want one of its items
+	// again and again.
+	child := &pb.SyncRange{Prefix: resp.Ranges[0].Prefix, Fingerprint: emptyFingerprint}
+	if resp, err = ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{child}}); err != nil || len(resp.Listings) != 1 {
+		t.Fatal(resp, err)
+	}
+	want := &pb.SyncRequest{Want: []*pb.SyncListing{{Prefix: child.Prefix, Ids: resp.Listings[0].Ids[:1]}}}
+	before := scannedByResponder(t, n)
+	rounds := 2
+	for ; rounds < 10_000; rounds++ {
+		if resp, err = ss.round(want); err != nil {
 			t.Fatal(err)
 		}
-		resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
-		if err != nil || resp.Status != pb.SyncResponse_STATUS_OK {
-			t.Fatal(resp, err)
+		if resp.Status != pb.SyncResponse_STATUS_OK {
+			break
 		}
-		// Ask about one child, which is listed; then want one of its
-		// items again and again.
-		child := &pb.SyncRange{Prefix: resp.Ranges[0].Prefix, Fingerprint: emptyFingerprint}
-		if resp, err = ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{child}}); err != nil || len(resp.Listings) != 1 {
-			t.Fatal(resp, err)
-		}
-		want := &pb.SyncRequest{Want: []*pb.SyncListing{{Prefix: child.Prefix, Ids: resp.Listings[0].Ids[:1]}}}
-		before := scannedByResponder(t, n)
-		rounds := 2
-		for ; rounds < 10_000; rounds++ {
-			if resp, err = ss.round(want); err != nil {
-				t.Fatal(err)
-			}
-			if resp.Status != pb.SyncResponse_STATUS_OK {
-				break
-			}
-		}
-		if resp.Status != pb.SyncResponse_STATUS_BAD_REQUEST || rounds > 600 {
-			t.Fatalf("after %d rounds: %v", rounds, resp.Status)
-		}
-		t.Logf("cut off after %d rounds; %v items charged for the repeated wants", rounds, scannedByResponder(t, n)-before)
-		expectBanned(t, ctx, n, h, "rounds")
-	})
-	_ = children
+	}
+	if resp.Status != pb.SyncResponse_STATUS_BAD_REQUEST || rounds > 600 {
+		t.Fatalf("endless rounds: after %d rounds: %v", rounds, resp.Status)
+	}
+	t.Logf("cut off after %d rounds; %v items charged for the repeated wants", rounds, scannedByResponder(t, n)-before)
+	expectBanned(t, ctx, n, h, "rounds")
 }
 
 // Parallel and rapid sessions from one peer are refused with a reset
 // before anything is read, and a peer that keeps opening them is banned;
 // honest peers pace themselves (see node's TestHonestSyncIsNeverPenalized).
 func TestSyncSessionFloodIsRefused(t *testing.T) {
-	n := syncTarget(t, 200)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
+	devs := devicesInShard0(t, 200)
+	target := func(t *testing.T) (context.Context, *simnet.Network, *node.Node) {
+		nw, n := syncTarget(t, devs)
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		t.Cleanup(cancel)
+		return ctx, nw, n
+	}
 
 	t.Run("parallel", func(t *testing.T) {
-		h := rawHost(t)
-		connectTo(t, ctx, h, n)
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		served := 0
-		for range 12 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				ss, err := openSync(t, ctx, h, n)
-				if err != nil {
-					return
-				}
-				if _, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil {
-					mu.Lock()
-					served++
-					mu.Unlock()
-				}
-				// Hold the session open until the end.
-				_ = eventually(ctx, func() bool { return h.Network().Connectedness(n.PeerID()) != network.Connected })
-				ss.s.Reset()
-			}()
-		}
-		wg.Wait()
-		if served > 2 {
-			t.Errorf("%d parallel sessions served, want at most 2", served)
-		}
-		if r := syncMetric(t, n, "kpnode_sync_sessions_refused_total", `reason="peer_sessions"`); r < 9 {
-			t.Errorf("%v sessions refused", r)
-		}
-		expectBanned(t, ctx, n, h, "peer_sessions")
+		synctest.Test(t, func(t *testing.T) {
+			ctx, nw, n := target(t)
+			h := simHost(t, nw)
+			connectTo(t, ctx, h, n)
+			var wg sync.WaitGroup
+			var mu sync.Mutex
+			served := 0
+			for range 12 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ss, err := openSync(t, ctx, h, n)
+					if err != nil {
+						return
+					}
+					if _, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil {
+						mu.Lock()
+						served++
+						mu.Unlock()
+					}
+					// Hold the session open until the end.
+					_ = eventually(ctx, func() bool { return h.Network().Connectedness(n.PeerID()) != network.Connected })
+					ss.s.Reset()
+				}()
+			}
+			wg.Wait()
+			if served > 2 {
+				t.Errorf("%d parallel sessions served, want at most 2", served)
+			}
+			if r := syncMetric(t, n, "kpnode_sync_sessions_refused_total", `reason="peer_sessions"`); r < 9 {
+				t.Errorf("%v sessions refused", r)
+			}
+			expectBanned(t, ctx, n, h, "peer_sessions")
+		})
 	})
 
 	t.Run("rapid", func(t *testing.T) {
-		h := rawHost(t)
-		connectTo(t, ctx, h, n)
-		served := 0
-		for i := 0; i < 200 && h.Network().Connectedness(n.PeerID()) == network.Connected; i++ {
-			ss, err := openSync(t, ctx, h, n)
-			if err != nil {
-				break
+		synctest.Test(t, func(t *testing.T) {
+			ctx, nw, n := target(t)
+			h := simHost(t, nw)
+			connectTo(t, ctx, h, n)
+			served := 0
+			for i := 0; i < 200 && h.Network().Connectedness(n.PeerID()) == network.Connected; i++ {
+				ss, err := openSync(t, ctx, h, n)
+				if err != nil {
+					break
+				}
+				if resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil && resp.Status == pb.SyncResponse_STATUS_OK {
+					served++
+				}
+				ss.s.Close()
 			}
-			if resp, err := ss.round(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}); err == nil && resp.Status == pb.SyncResponse_STATUS_OK {
-				served++
+			// The burst is two sessions per shard plus four, plus what comes
+			// back (one every 500 ms) while the loop runs.
+			if served > 2*protocol.DefaultShardCount+4+10 {
+				t.Errorf("%d rapid sessions served", served)
 			}
-			ss.s.Close()
-		}
-		// The burst is two sessions per shard plus four, plus what comes
-		// back (one every 500 ms) while the loop runs.
-		if served > 2*protocol.DefaultShardCount+4+10 {
-			t.Errorf("%d rapid sessions served", served)
-		}
-		expectBanned(t, ctx, n, h, "peer_rate")
+			expectBanned(t, ctx, n, h, "peer_rate")
+		})
 	})
 }

@@ -9,10 +9,12 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
 // syncBytes reads kpnode_sync_bytes_total (in + out) from a node's metrics.
@@ -97,47 +99,49 @@ func TestOfflineNodeCatchesUp(t *testing.T) {
 // Sync's cost follows the difference, not the size: two nodes that agree on
 // 2,000 bundles but one reconcile a single missing bundle with a few KB.
 func TestSyncBytesFollowTheDifference(t *testing.T) {
-	c := startCluster(t, 2, func(_ int, cfg *node.Config) {
-		cfg.Policy.MLS = protocol.MLSOff
-		cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
-		cfg.SyncInterval = time.Hour // only the sessions this test starts
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	a, b := c.Nodes[0], c.Nodes[1]
-	for i := 0; i < 2000; i++ {
-		bd := opaqueBundleIn(t, 0)
-		if err := a.SubmitBundle(ctx, &bd); err != nil {
+	synctest.Test(t, func(t *testing.T) {
+		nw := startSim(t, simnet.Options{Full: 2, ShardCount: protocol.DefaultShardCount, MLS: protocol.MLSOff,
+			NodeConfig: func(_ int, cfg *node.Config) {
+				cfg.Shards, _ = protocol.ParseShardSet("0", protocol.DefaultShardCount)
+				cfg.SyncInterval = time.Hour // only the sessions this test starts
+			}})
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		a, b := nw.Nodes[0].Node, nw.Nodes[1].Node
+		for i := 0; i < 2000; i++ {
+			bd := opaqueBundleIn(t, 0)
+			if err := a.SubmitBundle(ctx, &bd); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := eventually(ctx, func() bool { return b.Status(ctx).Bundles == 2000 }); err != nil {
+			t.Fatalf("gossip delivered %d of 2000", b.Status(ctx).Bundles)
+		}
+		// One bundle only a has: stored directly, not gossiped.
+		extra := opaqueBundleIn(t, 0)
+		if _, err := a.Ingest(ctx, &extra); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if err := eventually(ctx, func() bool { return b.Status(ctx).Bundles == 2000 }); err != nil {
-		t.Fatalf("gossip delivered %d of 2000", b.Status(ctx).Bundles)
-	}
-	// One bundle only a has: stored directly, not gossiped.
-	extra := opaqueBundleIn(t, 0)
-	if _, err := a.Ingest(ctx, &extra); err != nil {
-		t.Fatal(err)
-	}
-	before := syncBytes(t, b)
-	pulled, err := b.SyncNow(ctx, a.PeerID(), 0)
-	if err != nil || pulled != 1 {
-		t.Fatalf("sync pulled %d, err %v; want 1", pulled, err)
-	}
-	moved := syncBytes(t, b) - before
-	full := float64(2001 * (len(extra.Payload) + 96))
-	t.Logf("reconciling 1 of 2,001 bundles moved %.0f bytes (the whole set is %.0f)", moved, full)
-	if moved > full/20 {
-		t.Fatalf("sync moved %.0f bytes for one missing bundle of a %.0f-byte set", moved, full)
-	}
-	// Agreeing nodes exchange almost nothing.
-	before = syncBytes(t, b)
-	if pulled, err := b.SyncNow(ctx, a.PeerID(), 0); err != nil || pulled != 0 {
-		t.Fatalf("second sync pulled %d, err %v", pulled, err)
-	}
-	if moved := syncBytes(t, b) - before; moved > 1000 {
-		t.Fatalf("in-sync nodes moved %.0f bytes", moved)
-	}
+		before := syncBytes(t, b)
+		pulled, err := b.SyncNow(ctx, a.PeerID(), 0)
+		if err != nil || pulled != 1 {
+			t.Fatalf("sync pulled %d, err %v; want 1", pulled, err)
+		}
+		moved := syncBytes(t, b) - before
+		full := float64(2001 * (len(extra.Payload) + 96))
+		t.Logf("reconciling 1 of 2,001 bundles moved %.0f bytes (the whole set is %.0f)", moved, full)
+		if moved > full/20 {
+			t.Fatalf("sync moved %.0f bytes for one missing bundle of a %.0f-byte set", moved, full)
+		}
+		// Agreeing nodes exchange almost nothing.
+		before = syncBytes(t, b)
+		if pulled, err := b.SyncNow(ctx, a.PeerID(), 0); err != nil || pulled != 0 {
+			t.Fatalf("second sync pulled %d, err %v", pulled, err)
+		}
+		if moved := syncBytes(t, b) - before; moved > 1000 {
+			t.Fatalf("in-sync nodes moved %.0f bytes", moved)
+		}
+	})
 }
 
 func opaqueBundle(t *testing.T) protocol.Bundle {
@@ -153,7 +157,12 @@ func opaqueBundle(t *testing.T) protocol.Bundle {
 
 func opaqueBundleIn(t *testing.T, shard int) protocol.Bundle {
 	t.Helper()
-	dev := deviceInShard(t, shard, protocol.DefaultShardCount)
+	return opaqueBundleOf(deviceInShard(t, shard, protocol.DefaultShardCount))
+}
+
+// opaqueBundleOf is a bundle of dev with a random 600-byte opaque
+// KeyPackage, signed now.
+func opaqueBundleOf(dev ed25519.PrivateKey) protocol.Bundle {
 	kp := make([]byte, 600)
 	rand.Read(kp)
 	return protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), kp)
@@ -162,13 +171,18 @@ func opaqueBundleIn(t *testing.T, shard int) protocol.Bundle {
 // One device's bundles share its whole key, so no prefix separates them: a
 // device with more bundles than a listing threshold still reconciles.
 func TestSyncDeviceWithManyBundles(t *testing.T) {
-	c := startCluster(t, 2, func(_ int, cfg *node.Config) {
-		cfg.Policy.MLS = protocol.MLSOff
-		cfg.SyncInterval = time.Hour
-	})
+	synctest.Test(t, func(t *testing.T) { syncDeviceWithManyBundles(t) })
+}
+
+func syncDeviceWithManyBundles(t *testing.T) {
+	nw := startSim(t, simnet.Options{Full: 2, ShardCount: protocol.DefaultShardCount, MLS: protocol.MLSOff,
+		NodeConfig: func(_ int, cfg *node.Config) {
+			cfg.Shards = protocol.AllShards(protocol.DefaultShardCount)
+			cfg.SyncInterval = time.Hour
+		}})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	a, b := c.Nodes[0], c.Nodes[1]
+	a, b := nw.Nodes[0].Node, nw.Nodes[1].Node
 	_, dev, _ := ed25519.GenerateKey(rand.Reader)
 	now := uint64(time.Now().UnixMilli())
 	for i := 0; i < 80; i++ {

@@ -22,7 +22,7 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 	cfg := node.DefaultConfig()
 	fs := newFlagSet("run", "", stderr)
 	fs.StringVar(&cfg.DataDir, "data", cfg.DataDir, "data directory (store and node state)")
-	fs.StringVar(&cfg.APIAddr, "api", cfg.APIAddr, "HTTP API listen address; keep it on loopback unless you mean to expose it")
+	fs.StringVar(&cfg.APIAddr, "api", cfg.APIAddr, "HTTP API listen address; keep it on loopback unless you mean to expose it (\"\": no API, e.g. a bootstrap node)")
 	fs.Var(newListFlag(&cfg.Listen), "listen", "libp2p listen multiaddr (repeatable; env: comma-separated)")
 	fs.Var(newListFlag(&cfg.Bootstrap), "bootstrap", "multiaddr with /p2p/ of a peer to dial on start (repeatable; env: comma-separated)")
 	fs.StringVar(&cfg.Network, "network", cfg.Network, "registry network name; part of every topic and protocol ID")
@@ -79,8 +79,12 @@ func runNode(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	addrs, _ := n.P2PAddrs()
+	api := "off" // --api "": a relay or bootstrap node that serves no client
+	if a := n.APIAddr(); a != nil {
+		api = "http://" + a.String()
+	}
 	logger.Info("kpnode started", "version", cfg.Version, "peer_id", n.PeerID(), "addrs", addrs, "network", cfg.Network,
-		"shards", cfg.Shards.String(), "light", cfg.Light, "data", cfg.DataDir, "api", "http://"+n.APIAddr().String(),
+		"shards", cfg.Shards.String(), "light", cfg.Light, "data", cfg.DataDir, "api", api,
 		"mls_validation", cfg.Policy.MLS, "max_per_device", cfg.MaxPerDevice, "retention", cfg.Policy.Retention)
 	<-ctx.Done()
 	logger.Info("shutting down")
