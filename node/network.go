@@ -54,6 +54,7 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	}
 	n.sync = startSync(ctx, n, h)
 	n.goTracked(n.bootstrapLoop)
+	n.goTracked(n.peeringLoop)
 	addrs, _ := n.P2PAddrs()
 	n.log.Info("p2p host started", "peer_id", h.ID(), "network", n.netID, "shards", n.cfg.Shards.String(),
 		"light", n.cfg.Light, "addrs", addrs)

@@ -268,6 +268,8 @@ type Node struct {
 	// hold until a holder has them; outboxWake nudges its worker.
 	outbox     *storage.Outbox
 	outboxWake chan struct{}
+	// peering paces the searches for holders of a shard (peering.go).
+	peering shardPeering
 
 	// runCtx is the node's lifetime: derived by Start from no caller's
 	// context, cancelled by Close. Every goroutine the node starts runs

@@ -98,6 +98,9 @@ func (n *Node) outboxRound(ctx context.Context, watched map[*pubsub.Topic]bool) 
 		if !ok {
 			ps = t.ListPeers()
 			peers[t] = ps
+			if len(ps) == 0 {
+				n.outboxNeedsHolders(protocol.Shard(key, n.cfg.Shards.Count()))
+			}
 		}
 		if len(ps) == 0 && !watched[t] {
 			watched[t] = n.watchTopic(t)

@@ -17,6 +17,7 @@ import (
 	"github.com/ipfs/go-cid"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	mh "github.com/multiformats/go-multihash"
@@ -290,4 +291,46 @@ func (s *Service) Bootstrap(ctx context.Context) error {
 		return ErrNotStarted
 	}
 	return d.Bootstrap(ctx)
+}
+
+// Bounds of ConnectHolders: providers examined per call, and the time one
+// dial may take.
+const (
+	maxHoldersExamined = 32
+	holderDialTimeout  = 5 * time.Second
+)
+
+// ConnectHolders dials up to want holders of shard (found through the
+// DHT's provider records) that the host is not connected to yet, and
+// returns how many it connected. A node calls it when it has too few peers
+// in a shard's topics: in a network larger than a node's connections, the
+// holders of a shard are otherwise never neighbours, and gossip and sync
+// run only between connected peers. It examines at most 32 providers and
+// dials one at a time, each for at most 5 s.
+func (s *Service) ConnectHolders(ctx context.Context, shard, want int) int {
+	d := s.kad.Load()
+	if d == nil || want <= 0 {
+		return 0
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	self := s.host.ID()
+	connected := 0
+	for ai := range d.FindProvidersAsync(ctx, ShardCID(s.cfg.NetworkID, shard), maxHoldersExamined) {
+		if ai.ID == self || s.host.Network().Connectedness(ai.ID) == network.Connected {
+			continue
+		}
+		dctx, stop := context.WithTimeout(ctx, holderDialTimeout)
+		err := s.host.Connect(dctx, ai)
+		stop()
+		if err != nil {
+			s.log.Debug("dht: dial holder", "shard", shard, "peer", ai.ID, "err", err)
+			continue
+		}
+		connected++
+		if connected == want {
+			break
+		}
+	}
+	return connected
 }
