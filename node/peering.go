@@ -13,36 +13,45 @@ import (
 // minShardPeers peers in the topics of every shard it holds, dialling
 // holders it finds through the DHT's provider records; and the outbox dials
 // holders of a shard it must publish to and has no peer in (a light node's
-// case). A shard for which a round connected nobody is looked at again
-// after twice the wait, up to maxPeeringWait: in a small network every
-// holder is already a neighbour and the DHT query is wasted.
+// case). A shard for which a search connected nobody is searched again
+// after twice the wait, up to maxPeeringWait (in a small network every
+// holder is already a neighbour and the DHT query is wasted), unless the
+// node has lost every peer in it.
 const (
 	minShardPeers   = 4
 	peeringInterval = 30 * time.Second
 	maxPeeringWait  = 10 * time.Minute
+	// urgentPeeringWait is the least time between two searches for a shard
+	// the node has no peer in at all (it rejoined, or its peers left).
+	urgentPeeringWait = 5 * time.Second
 	// outboxDialHolders is how many holders the outbox dials for a shard it
 	// has no peer in.
 	outboxDialHolders = 2
 )
 
-// shardPeering remembers, per shard, when holders may be looked up again
-// and whether a lookup is running.
+// shardPeering remembers, per shard, when holders were last looked up,
+// how long to wait before the next look, and whether one is running.
 type shardPeering struct {
 	mu   sync.Mutex
-	next map[int]time.Time
+	last map[int]time.Time
 	wait map[int]time.Duration
 	busy map[int]bool
 }
 
 // begin reports whether a holder search for shard may start now, and marks
-// it running.
-func (p *shardPeering) begin(shard int, now time.Time) bool {
+// it running. An urgent search (the node has no peer at all in the shard's
+// topics) waits only urgentPeeringWait since the last one, not the backoff.
+func (p *shardPeering) begin(shard int, now time.Time, urgent bool) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.next == nil {
-		p.next, p.wait, p.busy = map[int]time.Time{}, map[int]time.Duration{}, map[int]bool{}
+	if p.last == nil {
+		p.last, p.wait, p.busy = map[int]time.Time{}, map[int]time.Duration{}, map[int]bool{}
 	}
-	if p.busy[shard] || now.Before(p.next[shard]) {
+	wait := p.wait[shard]
+	if urgent {
+		wait = min(wait, urgentPeeringWait)
+	}
+	if last, ok := p.last[shard]; p.busy[shard] || (ok && now.Before(last.Add(wait))) {
 		return false
 	}
 	p.busy[shard] = true
@@ -50,7 +59,8 @@ func (p *shardPeering) begin(shard int, now time.Time) bool {
 }
 
 // end records a finished search: the next one waits peeringInterval after
-// a search that connected someone, twice the last wait after one that did not.
+// a search that connected someone, twice the last wait after one that did
+// not (up to maxPeeringWait).
 func (p *shardPeering) end(shard int, now time.Time, connected int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -58,13 +68,13 @@ func (p *shardPeering) end(shard int, now time.Time, connected int) {
 	if connected == 0 && p.wait[shard] > 0 {
 		w = min(2*p.wait[shard], maxPeeringWait)
 	}
-	p.wait[shard], p.next[shard], p.busy[shard] = w, now.Add(w), false
+	p.wait[shard], p.last[shard], p.busy[shard] = w, now, false
 }
 
 // dialShardHolders connects up to want holders of shard, unless a search
 // for it ran recently or is running.
-func (n *Node) dialShardHolders(ctx context.Context, shard, want int) int {
-	if n.dht == nil || !n.peering.begin(shard, n.cfg.Now()) {
+func (n *Node) dialShardHolders(ctx context.Context, shard, want int, urgent bool) int {
+	if n.dht == nil || !n.peering.begin(shard, n.cfg.Now(), urgent) {
 		return 0
 	}
 	k := n.dht.ConnectHolders(ctx, shard, want)
@@ -80,21 +90,20 @@ func (n *Node) peeringLoop(ctx context.Context) {
 	if n.cfg.Shards.Empty() || n.gossip == nil || n.dht == nil {
 		return
 	}
-	wait := time.Second // until the routing table has a peer
-	for sleep(ctx, wait) {
+	// Look every urgentPeeringWait: a shard with some peers is searched
+	// only when its backoff allows, one with none at once.
+	for sleep(ctx, urgentPeeringWait) {
 		if n.dht.RoutingTableSize() == 0 {
-			wait = time.Second
 			continue
 		}
 		for _, s := range n.cfg.Shards.List() {
 			if have := n.gossip.TopicPeers(s); have < minShardPeers {
-				n.dialShardHolders(ctx, s, minShardPeers-have)
+				n.dialShardHolders(ctx, s, minShardPeers-have, have == 0)
 			}
 			if ctx.Err() != nil {
 				return
 			}
 		}
-		wait = peeringInterval
 	}
 }
 
@@ -102,5 +111,5 @@ func (n *Node) peeringLoop(ctx context.Context) {
 // background (the outbox found no peer in its topic); the topic watcher
 // wakes the outbox once one joins.
 func (n *Node) outboxNeedsHolders(shard int) {
-	n.goTracked(func(ctx context.Context) { n.dialShardHolders(ctx, shard, outboxDialHolders) })
+	n.goTracked(func(ctx context.Context) { n.dialShardHolders(ctx, shard, outboxDialHolders, true) })
 }
