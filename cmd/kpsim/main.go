@@ -39,6 +39,7 @@ func main() {
 	fs.DurationVar(&cfg.Interval, "interval", cfg.Interval, "virtual time between two publications")
 	fs.IntVar(&cfg.Lookups, "lookups", cfg.Lookups, "lookups from a light node")
 	fs.IntVar(&cfg.RejoinBundles, "rejoin-bundles", cfg.RejoinBundles, "bundles published while the rejoining node is away")
+	fs.DurationVar(&cfg.Warmup, "warmup", cfg.Warmup, "virtual time between ready and the traffic windows")
 	fs.DurationVar(&cfg.Away, "away", cfg.Away, "virtual time the rejoining node is cut off")
 	fs.DurationVar(&cfg.Latency, "latency", cfg.Latency, "one-way link latency")
 	fs.Int64Var(&cfg.Seed, "seed", cfg.Seed, "seed of identities, topology and devices")

@@ -44,6 +44,8 @@ type Config struct {
 	Away          time.Duration
 	Latency       time.Duration
 	Seed          int64
+	// Warmup is the virtual time between ready and the traffic windows.
+	Warmup time.Duration
 	// Settle bounds how long (virtual) the network may take to become
 	// ready, to deliver a stream, and a rejoined node to catch up.
 	Settle time.Duration
@@ -63,6 +65,7 @@ func DefaultConfig() Config {
 		Away:          45 * time.Second,
 		Latency:       simnet.DefaultLatency,
 		Seed:          1,
+		Warmup:        time.Minute,
 		Settle:        5 * time.Minute,
 	}
 }
@@ -281,6 +284,10 @@ func measureStream(ctx context.Context, c Config, nw *simnet.Network, st *stores
 		}
 		pubs[k] = published{b: b, shard: shard}
 	}
+	// Let the start-up traffic (DHT refreshes, first syncs) pass, then
+	// take an idle window before and after the publication window as the
+	// background to subtract.
+	time.Sleep(c.Warmup)
 	window := time.Duration(c.Pubs)*c.Interval + 5*time.Second
 	idle0, t0 := totalTraffic(nw), time.Now()
 	time.Sleep(window) // pacing: the idle window, not synchronisation
@@ -316,11 +323,15 @@ func measureStream(ctx context.Context, c Config, nw *simnet.Network, st *stores
 		time.Sleep(rest) // the publication window as long as the idle one
 	}
 	busy1, t2 := totalTraffic(nw), time.Now()
+	time.Sleep(window) // pacing: the second idle window
+	idle2, t3 := totalTraffic(nw), time.Now()
 
-	scale := t2.Sub(start).Seconds() / t1.Sub(t0).Seconds()
+	// Background rate: both idle windows together.
+	idleSec := t1.Sub(t0).Seconds() + t3.Sub(t2).Seconds()
+	busySec := t2.Sub(start).Seconds()
 	per := float64(res.N) * float64(c.Pubs)
-	res.PktsPerNodePerPub = ((busy1.pkts - idle1.pkts) - (idle1.pkts-idle0.pkts)*scale) / per
-	res.BytesPerNodePerPub = ((busy1.bytes - idle1.bytes) - (idle1.bytes-idle0.bytes)*scale) / per
+	res.PktsPerNodePerPub = ((busy1.pkts - idle1.pkts) - (idle1.pkts-idle0.pkts+idle2.pkts-busy1.pkts)*busySec/idleSec) / per
+	res.BytesPerNodePerPub = ((busy1.bytes - idle1.bytes) - (idle1.bytes-idle0.bytes+idle2.bytes-busy1.bytes)*busySec/idleSec) / per
 
 	var delays, last []float64
 	pairs := 0
@@ -364,8 +375,8 @@ func shardCID(network string, shard int) cid.Cid {
 // seen (LatestBundle: DHT, then fetches from holders) and, on the same
 // host, runs the same kad-dht provider query with query events, which
 // give the hops: a peer the query started from is hop 1, a peer named by a
-// hop-k peer is hop k+1; the hops of a query are the largest hop that had
-// answered when the first provider arrived.
+// hop-k peer is hop k+1; the hops of a query (which stops at the first
+// provider) are the largest hop it asked.
 func measureLookups(ctx context.Context, c Config, nw *simnet.Network, rng *rand.Rand, res *Result) error {
 	var lights []*simnet.Node
 	for _, n := range nw.Nodes {
@@ -439,46 +450,43 @@ func dhtQuery(ctx context.Context, d *dht.IpfsDHT, key cid.Cid) (hops, asked, fi
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	qctx, events := routing.RegisterForQueryEvents(qctx)
-	var mu sync.Mutex
+	// depth: hop of each peer the query learnt of; sent: peers asked.
 	depth := map[peer.ID]int{}
-	answered := map[peer.ID]bool{}
-	maxAnswered := 0
+	sent := map[peer.ID]bool{}
+	deepest := 0
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for ev := range events {
-			mu.Lock()
 			switch ev.Type {
 			case routing.SendingQuery:
-				if _, ok := depth[ev.ID]; !ok {
-					depth[ev.ID] = 1
-				}
+				k := max(depth[ev.ID], 1)
+				depth[ev.ID] = k
+				sent[ev.ID] = true
+				deepest = max(deepest, k)
 			case routing.PeerResponse:
 				k := max(depth[ev.ID], 1)
-				answered[ev.ID] = true
-				maxAnswered = max(maxAnswered, k)
 				for _, ai := range ev.Responses {
 					if cur, ok := depth[ai.ID]; !ok || k+1 < cur {
 						depth[ai.ID] = k + 1
 					}
 				}
 			}
-			mu.Unlock()
 		}
 	}()
 	t0 := time.Now()
 	for range d.FindProvidersAsync(qctx, key, 1) {
 		if !ok {
 			firstMs = float64(time.Since(t0).Microseconds()) / 1000
-			mu.Lock()
-			hops = float64(maxAnswered)
-			mu.Unlock()
 			ok = true
 		}
 	}
 	cancel()
 	<-done
-	asked = float64(len(answered))
+	// With count 1 the query stops at the first provider, so the deepest
+	// peer asked is the hop that found it (or a concurrent one as deep).
+	hops = float64(deepest)
+	asked = float64(len(sent))
 	return hops, asked, firstMs, ok
 }
 
