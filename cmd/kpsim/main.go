@@ -21,6 +21,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
@@ -43,6 +44,7 @@ func main() {
 	fs.DurationVar(&cfg.Away, "away", cfg.Away, "virtual time the rejoining node is cut off")
 	fs.DurationVar(&cfg.Latency, "latency", cfg.Latency, "one-way link latency")
 	fs.Int64Var(&cfg.Seed, "seed", cfg.Seed, "seed of identities, topology and devices")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	out := fs.String("out", "", "write OUT.md, OUT.json and OUT.svg (default: table on stdout only)")
 	testing.Init()
 	flag.Parse()
@@ -58,7 +60,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, "kpsim:", err)
 		os.Exit(2)
 	}
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kpsim:", err)
+			os.Exit(1)
+		}
+		defer pprof.StopCPUProfile() // testing.Main exits: stopped in run
+	}
 	run := func(t *testing.T) {
+		if *cpuprofile != "" {
+			defer pprof.StopCPUProfile()
+		}
 		var results []Result
 		for _, n := range cfg.Sizes {
 			start := time.Now()

@@ -113,6 +113,10 @@ type Result struct {
 	// length (QUIC packets and bytes sent on the simulated links), per
 	// node per publication.
 	PktsPerNodePerPub, BytesPerNodePerPub float64
+	// HolderBytesPerHeldPub: a full node's bytes (in+out, net of the
+	// background) per publication of a shard it holds; LightBytesPerPub: a
+	// light node's bytes (in+out) per publication.
+	HolderBytesPerHeldPub, LightBytesPerPub float64
 	// Lookups from a light node: LatestBundle latency, and the kad-dht
 	// query for the shard's providers from the same host.
 	LookupOK                 int
@@ -257,7 +261,11 @@ func simulate(t *testing.T, c Config, res *Result) error {
 	return nil
 }
 
-type traffic struct{ pkts, bytes float64 }
+type traffic struct {
+	pkts, bytes float64
+	// sent is each node's bytes sent plus received.
+	node []float64
+}
 
 func totalTraffic(nw *simnet.Network) traffic {
 	var tr traffic
@@ -265,6 +273,7 @@ func totalTraffic(nw *simnet.Network) traffic {
 		x := nw.Traffic(i)
 		tr.pkts += float64(x.PacketsSent)
 		tr.bytes += float64(x.BytesSent)
+		tr.node = append(tr.node, float64(x.BytesSent+x.BytesRcvd))
 	}
 	return tr
 }
@@ -332,6 +341,29 @@ func measureStream(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	per := float64(res.N) * float64(c.Pubs)
 	res.PktsPerNodePerPub = ((busy1.pkts - idle1.pkts) - (idle1.pkts-idle0.pkts+idle2.pkts-busy1.pkts)*busySec/idleSec) / per
 	res.BytesPerNodePerPub = ((busy1.bytes - idle1.bytes) - (idle1.bytes-idle0.bytes+idle2.bytes-busy1.bytes)*busySec/idleSec) / per
+
+	// Per node, in and out: a full node's net traffic is charged to the
+	// publications of the shards it holds (an upper bound: it also relays
+	// DHT and IHAVE traffic for others); light nodes hold nothing.
+	held := make([]int, len(nw.Nodes))
+	for _, p := range pubs {
+		for _, h := range nw.HoldersOfShard(p.shard) {
+			held[h]++
+		}
+	}
+	var holderBytes, lightBytes float64
+	var heldPubs int
+	for i, n := range nw.Nodes {
+		net := (busy1.node[i] - idle1.node[i]) - (idle1.node[i]-idle0.node[i]+idle2.node[i]-busy1.node[i])*busySec/idleSec
+		if n.Light {
+			lightBytes += net
+		} else {
+			holderBytes += net
+			heldPubs += held[i]
+		}
+	}
+	res.HolderBytesPerHeldPub = holderBytes / float64(max(heldPubs, 1))
+	res.LightBytesPerPub = lightBytes / float64(res.Light*c.Pubs)
 
 	var delays, last []float64
 	pairs := 0
@@ -543,6 +575,15 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	if err := nw.Heal(ctx); err != nil {
 		return err
 	}
+	// Heal redials the seeded links only, and kpnode does not look its
+	// shard's holders up in the DHT itself: a node whose links hold none of
+	// them never gets a sync peer (its DHT-made connections timed out while
+	// it was away, and the DHT refreshes its table every 10 minutes). So,
+	// as a restarting node's DHT bootstrap would, connect it to the
+	// holders the DHT names.
+	if err := dialHolders(ctx, nw.Nodes[r], shard); err != nil {
+		return err
+	}
 	wctx, wcancel = context.WithTimeout(ctx, c.Settle)
 	err = nw.WaitFor(wctx, func() bool {
 		for _, d := range devs {
@@ -559,6 +600,42 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	res.RejoinCaughtUp = err == nil
 	if err != nil {
 		return fmt.Errorf("rejoined node %d did not catch up: %w", r, err)
+	}
+	return nil
+}
+
+// dialHolders connects n to the providers of shard, found by a kad-dht
+// client on n's host.
+func dialHolders(ctx context.Context, n *simnet.Node, shard int) error {
+	d, err := dht.New(n.Host, dht.Mode(dht.ModeClient),
+		dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.NetworkID()))))
+	if err != nil {
+		return fmt.Errorf("dht client: %w", err)
+	}
+	defer d.Close()
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := simnetWait(wctx, func() bool { return d.RoutingTable().Size() > 0 }); err != nil {
+		return fmt.Errorf("rejoined node's routing table: %w", err)
+	}
+	for p := range d.FindProvidersAsync(wctx, shardCID(n.NetworkID(), shard), 0) {
+		if p.ID != n.Host.ID() {
+			_ = n.Host.Connect(wctx, p) // best effort: the others still serve
+		}
+	}
+	return nil
+}
+
+// simnetWait polls cond every 100 ms of network time until it holds.
+func simnetWait(ctx context.Context, cond func() bool) error {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
 	}
 	return nil
 }
