@@ -42,8 +42,8 @@ func TestSimSmall(t *testing.T) {
 		t.Errorf("propagation p50 %v p99 %v all %v, want 0 < p50 <= p99", r.PropP50Ms, r.PropP99Ms, r.PropAllP99Ms)
 	case r.BytesPerNodePerPub <= 0 || math.IsNaN(r.PktsPerNodePerPub):
 		t.Errorf("bytes/node/pub %v pkts %v, want a positive byte count", r.BytesPerNodePerPub, r.PktsPerNodePerPub)
-	case r.LookupOK != c.Lookups || !(r.LookupP50Ms > 0):
-		t.Errorf("lookups %d/%d, p50 %v ms", r.LookupOK, c.Lookups, r.LookupP50Ms)
+	case r.LookupOK != c.Lookups || !(r.LookupP50Ms > 0) || !(r.LookupBytes > 0):
+		t.Errorf("lookups %d/%d, p50 %v ms, %v bytes each", r.LookupOK, c.Lookups, r.LookupP50Ms, r.LookupBytes)
 	case !(r.DHTHops >= 1 && r.DHTPeersQueried >= 1):
 		t.Errorf("DHT hops %v peers queried %v, want at least 1", r.DHTHops, r.DHTPeersQueried)
 	case !r.RejoinCaughtUp || r.RejoinMissed != c.RejoinBundles || r.SyncBytes <= 0 || r.SyncRounds < 1:
@@ -71,7 +71,7 @@ func TestSimSmall(t *testing.T) {
 			header, row = l, lines[k+2]
 		}
 	}
-	for _, col := range []string{"prop p50 ms", "prop p99 ms", "pkts/node/pub", "bytes/node/pub", "lookup p50 ms", "DHT hops", "sync bytes", "sync rounds", "catch-up s", "heap/node MiB", "peak RSS MiB"} {
+	for _, col := range []string{"prop p50 ms", "prop p99 ms", "pkts/node/pub", "bytes/node/pub", "lookup p50 ms", "B/lookup", "DHT hops", "sync bytes", "sync rounds", "catch-up s", "heap/node MiB", "peak RSS MiB"} {
 		if !strings.Contains(header, "| "+col+" |") {
 			t.Errorf("table has no column %q", col)
 		}

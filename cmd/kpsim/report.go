@@ -23,6 +23,7 @@ var figures = []figure{
 	{"bytes / node / publication", "B", func(r Result) float64 { return r.BytesPerNodePerPub }},
 	{"holder bytes / held publication", "B", func(r Result) float64 { return r.HolderBytesPerHeldPub }},
 	{"light lookup p50", "ms", func(r Result) float64 { return r.LookupP50Ms }},
+	{"bytes / lookup", "B", func(r Result) float64 { return r.LookupBytes }},
 	{"DHT hops", "hops", func(r Result) float64 { return r.DHTHops }},
 	{"DHT peers queried", "peers", func(r Result) float64 { return r.DHTPeersQueried }},
 	{"rejoin sync bytes", "B", func(r Result) float64 { return r.SyncBytes }},
@@ -143,15 +144,15 @@ func num(x float64, prec int) string {
 func table(rep Report) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "`%s`\n\n", rep.Command)
-	b.WriteString("| N | full | light | S | holders/shard | ready s | prop p50 ms | prop p99 ms | all-holders p99 ms | delivered | pkts/node/pub | bytes/node/pub | holder B/held pub | light B/pub | lookups ok | lookup p50 ms | lookup p99 ms | DHT hops | DHT peers queried | rejoin missed | sync bytes | sync rounds | catch-up s | heap/node MiB | peak RSS MiB | wall s |\n")
-	b.WriteString("|" + strings.Repeat(" ---: |", 26) + "\n")
+	b.WriteString("| N | full | light | S | holders/shard | ready s | prop p50 ms | prop p99 ms | all-holders p99 ms | delivered | pkts/node/pub | bytes/node/pub | holder B/held pub | light B/pub | lookups ok | lookup p50 ms | lookup p99 ms | B/lookup | DHT hops | DHT peers queried | rejoin missed | sync bytes | sync rounds | catch-up s | heap/node MiB | peak RSS MiB | wall s |\n")
+	b.WriteString("|" + strings.Repeat(" ---: |", 27) + "\n")
 	for _, r := range rep.Results {
-		fmt.Fprintf(&b, "| %d | %d | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d/%d | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Fprintf(&b, "| %d | %d | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d/%d | %s | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |\n",
 			r.N, r.Full, r.Light, r.Shards, num(r.HoldersPerShard, 1), num(r.ReadySec, 1),
 			num(r.PropP50Ms, 0), num(r.PropP99Ms, 0), num(r.PropAllP99Ms, 0), num(r.Delivered, 4),
 			num(r.PktsPerNodePerPub, 1), num(r.BytesPerNodePerPub, 0),
 			num(r.HolderBytesPerHeldPub, 0), num(r.LightBytesPerPub, 0),
-			r.LookupOK, rep.Config.Lookups, num(r.LookupP50Ms, 0), num(r.LookupP99Ms, 0),
+			r.LookupOK, rep.Config.Lookups, num(r.LookupP50Ms, 0), num(r.LookupP99Ms, 0), num(r.LookupBytes, 0),
 			num(r.DHTHops, 1), num(r.DHTPeersQueried, 1),
 			r.RejoinMissed, num(r.SyncBytes, 0), num(r.SyncRounds, 0), num(r.CatchupSec, 1),
 			num(r.HeapPerNodeMiB, 2), num(r.PeakRSSMiB, 0), num(r.WallSec, 0))

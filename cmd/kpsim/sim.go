@@ -121,6 +121,9 @@ type Result struct {
 	// query for the shard's providers from the same host.
 	LookupOK                 int
 	LookupP50Ms, LookupP99Ms float64
+	// LookupBytes: bytes sent by all nodes per lookup (DHT query and
+	// fetches), net of the background.
+	LookupBytes              float64
 	DHTHops, DHTPeersQueried float64
 	DHTFirstProviderMs       float64
 	// A full node cut off for Away while RejoinBundles of its shard were
@@ -133,6 +136,8 @@ type Result struct {
 	// the process's peak RSS so far.
 	HeapPerNodeMiB, PeakRSSMiB float64
 	WallSec                    float64
+
+	idleBytesPerSec float64 // background, all nodes
 }
 
 // wall returns the real time: inside a bubble time.Now is virtual.
@@ -362,6 +367,7 @@ func measureStream(ctx context.Context, c Config, nw *simnet.Network, st *stores
 			heldPubs += held[i]
 		}
 	}
+	res.idleBytesPerSec = (idle1.bytes - idle0.bytes + idle2.bytes - busy1.bytes) / idleSec
 	res.HolderBytesPerHeldPub = holderBytes / float64(max(heldPubs, 1))
 	res.LightBytesPerPub = lightBytes / float64(res.Light*c.Pubs)
 
@@ -443,6 +449,7 @@ func measureLookups(ctx context.Context, c Config, nw *simnet.Network, rng *rand
 	}
 
 	var lat []float64
+	tr0, w0 := totalTraffic(nw), time.Now()
 	for _, b := range devs {
 		t0 := time.Now()
 		got, err := ln.LatestBundle(ctx, b.DeviceID)
@@ -451,6 +458,8 @@ func measureLookups(ctx context.Context, c Config, nw *simnet.Network, rng *rand
 			lat = append(lat, float64(time.Since(t0).Microseconds())/1000)
 		}
 	}
+	tr1, w1 := totalTraffic(nw), time.Now()
+	res.LookupBytes = (tr1.bytes - tr0.bytes - res.idleBytesPerSec*w1.Sub(w0).Seconds()) / float64(len(devs))
 	res.LookupP50Ms = quantile(lat, 0.5)
 	res.LookupP99Ms = quantile(lat, 0.99)
 
