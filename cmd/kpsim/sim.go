@@ -469,8 +469,11 @@ func measureLookups(ctx context.Context, c Config, nw *simnet.Network, rng *rand
 		return fmt.Errorf("dht client: %w", err)
 	}
 	defer d.Close()
-	if err := nw.WaitFor(ctx, func() bool { return d.RoutingTable().Size() > 0 }); err != nil {
-		return err
+	wctx, wcancel = context.WithTimeout(ctx, c.Settle)
+	err = nw.WaitFor(wctx, func() bool { return d.RoutingTable().Size() > 0 })
+	wcancel()
+	if err != nil {
+		return fmt.Errorf("light node's DHT client: %w", err)
 	}
 	var hops, asked, first []float64
 	for _, b := range devs {
@@ -590,7 +593,7 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	// it was away, and the DHT refreshes its table every 10 minutes). So,
 	// as a restarting node's DHT bootstrap would, connect it to the
 	// holders the DHT names.
-	if err := dialHolders(ctx, nw.Nodes[r], shard); err != nil {
+	if err := dialHolders(ctx, nw, r, shard); err != nil {
 		return err
 	}
 	wctx, wcancel = context.WithTimeout(ctx, c.Settle)
@@ -613,9 +616,10 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	return nil
 }
 
-// dialHolders connects n to the providers of shard, found by a kad-dht
-// client on n's host.
-func dialHolders(ctx context.Context, n *simnet.Node, shard int) error {
+// dialHolders connects node i to the providers of shard, found by a
+// kad-dht client on its host.
+func dialHolders(ctx context.Context, nw *simnet.Network, i, shard int) error {
+	n := nw.Nodes[i]
 	d, err := dht.New(n.Host, dht.Mode(dht.ModeClient),
 		dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.NetworkID()))))
 	if err != nil {
@@ -624,26 +628,12 @@ func dialHolders(ctx context.Context, n *simnet.Node, shard int) error {
 	defer d.Close()
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := simnetWait(wctx, func() bool { return d.RoutingTable().Size() > 0 }); err != nil {
+	if err := nw.WaitFor(wctx, func() bool { return d.RoutingTable().Size() > 0 }); err != nil {
 		return fmt.Errorf("rejoined node's routing table: %w", err)
 	}
 	for p := range d.FindProvidersAsync(wctx, shardCID(n.NetworkID(), shard), 0) {
 		if p.ID != n.Host.ID() {
 			_ = n.Host.Connect(wctx, p) // best effort: the others still serve
-		}
-	}
-	return nil
-}
-
-// simnetWait polls cond every 100 ms of network time until it holds.
-func simnetWait(ctx context.Context, cond func() bool) error {
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
 		}
 	}
 	return nil
