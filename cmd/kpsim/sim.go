@@ -23,9 +23,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/core/routing"
-	mh "github.com/multiformats/go-multihash"
 
 	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/testnet/simnet"
 )
@@ -400,15 +400,6 @@ func measureStream(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	return nil
 }
 
-// shardCID is the shard's provider record key (node/dht.go's shardCID).
-func shardCID(network string, shard int) cid.Cid {
-	sum, err := mh.Sum(protocol.ShardProviderKey(network, shard), mh.SHA2_256, -1)
-	if err != nil {
-		panic(err)
-	}
-	return cid.NewCidV1(cid.Raw, sum)
-}
-
 // measureLookups asks a light node for c.Lookups devices it has never
 // seen (LatestBundle: DHT, then fetches from holders) and, on the same
 // host, runs the same kad-dht provider query with query events, which
@@ -477,7 +468,7 @@ func measureLookups(ctx context.Context, c Config, nw *simnet.Network, rng *rand
 	}
 	var hops, asked, first []float64
 	for _, b := range devs {
-		h, q, f, ok := dhtQuery(ctx, d, shardCID(ln.NetworkID(), protocol.Shard(b.DeviceID, c.Shards)))
+		h, q, f, ok := dhtQuery(ctx, d, discovery.ShardCID(ln.NetworkID(), protocol.Shard(b.DeviceID, c.Shards)))
 		if ok {
 			hops = append(hops, h)
 			asked = append(asked, q)
@@ -587,15 +578,8 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	if err := nw.Heal(ctx); err != nil {
 		return err
 	}
-	// Heal redials the seeded links only, and kpnode does not look its
-	// shard's holders up in the DHT itself: a node whose links hold none of
-	// them never gets a sync peer (its DHT-made connections timed out while
-	// it was away, and the DHT refreshes its table every 10 minutes). So,
-	// as a restarting node's DHT bootstrap would, connect it to the
-	// holders the DHT names.
-	if err := dialHolders(ctx, nw, r, shard); err != nil {
-		return err
-	}
+	// Heal redials the seeded links only: the node finds its shard's
+	// holders through the DHT itself (node/peering.go) and syncs with them.
 	wctx, wcancel = context.WithTimeout(ctx, c.Settle)
 	err = nw.WaitFor(wctx, func() bool {
 		for _, d := range devs {
@@ -612,29 +596,6 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	res.RejoinCaughtUp = err == nil
 	if err != nil {
 		return fmt.Errorf("rejoined node %d did not catch up: %w", r, err)
-	}
-	return nil
-}
-
-// dialHolders connects node i to the providers of shard, found by a
-// kad-dht client on its host.
-func dialHolders(ctx context.Context, nw *simnet.Network, i, shard int) error {
-	n := nw.Nodes[i]
-	d, err := dht.New(n.Host, dht.Mode(dht.ModeClient),
-		dht.ProtocolPrefix(p2pprotocol.ID(protocol.DHTPrefix(n.NetworkID()))))
-	if err != nil {
-		return fmt.Errorf("dht client: %w", err)
-	}
-	defer d.Close()
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := nw.WaitFor(wctx, func() bool { return d.RoutingTable().Size() > 0 }); err != nil {
-		return fmt.Errorf("rejoined node's routing table: %w", err)
-	}
-	for p := range d.FindProvidersAsync(wctx, shardCID(n.NetworkID(), shard), 0) {
-		if p.ID != n.Host.ID() {
-			_ = n.Host.Connect(wctx, p) // best effort: the others still serve
-		}
 	}
 	return nil
 }
