@@ -298,6 +298,9 @@ func (s *Service) Bootstrap(ctx context.Context) error {
 const (
 	maxHoldersExamined = 32
 	holderDialTimeout  = 5 * time.Second
+	// connectHoldersTimeout bounds one ConnectHolders call, DHT query
+	// and dials together.
+	connectHoldersTimeout = 30 * time.Second
 )
 
 // ConnectHolders dials up to want holders of shard (found through the
@@ -305,14 +308,14 @@ const (
 // returns how many it connected. A node calls it when it has too few peers
 // in a shard's topics: in a network larger than a node's connections, the
 // holders of a shard are otherwise never neighbours, and gossip and sync
-// run only between connected peers. It examines at most 32 providers and
-// dials one at a time, each for at most 5 s.
+// run only between connected peers. It examines at most 32 providers,
+// dials one at a time, each for at most 5 s, and takes at most 30 s.
 func (s *Service) ConnectHolders(ctx context.Context, shard, want int) int {
 	d := s.kad.Load()
 	if d == nil || want <= 0 {
 		return 0
 	}
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := context.WithTimeout(ctx, connectHoldersTimeout)
 	defer cancel()
 	self := s.host.ID()
 	connected := 0
