@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
@@ -326,5 +327,62 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if _, err := New(ok, h); err == nil {
 		t.Error("a second service registered the same metric on one registry")
+	}
+}
+
+// TestConnectHoldersDialsProvidersNotYetConnected: a node linked to one
+// peer only dials the holders of a shard it finds through the DHT, never
+// itself or a peer it is already connected to, and at most want of them.
+func TestConnectHoldersDialsProvidersNotYetConnected(t *testing.T) {
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	var hs []host.Host
+	for range 4 {
+		h, err := mn.GenPeer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs = append(hs, h)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	// a (shard 0) is connected to b only; b, c and d hold shard 1, and
+	// b is connected to c and d.
+	a := newTestService(t, hs[0], "0", false)
+	b := newTestService(t, hs[1], "1", false)
+	c := newTestService(t, hs[2], "1", false)
+	d := newTestService(t, hs[3], "1", false)
+	for _, pair := range [][2]int{{0, 1}, {1, 2}, {1, 3}} {
+		if _, err := mn.ConnectPeers(hs[pair[0]].ID(), hs[pair[1]].ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "shard 1 provided by b, c and d", 10*time.Second, func() bool {
+		return b.Provided() && c.Provided() && d.Provided() && len(holders(t, a, 1)) == 3
+	})
+	connected := func() int {
+		k := 0
+		for _, h := range hs[2:] {
+			if hs[0].Network().Connectedness(h.ID()) == network.Connected {
+				k++
+			}
+		}
+		return k
+	}
+	// The holders query itself may have connected a to c or d (kad-dht
+	// dials the peers it asks); ConnectHolders adds only what is missing.
+	before := connected()
+	if got := a.ConnectHolders(t.Context(), 1, 1); before < 2 && got != 1 {
+		t.Fatalf("ConnectHolders(want 1) = %d with %d of c, d connected before, want 1", got, before)
+	}
+	if got := a.ConnectHolders(t.Context(), 1, 5); connected() != 2 || got > 2 {
+		t.Fatalf("after ConnectHolders(want 5) = %d, a is connected to %d of c, d; want both, at most 2 new", got, connected())
+	}
+	if got := a.ConnectHolders(t.Context(), 1, 5); got != 0 {
+		t.Fatalf("a third ConnectHolders dialled %d peers, want 0 (every holder connected)", got)
+	}
+	if got := a.ConnectHolders(t.Context(), 0, 5); got != 0 {
+		t.Fatalf("ConnectHolders of a's own only shard dialled %d, want 0 (never itself)", got)
 	}
 }
