@@ -13,8 +13,6 @@ type metrics struct {
 	bundlesRejected  *prometheus.CounterVec
 	accountsAccepted *prometheus.CounterVec
 	accountsRejected *prometheus.CounterVec
-	syncRounds       prometheus.Counter
-	syncBytes        *prometheus.CounterVec
 
 	reg             prometheus.Registerer
 	peersMismatched prometheus.Counter
@@ -36,9 +34,6 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 		accountsRejected: counter("kpnode_accounts_rejected_total",
 			"Account bundles refused, by source and rule (stale: lamport not newer).", "source", "reason"),
 	}
-	m.syncRounds = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_sync_rounds_total", Help: "Sync rounds this node ran as initiator: one per SyncResponse read and decoded, whatever its status."})
-	m.syncBytes = counter("kpnode_sync_bytes_total", "Bytes moved by sync sessions, by direction (in, out).", "direction")
-	reg.MustRegister(m.syncRounds)
 	m.reg = reg
 	m.peersMismatched = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_peers_mismatched_total",
 		Help: "Identified peers of this network name whose kpnode protocols carry other network constants (shard count, MLS mode, lifetime cap)."})

@@ -52,7 +52,9 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	if err := n.startLookup(ctx); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
-	n.sync = startSync(ctx, n, h)
+	if n.sync, err = startSync(ctx, n, h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
 	n.goTracked(n.bootstrapLoop)
 	n.goTracked(n.peeringLoop)
 	addrs, _ := n.P2PAddrs()
@@ -82,7 +84,7 @@ func (n *Node) stopNetwork() error {
 		n.fetchServer.Close()
 	}
 	if n.sync != nil {
-		n.sync.close()
+		_ = n.sync.Close()
 	}
 	if n.host != nil && n.cfg.Host == nil { // an injected host is the caller's to close
 		if err := n.host.Close(); err != nil {

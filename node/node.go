@@ -30,6 +30,7 @@ import (
 	"github.com/kpnode/kpnode/node/gossip"
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/node/lookup"
+	kpsync "github.com/kpnode/kpnode/node/sync"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -260,7 +261,7 @@ type Node struct {
 	watch       *mismatchWatch
 	fetchServer *fetch.Server
 	fetchClient *fetch.Client
-	sync        *syncService
+	sync        *kpsync.Service
 	dht         *discovery.Service
 	lookup      *lookup.Lookup
 

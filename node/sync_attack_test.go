@@ -20,6 +20,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
 
 	"github.com/kpnode/kpnode/protocol"
@@ -103,7 +104,7 @@ func hostileResponder(t *testing.T, n *Node, answer func(req *pb.SyncRequest) *p
 	}
 	t.Cleanup(func() { h.Close() })
 	var rounds atomic.Int64
-	h.SetStreamHandler(n.sync.proto, func(s network.Stream) {
+	h.SetStreamHandler(syncProto(n), func(s network.Stream) {
 		defer s.Reset()
 		r, w := pbio.NewDelimitedReader(s, 1<<20), pbio.NewDelimitedWriter(s)
 		for {
@@ -122,6 +123,9 @@ func hostileResponder(t *testing.T, n *Node, answer func(req *pb.SyncRequest) *p
 	}
 	return h, &rounds
 }
+
+// syncProto is n's sync protocol ID.
+func syncProto(n *Node) p2pprotocol.ID { return p2pprotocol.ID(protocol.SyncProtocol(n.netID)) }
 
 func heapInUse() uint64 {
 	runtime.GC()
@@ -224,7 +228,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 				t.Errorf("scanned %v items in %d rounds", scanned, rounds.Load())
 			}
 			waitUntil(t, ctx, "the disconnect", func() bool { return n.host.Network().Connectedness(h.ID()) != network.Connected })
-			if s, err := h.NewStream(ctx, n.host.ID(), n.sync.proto); err == nil {
+			if s, err := h.NewStream(ctx, n.host.ID(), syncProto(n)); err == nil {
 				if _, err := s.Read(make([]byte, 1)); err == nil {
 					t.Error("a banned peer opened a sync stream")
 				}
@@ -320,8 +324,8 @@ func TestRefusedItemsAreNotPulledAgain(t *testing.T) {
 	if again := pulledBy() - first; again != 0 {
 		t.Errorf("refused bundles were pulled %v more times", again)
 	}
-	if b.sync.refused.len() < 6 {
-		t.Errorf("%d refused items remembered, want 6", b.sync.refused.len())
+	if b.sync.Refused().Len() < 6 {
+		t.Errorf("%d refused items remembered, want 6", b.sync.Refused().Len())
 	}
 }
 
@@ -342,7 +346,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	waitUntil(t, ctx, "sessions in flight", func() bool {
-		return strings.Contains(stacks(), "(*syncSession).run")
+		return strings.Contains(stacks(), "node/sync.(*Initiator).Run")
 	})
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
@@ -350,7 +354,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	if err := peerNode.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if s := stacks(); strings.Contains(s, "(*syncService)") || strings.Contains(s, "(*syncSession)") {
+	if s := stacks(); strings.Contains(s, "kpnode/node/sync.") {
 		t.Fatalf("sync goroutines left after Close:\n%s", s)
 	}
 }

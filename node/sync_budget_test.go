@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	kpsync "github.com/kpnode/kpnode/node/sync"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -144,12 +145,12 @@ func TestSyncLargeSingleKeyListingsStayWithinCaps(t *testing.T) {
 		for _, rg := range req.Ranges {
 			if len(rg.Prefix) == 0 { // the root: 256 keys of 4,096 items each
 				for b := range 256 {
-					resp.Ranges = append(resp.Ranges, &pb.SyncRange{Prefix: []byte{byte(b)}, Count: syncMaxListing, Fingerprint: fp16(b)})
+					resp.Ranges = append(resp.Ranges, &pb.SyncRange{Prefix: []byte{byte(b)}, Count: kpsync.MaxListing, Fingerprint: fp16(b)})
 				}
 				continue
 			}
 			asked.Add(1)
-			l := &pb.SyncListing{Prefix: rg.Prefix, Ids: make([]uint64, syncMaxListing)}
+			l := &pb.SyncListing{Prefix: rg.Prefix, Ids: make([]uint64, kpsync.MaxListing)}
 			for i := range l.Ids {
 				l.Ids[i] = uint64(rg.Prefix[0])<<32 | uint64(i)
 			}

@@ -1,39 +1,39 @@
-package node
+package sync
 
 import (
 	"context"
-	"sync"
+	gosync "sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
 // Session pacing per peer. Each peer has a token bucket of sessions: a
-// session takes a token, a token comes back every syncPeerRefill, and the
-// bucket holds at most syncPeerBurst(shards) tokens: enough for the burst of
+// session takes a token, a token comes back every peerRefill, and the
+// bucket holds at most peerBurst(shards) tokens: enough for the burst of
 // sessions an honest node runs when it connects (two sets of every shard)
-// and, sustained, one session every syncPeerRefill — several times what the
+// and, sustained, one session every peerRefill — several times what the
 // periodic loop needs at the default interval. The initiator paces itself
 // with the same bucket (less two tokens of slack for network jitter), so an
 // honest initiator is never refused. Both sides forget a well-behaved
 // peer's bucket when its last connection closes.
 const (
-	syncPeerRefill = 500 * time.Millisecond
-	// More than syncMaxStrikes sessions refused for the per-peer
-	// concurrency, or more than the burst plus syncMaxStrikes refused for
-	// the rate, each count decaying by one per syncPeerRefill, ban the
+	peerRefill = 500 * time.Millisecond
+	// More than maxStrikes sessions refused for the per-peer
+	// concurrency, or more than the burst plus maxStrikes refused for
+	// the rate, each count decaying by one per peerRefill, ban the
 	// peer. The rate allows a burst more: an honest node that restarts
 	// starts with a full bucket of its own while the responder still
 	// remembers its sessions from before.
-	syncMaxStrikes = 8
-	// syncMaxTracked bounds the per-peer table; peers with nothing running
+	maxStrikes = 8
+	// maxTracked bounds the per-peer table; peers with nothing running
 	// and a full bucket are forgotten first.
-	syncMaxTracked = 4096
+	maxTracked = 4096
 )
 
-func syncPeerBurst(shards int) float64 { return float64(2*shards + 4) }
+func peerBurst(shards int) float64 { return float64(2*shards + 4) }
 
-type syncPeerState struct {
+type peerState struct {
 	active      int
 	tokens      float64
 	strikes     float64   // refusals for concurrency
@@ -41,30 +41,30 @@ type syncPeerState struct {
 	at          time.Time // when tokens and strikes were last brought up to date
 }
 
-// syncPeers paces sessions per peer: concurrency, a token bucket, strikes.
-type syncPeers struct {
-	mu    sync.Mutex
+// peerPacer paces sessions per peer: concurrency, a token bucket, strikes.
+type peerPacer struct {
+	mu    gosync.Mutex
 	burst float64
-	peers map[peer.ID]*syncPeerState
+	peers map[peer.ID]*peerState
 }
 
-func newSyncPeers(shards int) *syncPeers {
-	return &syncPeers{burst: syncPeerBurst(shards), peers: map[peer.ID]*syncPeerState{}}
+func newPeerPacer(shards int) *peerPacer {
+	return &peerPacer{burst: peerBurst(shards), peers: map[peer.ID]*peerState{}}
 }
 
 // state returns p's entry brought up to now. Call with mu held.
-func (sp *syncPeers) state(p peer.ID, now time.Time) *syncPeerState {
+func (sp *peerPacer) state(p peer.ID, now time.Time) *peerState {
 	st, ok := sp.peers[p]
 	if !ok {
-		if len(sp.peers) >= syncMaxTracked {
+		if len(sp.peers) >= maxTracked {
 			sp.sweep(now)
 		}
-		st = &syncPeerState{tokens: sp.burst, at: now}
+		st = &peerState{tokens: sp.burst, at: now}
 		sp.peers[p] = st
 		return st
 	}
 	if d := now.Sub(st.at); d > 0 {
-		k := float64(d) / float64(syncPeerRefill)
+		k := float64(d) / float64(peerRefill)
 		st.tokens = min(sp.burst, st.tokens+k)
 		st.strikes = max(0, st.strikes-k)
 		st.rateStrikes = max(0, st.rateStrikes-k)
@@ -74,9 +74,9 @@ func (sp *syncPeers) state(p peer.ID, now time.Time) *syncPeerState {
 }
 
 // sweep forgets idle peers. Call with mu held.
-func (sp *syncPeers) sweep(now time.Time) {
+func (sp *peerPacer) sweep(now time.Time) {
 	for p, st := range sp.peers {
-		k := float64(now.Sub(st.at)) / float64(syncPeerRefill)
+		k := float64(now.Sub(st.at)) / float64(peerRefill)
 		if st.active == 0 && st.tokens+k >= sp.burst && max(st.strikes, st.rateStrikes)-k <= 0 {
 			delete(sp.peers, p)
 		}
@@ -86,17 +86,17 @@ func (sp *syncPeers) sweep(now time.Time) {
 // tryBegin starts a session with p if fewer than maxActive run and a token
 // is left. reason says which limit refused it ("peer_sessions",
 // "peer_rate"); ban says p has been refused too often.
-func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool, reason string, ban bool) {
+func (sp *peerPacer) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool, reason string, ban bool) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	st := sp.state(p, now)
 	switch {
 	case st.active >= maxActive:
 		st.strikes++
-		return false, "peer_sessions", st.strikes > syncMaxStrikes
+		return false, "peer_sessions", st.strikes > maxStrikes
 	case st.tokens < 1:
 		st.rateStrikes++
-		return false, "peer_rate", st.rateStrikes > sp.burst+syncMaxStrikes
+		return false, "peer_rate", st.rateStrikes > sp.burst+maxStrikes
 	}
 	st.active++
 	st.tokens--
@@ -106,7 +106,7 @@ func (sp *syncPeers) tryBegin(p peer.ID, maxActive int, now time.Time) (ok bool,
 // forget drops p's entry when p has gone (its last connection closed),
 // unless a session still runs or it has strikes: a peer that reconnects
 // starts with a full bucket, as an honest node that restarted does.
-func (sp *syncPeers) forget(p peer.ID, now time.Time) {
+func (sp *peerPacer) forget(p peer.ID, now time.Time) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if st, ok := sp.peers[p]; ok {
@@ -117,7 +117,7 @@ func (sp *syncPeers) forget(p peer.ID, now time.Time) {
 	}
 }
 
-func (sp *syncPeers) end(p peer.ID) {
+func (sp *peerPacer) end(p peer.ID) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if st, ok := sp.peers[p]; ok && st.active > 0 {
@@ -127,8 +127,8 @@ func (sp *syncPeers) end(p peer.ID) {
 
 // beginOutbound paces this node's own sessions with p: one at a time, and
 // no faster than the responder's bucket (less two tokens of slack). With
-// wait, it waits for its turn (or ctx); without, a busy peer is errSyncBusy.
-func (sp *syncPeers) beginOutbound(ctx context.Context, p peer.ID, wait bool) error {
+// wait, it waits for its turn (or ctx); without, a busy peer is ErrBusy.
+func (sp *peerPacer) beginOutbound(ctx context.Context, p peer.ID, wait bool) error {
 	for {
 		now := time.Now()
 		sp.mu.Lock()
@@ -141,9 +141,9 @@ func (sp *syncPeers) beginOutbound(ctx context.Context, p peer.ID, wait bool) er
 		}
 		sp.mu.Unlock()
 		if !wait {
-			return errSyncBusy
+			return ErrBusy
 		}
-		t := time.NewTimer(syncPeerRefill / 4)
+		t := time.NewTimer(peerRefill / 4)
 		select {
 		case <-ctx.Done():
 			t.Stop()

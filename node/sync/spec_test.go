@@ -1,4 +1,4 @@
-package node
+package sync
 
 import (
 	"bytes"
@@ -28,25 +28,5 @@ func TestSyncItemIDByteOrder(t *testing.T) {
 	// Field 2, packed: tag 0x12, length 8, then the little-endian value.
 	if want := []byte{0x12, 8, 8, 7, 6, 5, 4, 3, 2, 1}; !bytes.Equal(wire, want) {
 		t.Fatalf("wire % x, want % x", wire, want)
-	}
-}
-
-// The antichain rule: no prefix equal to or a prefix of another.
-func TestSyncAntichain(t *testing.T) {
-	for _, tc := range []struct {
-		prefixes [][]byte
-		ok       bool
-	}{
-		{[][]byte{{1}, {2}, {3, 4}}, true},
-		{[][]byte{{1, 2}, {1, 3}, {2}}, true},
-		{[][]byte{{}, {1}}, false},
-		{[][]byte{{}, {}}, false},
-		{[][]byte{{1, 2, 3}, {2}, {1, 2}}, false},
-		{[][]byte{{1}, {1}}, false},
-		{[][]byte{{1, 2}, {1, 2, 0}, {1, 3}}, false},
-	} {
-		if got := antichain(tc.prefixes); got != tc.ok {
-			t.Errorf("antichain(%v) = %v", tc.prefixes, got)
-		}
 	}
 }

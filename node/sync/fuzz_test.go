@@ -1,0 +1,147 @@
+package sync
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kpnode/kpnode/protocol/pb"
+)
+
+// frame prefixes data with its length, as pbio's delimited writer does.
+func frame(data []byte) []byte {
+	return append(binary.AppendUvarint(nil, uint64(len(data))), data...)
+}
+
+// FuzzSyncRequest: any request a peer can send, decodable or not, is
+// answered (or refused) by a Responder over net.Pipe without panicking,
+// from a real store, in a fresh session and as a second round. A refusal
+// with BAD_REQUEST is a violation, and a violation penalizes.
+func FuzzSyncRequest(f *testing.F) {
+	seed, _ := proto.Marshal(&pb.SyncRequest{Shard: 0, Ranges: []*pb.SyncRange{{Count: 3, Fingerprint: make([]byte, 16)}, {Prefix: []byte{7}}},
+		Want: []*pb.SyncListing{{Prefix: []byte{1, 2}, Ids: []uint64{1, 2, 3}}}})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.SyncRequest{Shard: 300, Set: 5})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.SyncRequest{Want: []*pb.SyncListing{{Ids: []uint64{1}}, {Ids: []uint64{2}}}})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
+	f.Add(seed)
+	f.Add([]byte{0xff, 0xff})
+	s := newSide(f, time.Second)
+	for range 80 {
+		s.putBundles(f, newBundle(0))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s.pen.mu.Lock()
+		s.pen.got = nil
+		s.pen.mu.Unlock()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		a, b := net.Pipe()
+		defer a.Close()
+		done := make(chan error, 1)
+		go func() {
+			done <- NewResponder(s.local, "fuzz").Run(ctx, b)
+			b.Close()
+		}()
+		ri := newRawInitiator(a)
+		bad := false
+		for range 2 {
+			_ = a.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := a.Write(frame(data)); err != nil {
+				break
+			}
+			var resp pb.SyncResponse
+			if err := ri.r.ReadMsg(&resp); err != nil {
+				break
+			}
+			if resp.Status == pb.SyncResponse_STATUS_UNSPECIFIED {
+				t.Fatal("no status")
+			}
+			if resp.Status != pb.SyncResponse_STATUS_OK {
+				bad = resp.Status == pb.SyncResponse_STATUS_BAD_REQUEST
+				break
+			}
+		}
+		a.Close()
+		err := <-done
+		violation := errors.Is(err, ErrViolation)
+		if bad && !violation {
+			t.Fatalf("BAD_REQUEST answered, session ended with %v", err)
+		}
+		if p := s.pen.list(); violation != (len(p) == 1) {
+			t.Fatalf("session ended with %v, penalties %v", err, p)
+		}
+	})
+}
+
+// FuzzSyncResponse: an Initiator over net.Pipe, answered every round with
+// the same bytes (decodable or not), never panics, keeps its queues within
+// their budgets, and never sends a request beyond the responder's limits.
+// A violation penalizes, and only a violation does.
+func FuzzSyncResponse(f *testing.F) {
+	seed, _ := proto.Marshal(&pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK,
+		Ranges:   []*pb.SyncRange{{Prefix: []byte{1}, Count: 70, Fingerprint: make([]byte, 16)}, {Prefix: make([]byte, 40)}},
+		Listings: []*pb.SyncListing{{Prefix: []byte{3}, Ids: []uint64{9}}},
+		Bundles:  []*pb.Bundle{{DeviceId: make([]byte, 32), Payload: []byte("12345678"), Signature: make([]byte, 64)}}})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK, Listings: []*pb.SyncListing{{Ids: []uint64{1, 2, 3, 4}}}})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK, Truncated: true})
+	f.Add(seed)
+	f.Add([]byte{0x08})
+	s := newSide(f, time.Second)
+	for range 10 {
+		s.putBundles(f, newBundle(0))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s.pen.mu.Lock()
+		s.pen.got = nil
+		s.pen.mu.Unlock()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		a, c := net.Pipe()
+		defer a.Close()
+		reqs := make(chan []*pb.SyncRequest, 1)
+		go func() {
+			defer c.Close()
+			ri := newRawInitiator(c) // reads requests, writes raw answers
+			var got []*pb.SyncRequest
+			defer func() { reqs <- got }()
+			for range 16 {
+				var req pb.SyncRequest
+				if ri.r.ReadMsg(&req) != nil {
+					return
+				}
+				got = append(got, &req)
+				if _, err := c.Write(frame(data)); err != nil {
+					return
+				}
+			}
+		}()
+		in := NewInitiator(s.local, "fuzz", 0, pb.SyncRequest_SET_BUNDLES)
+		err := in.Run(ctx, a)
+		a.Close()
+		if in.npend > maxPending || len(in.queue) > maxSessionRanges {
+			t.Fatalf("pending %d, queue %d", in.npend, len(in.queue))
+		}
+		for _, req := range <-reqs {
+			ids := 0
+			for _, l := range req.Want {
+				ids += len(l.Ids)
+			}
+			if ids > maxWant || len(req.Want) > maxListings || len(req.Ranges) > maxRanges {
+				t.Fatalf("request of %d ids, %d wants, %d ranges", ids, len(req.Want), len(req.Ranges))
+			}
+		}
+		if p := s.pen.list(); errors.Is(err, ErrViolation) != (len(p) == 1) {
+			t.Fatalf("session ended with %v, penalties %v", err, p)
+		}
+	})
+}
