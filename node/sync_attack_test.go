@@ -354,7 +354,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	if err := peerNode.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if s := stacks(); strings.Contains(s, "kpnode/node/sync.") {
+	if s := stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
 		t.Fatalf("sync goroutines left after Close:\n%s", s)
 	}
 }

@@ -265,6 +265,32 @@ func TestLyingResponder(t *testing.T) {
 			}
 			return r
 		}},
+		{"the root listed 200 times", "unasked_listing", 1, 0, func(int, *pb.SyncRequest) *pb.SyncResponse {
+			ids := make([]uint64, MaxListing)
+			for i := range ids {
+				ids[i] = uint64(i)
+			}
+			r := &pb.SyncResponse{Status: ok}
+			for range 200 { // ~6.5 MiB
+				r.Listings = append(r.Listings, &pb.SyncListing{Ids: ids})
+			}
+			return r
+		}},
+		// Each range claims 2^40 items, so it might be a single key listed
+		// with 4,096 IDs: the initiator asks 16 a round (256 + 32 × 4,096
+		// children pass the session's 131,072 ranges in round 33).
+		{"made-up ranges, ever deeper and wide", "session_ranges", 33, 0, func(_ int, req *pb.SyncRequest) *pb.SyncResponse {
+			r := &pb.SyncResponse{Status: ok}
+			for _, rg := range req.Ranges {
+				if len(rg.Prefix) == protocol.KeySize-1 {
+					continue
+				}
+				for b := range 256 {
+					r.Ranges = append(r.Ranges, &pb.SyncRange{Prefix: append(slices.Clone(rg.Prefix), byte(b)), Count: 1 << 40, Fingerprint: fp(byte(b))})
+				}
+			}
+			return r
+		}},
 		{"a listing of a range split", "unasked_listing", 1, 0, func(int, *pb.SyncRequest) *pb.SyncResponse {
 			return &pb.SyncResponse{Status: ok, Ranges: []*pb.SyncRange{{Prefix: []byte{1}, Count: 3, Fingerprint: fp(1)}},
 				Listings: []*pb.SyncListing{{Ids: []uint64{1}}}}
@@ -283,6 +309,7 @@ func TestLyingResponder(t *testing.T) {
 			return &pb.SyncResponse{Status: ok, Truncated: true}
 		}},
 	}
+	bulky := map[string]bool{"the root listed 200 times": true, "made-up ranges, ever deeper and wide": true}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newSide(t, time.Second)
@@ -306,7 +333,13 @@ func TestLyingResponder(t *testing.T) {
 			if in.Pulled() != tc.stored || b.digest(storage.BundleSet).Count != uint64(1+tc.stored) {
 				t.Errorf("stored %d records from a liar", in.Pulled())
 			}
-			if elapsed > quick {
+			// Lies at the response caps take a decode of megabytes (and
+			// 33 rounds of them): seconds under -race, not milliseconds.
+			limit := quick
+			if bulky[tc.name] {
+				limit = 20 * time.Second
+			}
+			if elapsed > limit {
 				t.Errorf("took %v", elapsed)
 			}
 			t.Logf("%v after %v", err, elapsed)

@@ -1,0 +1,146 @@
+package sync
+
+import (
+	"context"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+func stacks() string {
+	buf := make([]byte, 1<<22)
+	return string(buf[:runtime.Stack(buf, true)])
+}
+
+// Two services on go-libp2p's in-memory network (no sockets) reconcile a
+// shard both ways through SyncNow, count what they moved, penalize
+// nobody, and leave no goroutine behind once closed, though sessions
+// started by identify may still be running when Close is called.
+func TestServiceSyncNowAndClose(t *testing.T) {
+	mn := mocknet.New()
+	defer mn.Close()
+	sides := []*side{newSide(t, 5*time.Second), newSide(t, 5*time.Second)}
+	for range 100 {
+		sides[0].putBundles(t, newBundle(0))
+	}
+	for range 20 {
+		sides[1].putBundles(t, newBundle(0))
+	}
+	sides[1].putAccounts(t, newAccount(0, 3))
+	var svcs []*Service
+	var ids []peer.ID
+	regs := []*prometheus.Registry{prometheus.NewRegistry(), prometheus.NewRegistry()}
+	for i, s := range sides {
+		h, err := mn.GenPeer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, h.ID())
+		cfg := DefaultConfig()
+		cfg.Protocol = "/kpnode/test/sync/1"
+		cfg.Shards = s.local.Shards
+		cfg.MLS = protocol.MLSOff
+		cfg.Interval = time.Hour
+		cfg.RoundTimeout = 5 * time.Second
+		cfg.Logger = s.local.Log
+		cfg.Registerer = regs[i]
+		other := 1 - i
+		svc, err := New(cfg, h, s.store, s.local.Ingester, s.pen, PeerSourceFunc(func(int) []peer.ID { return []peer.ID{ids[other]} }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := svc.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		svcs = append(svcs, svc)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.ConnectAllButSelf(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	if _, err := svcs[1].SyncNow(ctx, ids[0], 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svcs[0].SyncNow(ctx, ids[1], 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range []storage.SetKind{storage.BundleSet, storage.AccountSet} {
+		if a, b := sides[0].digest(kind), sides[1].digest(kind); a != b {
+			t.Errorf("set %v: %d and %d items", kind, a.Count, b.Count)
+		}
+	}
+	if got := sides[0].digest(storage.BundleSet).Count; got != 120 {
+		t.Errorf("%d bundles, want 120", got)
+	}
+	// In agreement now: nothing more to pull.
+	if n, err := svcs[1].SyncNow(ctx, ids[0], 0); n != 0 || err != nil {
+		t.Errorf("second SyncNow pulled %d: %v", n, err)
+	}
+	if n, err := svcs[1].SyncNow(ctx, ids[0], 3); err == nil || n != 0 {
+		t.Errorf("SyncNow of a shard the peer does not hold: %d, %v", n, err)
+	}
+	for i, reg := range regs {
+		fams, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		names := map[string]bool{}
+		for _, f := range fams {
+			names[f.GetName()] = true
+		}
+		for _, n := range []string{"kpnode_sync_rounds_total", "kpnode_sync_bytes_total", "kpnode_sync_items_scanned_total"} {
+			if !names[n] {
+				t.Errorf("node %d exports no %s", i, n)
+			}
+		}
+	}
+	for _, s := range sides {
+		if p := s.pen.list(); len(p) != 0 {
+			t.Errorf("penalties: %v", p)
+		}
+	}
+	for _, svc := range svcs {
+		if err := svc.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s := stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
+		t.Fatalf("sync goroutines left after Close:\n%s", s)
+	}
+}
+
+// A config without a protocol, a shard count, or with an interval below a
+// second is refused.
+func TestConfigValidate(t *testing.T) {
+	good := DefaultConfig()
+	good.Protocol = "/p"
+	good.Shards, _ = protocol.ParseShardSet("0", 4)
+	if err := good.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, mutate := range map[string]func(*Config){
+		"no protocol":    func(c *Config) { c.Protocol = "" },
+		"no shards":      func(c *Config) { c.Shards = protocol.ShardSet{} },
+		"short interval": func(c *Config) { c.Interval = time.Millisecond },
+		"no timeout":     func(c *Config) { c.RoundTimeout = 0 },
+		"no retention":   func(c *Config) { c.Retention = 0 },
+	} {
+		c := good
+		mutate(&c)
+		if c.Validate() == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
