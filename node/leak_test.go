@@ -15,7 +15,7 @@ import (
 // nodeFrame matches a stack frame in any of the node package's files: Close
 // joins every goroutine they start (node lifetime, sync loops and sessions,
 // fetch handlers, gossip drains and watchers, the DHT's provide loop).
-var nodeFrame = regexp.MustCompile(`/node/((fetch|lookup|discovery)/[a-z_]+|node|network|registry|lookup|outbox|peerguard|metrics|host|sync|sync_initiator|sync_responder|sync_peers|sync_refused|fetch|constants|gossip/[a-z_]+)\.go:`)
+var nodeFrame = regexp.MustCompile(`/node/((fetch|lookup|discovery|sync)/[a-z_]+|node|network|registry|lookup|outbox|peerguard|metrics|host|sync|fetch|constants|gossip/[a-z_]+)\.go:`)
 
 // goroutines returns the stacks of every goroutine but the caller's.
 func goroutines() []string {
