@@ -91,7 +91,7 @@ const (
 // StreamTimeout).
 //
 // Sync keeps the same values here on purpose: its responder admits at most
-// 2 sessions per peer and 8 per node itself (sync_peers.go) and counts every
+// 2 sessions per peer and 8 per node itself (node/sync/peers.go) and counts every
 // refused stream as a strike toward a ban, which a lower limit here would
 // hide (the resource manager resets the stream before the handler sees it).
 const (
