@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
@@ -22,17 +23,31 @@ import (
 	"github.com/kpnode/kpnode/protocol/pb"
 )
 
-// Host is what the service uses of a libp2p host: it opens streams,
-// registers its handler, follows connections and identify events.
-// host.Host satisfies it.
+// Host is what the service needs of a libp2p host: it opens streams and
+// registers its handler. host.Host satisfies it.
+//
+// A Host that also follows connections and identify (Network and EventBus,
+// as host.Host does) lets the service forget a peer's pacing when its last
+// connection closes, and start a session with each peer identify reports
+// as speaking sync; without them the service syncs periodically only.
 type Host interface {
 	ID() peer.ID
 	NewStream(ctx context.Context, p peer.ID, pids ...p2pprotocol.ID) (network.Stream, error)
 	SetStreamHandler(pid p2pprotocol.ID, handler network.StreamHandler)
 	RemoveStreamHandler(pid p2pprotocol.ID)
-	Network() network.Network
-	EventBus() event.Bus
 }
+
+// networkHost and eventHost are the optional parts of a Host.
+type (
+	networkHost interface{ Network() network.Network }
+	eventHost   interface{ EventBus() event.Bus }
+)
+
+var _ interface {
+	Host
+	networkHost
+	eventHost
+} = host.Host(nil)
 
 // PeerSource names the peers that hold a shard (the node's gossip topic
 // peers). The periodic loop picks one of them at random for each held
@@ -179,10 +194,16 @@ func (s *Service) Start(ctx context.Context) error {
 			s.outbound.forget(p, time.Now())
 		}
 	}}
-	s.h.Network().Notify(s.notify)
+	if nh, ok := s.h.(networkHost); ok {
+		nh.Network().Notify(s.notify)
+	}
 	s.h.SetStreamHandler(s.cfg.Protocol, s.handle)
 	if !s.cfg.Shards.Empty() {
-		sub, err := s.h.EventBus().Subscribe([]any{new(event.EvtPeerIdentificationCompleted), new(event.EvtPeerProtocolsUpdated)})
+		var sub event.Subscription
+		err := errors.New("the host has no event bus")
+		if eh, ok := s.h.(eventHost); ok {
+			sub, err = eh.EventBus().Subscribe([]any{new(event.EvtPeerIdentificationCompleted), new(event.EvtPeerProtocolsUpdated)})
+		}
 		if err != nil {
 			s.log.Warn("sync: no identify events; syncing periodically only", "err", err)
 		} else {
@@ -207,7 +228,9 @@ func (s *Service) Close() error {
 		return nil
 	}
 	s.h.RemoveStreamHandler(s.cfg.Protocol)
-	s.h.Network().StopNotify(s.notify)
+	if nh, ok := s.h.(networkHost); ok {
+		nh.Network().StopNotify(s.notify)
+	}
 	s.cancel()
 	if s.sub != nil {
 		s.sub.Close()

@@ -4,14 +4,19 @@ import (
 	"context"
 	"runtime"
 	"strings"
+	gosync "sync"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
+	"github.com/libp2p/go-msgio/pbio"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
 )
 
@@ -143,4 +148,126 @@ func TestConfigValidate(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+}
+
+// serviceOn starts a service holding shard 0 of s on a new mocknet host.
+func serviceOn(t *testing.T, mn mocknet.Mocknet, s *side) (*Service, peer.ID) {
+	t.Helper()
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.Protocol = "/kpnode/test/sync/1"
+	cfg.Shards = s.local.Shards
+	cfg.MLS = protocol.MLSOff
+	cfg.Interval = time.Hour
+	cfg.Logger = s.local.Log
+	svc, err := New(cfg, h, s.store, s.local.Ingester, s.pen, PeerSourceFunc(func(int) []peer.ID { return nil }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close() })
+	return svc, h.ID()
+}
+
+// Parallel and rapid sessions from one peer are refused (the stream reset
+// before anything is read), counted by reason, and a peer that keeps
+// opening them is penalized; on the in-memory network, in well under a
+// second.
+func TestServiceRefusesSessionFloods(t *testing.T) {
+	root := &pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}}
+	open := func(ctx context.Context, h host.Host, to peer.ID) (network.Stream, bool) {
+		st, err := h.NewStream(ctx, to, "/kpnode/test/sync/1")
+		if err != nil {
+			return nil, false
+		}
+		r, w := pbio.NewDelimitedReader(st, maxResponse), pbio.NewDelimitedWriter(st)
+		var resp pb.SyncResponse
+		if w.WriteMsg(root) != nil || r.ReadMsg(&resp) != nil {
+			st.Reset()
+			return nil, false
+		}
+		return st, resp.Status == pb.SyncResponse_STATUS_OK
+	}
+	t.Run("parallel", func(t *testing.T) {
+		mn := mocknet.New()
+		defer mn.Close()
+		s := newSide(t, 5*time.Second)
+		svc, id := serviceOn(t, mn, s)
+		attacker, _ := mn.GenPeer()
+		if err := mn.LinkAll(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := mn.ConnectPeers(attacker.ID(), id); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		var wg gosync.WaitGroup
+		var mu gosync.Mutex
+		var held []network.Stream
+		for range 12 {
+			wg.Go(func() {
+				if st, ok := open(ctx, attacker, id); ok {
+					mu.Lock()
+					held = append(held, st) // the session stays open
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		defer func() {
+			for _, st := range held {
+				st.Reset()
+			}
+		}()
+		if len(held) != maxPeerSessions {
+			t.Errorf("%d parallel sessions served, want %d", len(held), maxPeerSessions)
+		}
+		if r := counterValue(svc.local.Metrics.refusal.WithLabelValues("peer_sessions")); r != 10 {
+			t.Errorf("%v sessions refused, want 10", r)
+		}
+		if p := s.pen.list(); len(p) == 0 || p[0] != "sync/peer_sessions" {
+			t.Errorf("penalties %v", p)
+		}
+	})
+	t.Run("rapid", func(t *testing.T) {
+		mn := mocknet.New()
+		defer mn.Close()
+		s := newSide(t, 5*time.Second)
+		svc, id := serviceOn(t, mn, s)
+		attacker, _ := mn.GenPeer()
+		if err := mn.LinkAll(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := mn.ConnectPeers(attacker.ID(), id); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		start := time.Now()
+		served := 0
+		for i := 0; i < 200 && len(s.pen.list()) == 0; i++ {
+			if st, ok := open(ctx, attacker, id); ok {
+				served++
+				st.Close()
+			}
+		}
+		// The burst, plus a token back every peerRefill while the loop ran.
+		burst := int(peerBurst(testShards))
+		if limit := burst + int(time.Since(start)/peerRefill) + 1; served > limit || served < burst {
+			t.Errorf("%d rapid sessions served, want %d to %d", served, burst, limit)
+		}
+		if r := counterValue(svc.local.Metrics.refusal.WithLabelValues("peer_rate")); r < float64(burst+maxStrikes) {
+			t.Errorf("%v sessions refused for the rate", r)
+		}
+		if p := s.pen.list(); len(p) == 0 || p[0] != "sync/peer_rate" {
+			t.Errorf("penalties %v", p)
+		}
+		t.Logf("%d served in %v", served, time.Since(start))
+	})
 }
