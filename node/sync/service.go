@@ -156,13 +156,17 @@ type Service struct {
 }
 
 // New builds a service over h, the store set, the ingest path and the
-// penalizer; peers names the holders of a shard. Start begins serving.
+// penalizer (nil: peers that break a budget are not penalized); peers names
+// the holders of a shard. Start begins serving.
 func New(cfg Config, h Host, set Set, ing ingest.Ingester, pen ingest.Penalizer, peers PeerSource) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if h == nil || set == nil || ing == nil || peers == nil {
+		return nil, errors.New("sync: a host, a set, an ingester and a peer source are required")
 	}
 	log := cfg.Logger.With("component", "sync")
 	s := &Service{cfg: cfg, h: h, peers: peers, log: log,

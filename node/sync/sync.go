@@ -133,6 +133,8 @@ type Conn interface {
 
 // Local is what sessions need of the node they run in. One Local is shared
 // by every session of a service; its parts are safe for concurrent use.
+// Set, Ingester, Shards and RoundTimeout are required; the other fields
+// have defaults.
 type Local struct {
 	Set       Set
 	Ingester  ingest.Ingester
