@@ -2,8 +2,10 @@ package node
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -133,5 +135,41 @@ func TestConfigValidateInjected(t *testing.T) {
 	cfg.Listen = nil
 	if err := cfg.Validate(); err == nil {
 		t.Fatal("no listen address and no host: accepted")
+	}
+}
+
+// A failed start is final: a second Start is refused even once the cause
+// is gone, and Close returns (a retried Start used to succeed with every
+// goroutine refused, and Close then waited forever for its HTTP server).
+func TestFailedStartIsFinal(t *testing.T) {
+	busy, err := (&net.ListenConfig{}).Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	cfg := DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.APIAddr = "127.0.0.1:0"
+	// Taken: the libp2p host cannot listen, so the network does not start.
+	cfg.Listen = []string{fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", busy.Addr().(*net.TCPAddr).Port)}
+	cfg.NoSync = true
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	n, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err == nil {
+		t.Fatal("Start on a taken listen address succeeded")
+	}
+	busy.Close()
+	if err := n.Start(context.Background()); err == nil {
+		t.Fatal("a second Start after a failed one succeeded")
+	}
+	done := make(chan error, 1)
+	go func() { done <- n.Close() }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close after a failed start did not return")
 	}
 }

@@ -49,7 +49,10 @@ type Config struct {
 	// The caller built it and owns it: the node never closes it, and Close
 	// leaves it open. Listen is then ignored. Build it with HostOptions so
 	// it carries the node's connection and resource limits; give the same
-	// Gater as Config.Gater so that bans refuse connections.
+	// Gater as Config.Gater so that bans refuse connections. One host serves
+	// one node: after Close it still carries the DHT's and gossipsub's
+	// stream handlers (neither removes them), so close it rather than hand
+	// it to another node.
 	Host host.Host
 	// Gater, with Host, is the connection gater the host was built with
 	// (HostOptions adds it). The node enforces its bans through it. Nil: an
@@ -413,6 +416,10 @@ func (n *Node) Start(ctx context.Context) error {
 	fail := func(err error) error {
 		n.stopGoroutines()
 		n.stopNetwork()
+		// The goroutines and services of this attempt are gone for good
+		// (stopGoroutines refuses new ones): a failed start is final, and
+		// the caller closes the node.
+		n.started = true
 		return err
 	}
 	if err := n.startNetwork(life); err != nil {

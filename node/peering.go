@@ -13,10 +13,11 @@ import (
 // minShardPeers peers in the topics of every shard it holds, dialling
 // holders it finds through the DHT's provider records; and the outbox dials
 // holders of a shard it must publish to and has no peer in (a light node's
-// case). A shard for which a search connected nobody is searched again
-// after twice the wait, up to maxPeeringWait (in a small network every
-// holder is already a neighbour and the DHT query is wasted), unless the
-// node has lost every peer in it.
+// case). A shard with some peers is searched every peeringInterval, one with
+// none every urgentPeeringWait; each time a search connects nobody its wait
+// doubles, up to maxPeeringWait (in a small network every holder is already
+// a neighbour; a lone holder has nobody to find), and a search that connects
+// someone resets it.
 const (
 	minShardPeers   = 4
 	peeringInterval = 30 * time.Second
@@ -30,26 +31,29 @@ const (
 )
 
 // shardPeering remembers, per shard, when holders were last looked up,
-// how long to wait before the next look, and whether one is running.
+// how long to wait before the next look (one backoff for a shard with too
+// few peers, one for a shard with none), and whether a look is running. It
+// paces on the wall clock, not Config.Now (a validation clock tests freeze).
 type shardPeering struct {
-	mu   sync.Mutex
-	last map[int]time.Time
-	wait map[int]time.Duration
-	busy map[int]bool
+	mu     sync.Mutex
+	last   map[int]time.Time
+	wait   map[int]time.Duration
+	urgent map[int]time.Duration
+	busy   map[int]bool
 }
 
 // begin reports whether a holder search for shard may start now, and marks
 // it running. An urgent search (the node has no peer at all in the shard's
-// topics) waits only urgentPeeringWait since the last one, not the backoff.
+// topics) follows its own backoff, which starts at urgentPeeringWait.
 func (p *shardPeering) begin(shard int, now time.Time, urgent bool) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.last == nil {
-		p.last, p.wait, p.busy = map[int]time.Time{}, map[int]time.Duration{}, map[int]bool{}
+		p.last, p.wait, p.urgent, p.busy = map[int]time.Time{}, map[int]time.Duration{}, map[int]time.Duration{}, map[int]bool{}
 	}
 	wait := p.wait[shard]
 	if urgent {
-		wait = min(wait, urgentPeeringWait)
+		wait = p.urgent[shard]
 	}
 	if last, ok := p.last[shard]; p.busy[shard] || (ok && now.Before(last.Add(wait))) {
 		return false
@@ -58,27 +62,48 @@ func (p *shardPeering) begin(shard int, now time.Time, urgent bool) bool {
 	return true
 }
 
-// end records a finished search: the next one waits peeringInterval after
-// a search that connected someone, twice the last wait after one that did
-// not (up to maxPeeringWait).
-func (p *shardPeering) end(shard int, now time.Time, connected int) {
+// end records a finished search. A search that connected someone resets
+// both backoffs (peeringInterval, urgentPeeringWait); one that did not
+// doubles the backoff of its kind, up to maxPeeringWait, so a node that is
+// the only reachable holder of a shard asks the DHT ever less often.
+func (p *shardPeering) end(shard int, now time.Time, urgent bool, connected int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	w := peeringInterval
-	if connected == 0 && p.wait[shard] > 0 {
-		w = min(2*p.wait[shard], maxPeeringWait)
+	backoff := func(w, first time.Duration) time.Duration {
+		if connected > 0 || w == 0 {
+			return first
+		}
+		return min(2*w, maxPeeringWait)
 	}
-	p.wait[shard], p.last[shard], p.busy[shard] = w, now, false
+	if urgent {
+		p.urgent[shard] = backoff(p.urgent[shard], urgentPeeringWait)
+	} else {
+		p.wait[shard] = backoff(p.wait[shard], peeringInterval)
+	}
+	if connected > 0 {
+		p.wait[shard], p.urgent[shard] = peeringInterval, urgentPeeringWait
+	}
+	p.last[shard], p.busy[shard] = now, false
+}
+
+// settled records that shard has peers again: the next time it has none,
+// the urgent backoff starts over.
+func (p *shardPeering) settled(shard int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.urgent != nil {
+		delete(p.urgent, shard)
+	}
 }
 
 // dialShardHolders connects up to want holders of shard, unless a search
 // for it ran recently or is running.
 func (n *Node) dialShardHolders(ctx context.Context, shard, want int, urgent bool) int {
-	if n.dht == nil || !n.peering.begin(shard, n.cfg.Now(), urgent) {
+	if n.dht == nil || !n.peering.begin(shard, time.Now(), urgent) {
 		return 0
 	}
 	k := n.dht.ConnectHolders(ctx, shard, want)
-	n.peering.end(shard, n.cfg.Now(), k)
+	n.peering.end(shard, time.Now(), urgent, k)
 	if k > 0 {
 		n.log.Debug("connected holders of a shard", "shard", shard, "count", k)
 	}
@@ -90,14 +115,18 @@ func (n *Node) peeringLoop(ctx context.Context) {
 	if n.cfg.Shards.Empty() || n.gossip == nil || n.dht == nil {
 		return
 	}
-	// Look every urgentPeeringWait: a shard with some peers is searched
-	// only when its backoff allows, one with none at once.
+	// Look every urgentPeeringWait; each shard is searched when its
+	// backoff allows.
 	for sleep(ctx, urgentPeeringWait) {
 		if n.dht.RoutingTableSize() == 0 {
 			continue
 		}
 		for _, s := range n.cfg.Shards.List() {
-			if have := n.gossip.TopicPeers(s); have < minShardPeers {
+			have := n.gossip.TopicPeers(s)
+			if have > 0 {
+				n.peering.settled(s)
+			}
+			if have < minShardPeers {
 				n.dialShardHolders(ctx, s, minShardPeers-have, have == 0)
 			}
 			if ctx.Err() != nil {

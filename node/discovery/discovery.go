@@ -301,6 +301,10 @@ const (
 	// connectHoldersTimeout bounds one ConnectHolders call, DHT query
 	// and dials together.
 	connectHoldersTimeout = 30 * time.Second
+	// holderTag marks, in the connection manager, a peer dialled as a
+	// holder of a held shard.
+	holderTag      = "kpnode-shard-holder"
+	holderTagValue = 20
 )
 
 // ConnectHolders dials up to want holders of shard (found through the
@@ -330,6 +334,9 @@ func (s *Service) ConnectHolders(ctx context.Context, shard, want int) int {
 			s.log.Debug("dht: dial holder", "shard", shard, "peer", ai.ID, "err", err)
 			continue
 		}
+		// Keep it through the connection manager's trims: a holder of a
+		// held shard is worth more than a peer met by chance.
+		s.host.ConnManager().TagPeer(ai.ID, holderTag, holderTagValue)
 		connected++
 		if connected == want {
 			break
