@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"maps"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/node/lookup"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -27,17 +27,6 @@ const (
 	testNetwork = "test/discovery"
 	testShards  = 4
 )
-
-func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 func shards(t *testing.T, spec string) protocol.ShardSet {
 	t.Helper()
@@ -87,39 +76,6 @@ func holders(t *testing.T, s *testService, shard int) map[peer.ID]bool {
 	return found
 }
 
-func counter(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			var sum float64
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-			return sum
-		}
-	}
-	t.Fatalf("metric %s not registered", name)
-	return 0
-}
-
-// packageGoroutines returns the stacks of goroutines running this package's
-// non-test code.
-func packageGoroutines() []string {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for _, s := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(s, "/node/discovery/") && !strings.Contains(s, "_test.go") {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
 // Three full nodes and a light node on go-libp2p's in-memory network: each
 // full node provides exactly the shards it holds, and a query from the
 // light node or a full node names exactly their holders for every shard
@@ -147,14 +103,14 @@ func TestHoldersAreTheFullNodesOfTheShard(t *testing.T) {
 	if err := mn.ConnectAllButSelf(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "every full node to provide its shards", 20*time.Second, func() bool {
+	nodetest.WaitFor(t, "every full node to provide its shards", 20*time.Second, func() bool {
 		return a.Provided() && b.Provided() && c.Provided()
 	})
 	if !l.Provided() {
 		t.Error("a light node has nothing to provide but is not Provided")
 	}
 	for _, s := range full {
-		if got, want := counter(t, s.reg, "kpnode_dht_provides_total"), float64(len(s.cfg.Shards.List())); got < want {
+		if got, want := nodetest.Counter(t, s.reg, "kpnode_dht_provides_total"), float64(len(s.cfg.Shards.List())); got < want {
 			t.Errorf("kpnode_dht_provides_total = %v, want at least %v", got, want)
 		}
 	}
@@ -221,8 +177,8 @@ func TestProvideLoopReprovides(t *testing.T) {
 	if err := mn.ConnectAllButSelf(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "three provide rounds of both shards", 20*time.Second, func() bool {
-		return counter(t, reg, "kpnode_dht_provides_total") >= 6
+	nodetest.WaitFor(t, "three provide rounds of both shards", 20*time.Second, func() bool {
+		return nodetest.Counter(t, reg, "kpnode_dht_provides_total") >= 6
 	})
 	if !a.Provided() {
 		t.Error("not Provided after three rounds")
@@ -240,14 +196,14 @@ func TestCloseEndsTheProvideLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newTestService(t, h, "0,2", false)
-	waitFor(t, "the provide loop to run", 5*time.Second, func() bool { return len(packageGoroutines()) == 1 })
+	nodetest.WaitFor(t, "the provide loop to run", 5*time.Second, func() bool { return len(nodetest.Goroutines("node/discovery")) == 1 })
 	if s.Provided() {
 		t.Error("Provided with no peer to provide to")
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if left := packageGoroutines(); len(left) != 0 {
+	if left := nodetest.Goroutines("node/discovery"); len(left) != 0 {
 		t.Fatalf("%d goroutines run the package's code after Close:\n\n%s", len(left), strings.Join(left, "\n\n"))
 	}
 	if err := s.Close(); err != nil {
@@ -322,7 +278,7 @@ func TestConfigValidate(t *testing.T) {
 	if _, err := New(ok, h); err != nil {
 		t.Fatal(err)
 	}
-	if counter(t, reg, "kpnode_dht_provides_total") != 0 {
+	if nodetest.Counter(t, reg, "kpnode_dht_provides_total") != 0 {
 		t.Error("a fresh counter is not zero")
 	}
 	if _, err := New(ok, h); err == nil {
@@ -358,7 +314,7 @@ func TestConnectHoldersDialsProvidersNotYetConnected(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, "shard 1 provided by b, c and d", 10*time.Second, func() bool {
+	nodetest.WaitFor(t, "shard 1 provided by b, c and d", 10*time.Second, func() bool {
 		return b.Provided() && c.Provided() && d.Provided() && len(holders(t, a, 1)) == 3
 	})
 	connected := func() int {

@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-msgio/pbio"
 
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -44,7 +45,7 @@ func readRequest(s network.Stream) *pb.FetchRequest {
 // A server that cuts its answer short (a prefix promising more bytes than
 // follow) is an error at once, not a record.
 func TestFetchClientTruncatingServer(t *testing.T) {
-	b := protocol.SignBundle(seedKey(10), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(10), nowMS(), []byte("kp"))
 	c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
 		defer s.Close()
 		readRequest(s)
@@ -91,12 +92,12 @@ func TestFetchClientStallingServer(t *testing.T) {
 // for a latest request, a response over the size cap. Each is refused in
 // milliseconds.
 func TestFetchClientLyingServer(t *testing.T) {
-	asked := protocol.SignBundle(seedKey(11), nowMS(), []byte("kp"))
-	other := protocol.SignBundle(seedKey(12), nowMS(), []byte("kp"))
+	asked := protocol.SignBundle(nodetest.SeedKey(11), nowMS(), []byte("kp"))
+	other := protocol.SignBundle(nodetest.SeedKey(12), nowMS(), []byte("kp"))
 	badSig := asked
 	badSig.Signature[0] ^= 1
-	acct := protocol.SignAccount(seedKey(13), protocol.EncodeAccountPayload(1, nil))
-	otherAcct := protocol.SignAccount(seedKey(14), protocol.EncodeAccountPayload(9, nil))
+	acct := protocol.SignAccount(nodetest.SeedKey(13), protocol.EncodeAccountPayload(1, nil))
+	otherAcct := protocol.SignAccount(nodetest.SeedKey(14), protocol.EncodeAccountPayload(9, nil))
 	answer := func(resp *pb.FetchResponse) fetchtest.Handler {
 		return func(s network.Stream, _ peer.ID) {
 			defer s.Close()

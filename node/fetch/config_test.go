@@ -5,11 +5,13 @@ import (
 	"time"
 
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
+	"github.com/kpnode/kpnode/storage"
 )
 
 // The configs take their defaults and refuse what cannot work.
 func TestFetchConfigsValidate(t *testing.T) {
-	store := openStore(t)
+	store := nodetest.OpenStore(t, storage.Options{})
 	good := ServerConfig{Protocol: testProto, Store: store}
 	if err := good.Validate(); err != nil {
 		t.Fatalf("minimal server config: %v", err)

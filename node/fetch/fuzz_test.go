@@ -9,6 +9,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
@@ -22,7 +23,7 @@ func FuzzFetchRequest(f *testing.F) {
 	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: 99, Key: make([]byte, 3)})
 	f.Add(seed)
 	r := newRig(f, nil)
-	b := protocol.SignBundle(seedKey(20), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(20), nowMS(), []byte("kp"))
 	putBundle(f, r.store, &b)
 	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: b.DeviceID[:]})
 	f.Add(seed)
@@ -64,10 +65,10 @@ func FuzzFetchResponse(f *testing.F) {
 // client never panics, and what it returns is a valid record of the key it
 // asked for.
 func FuzzClientAnswer(f *testing.F) {
-	b := protocol.SignBundle(seedKey(21), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(21), nowMS(), []byte("kp"))
 	ok, _ := proto.Marshal(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b)}})
 	f.Add(append([]byte{byte(len(ok))}, ok...), false)
-	a := protocol.SignAccount(seedKey(22), protocol.EncodeAccountPayload(1, nil))
+	a := protocol.SignAccount(nodetest.SeedKey(22), protocol.EncodeAccountPayload(1, nil))
 	acct, _ := proto.Marshal(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Account: pb.FromAccount(&a)})
 	f.Add(append([]byte{byte(len(acct))}, acct...), true)
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0x0f}, false)

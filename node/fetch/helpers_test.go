@@ -1,12 +1,9 @@
 package fetch
 
 import (
-	"bytes"
 	"context"
-	"crypto/ed25519"
 	"encoding/binary"
 	"io"
-	"log/slog"
 	"net"
 	"testing"
 	"time"
@@ -14,10 +11,10 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -35,22 +32,7 @@ func testPolicy() protocol.Policy {
 	return p
 }
 
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
-func seedKey(b byte) ed25519.PrivateKey { return ed25519.NewKeyFromSeed(bytes.Repeat([]byte{b}, 32)) }
-
 func nowMS() uint64 { return uint64(time.Now().UnixMilli()) }
-
-// openStore opens a real Badger store in a temporary directory.
-func openStore(t testing.TB) *storage.Store {
-	t.Helper()
-	st, err := storage.Open(storage.Options{Dir: t.TempDir(), NoSync: true, Logger: quietLogger(), MinFreeDisk: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	return st
-}
 
 // putBundle validates b and stores it, as the node's ingest path does.
 func putBundle(t testing.TB, st *storage.Store, b *protocol.Bundle) {
@@ -88,9 +70,9 @@ type rig struct {
 
 func newRig(t testing.TB, mutate func(*ServerConfig, *ClientConfig)) *rig {
 	t.Helper()
-	r := &rig{store: openStore(t), pipes: fetchtest.New(clientID), reg: prometheus.NewRegistry()}
+	r := &rig{store: nodetest.OpenStore(t, storage.Options{}), pipes: fetchtest.New(clientID), reg: prometheus.NewRegistry()}
 	sc := ServerConfig{Protocol: testProto, Store: r.store, Holds: func(protocol.Key) bool { return true },
-		Logger: quietLogger(), Registerer: r.reg}
+		Logger: nodetest.QuietLogger(), Registerer: r.reg}
 	cc := ClientConfig{Protocol: testProto, Opener: r.pipes, Validator: PolicyValidator{Policy: testPolicy()}}
 	if mutate != nil {
 		mutate(&sc, &cc)
@@ -127,11 +109,7 @@ func (r *rig) raw(t testing.TB, req []byte) []byte {
 }
 
 func (r *rig) servedCount(status string) float64 {
-	var m dto.Metric
-	if err := r.served.WithLabelValues(status).Write(&m); err != nil {
-		panic(err)
-	}
-	return m.GetCounter().GetValue()
+	return nodetest.Value(r.served.WithLabelValues(status))
 }
 
 func delimited(t testing.TB, msgs ...proto.Message) []byte {
@@ -158,16 +136,4 @@ func within(t testing.TB, limit time.Duration, what string, f func()) time.Durat
 		t.Fatalf("%s took %v, want under %v", what, d, limit)
 	}
 	return d
-}
-
-// waitFor polls cond until it holds, failing t after 10 s.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/ed25519strict"
 	"github.com/kpnode/kpnode/protocol/pb"
@@ -45,7 +46,7 @@ func TestFetchStatusesFollowTheSpec(t *testing.T) {
 		sc.Holds = func(protocol.Key) bool { return held }
 	})
 	ctx := t.Context()
-	b := protocol.SignBundle(seedKey(1), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(1), nowMS(), []byte("kp"))
 	putBundle(t, r.store, &b)
 	unknown, _, _ := ed25519.GenerateKey(rand.Reader)
 	for _, tc := range []struct {
@@ -150,7 +151,7 @@ func TestFetchStatusesFollowTheSpec(t *testing.T) {
 func TestFetchHonestLatestAllAccount(t *testing.T) {
 	r := newRig(t, nil)
 	ctx := t.Context()
-	dev := seedKey(2)
+	dev := nodetest.SeedKey(2)
 	var bs []protocol.Bundle
 	for i := range 3 {
 		b := protocol.SignBundle(dev, nowMS()-uint64(3-i)*1000, []byte{'k', byte(i)})
@@ -176,7 +177,7 @@ func TestFetchHonestLatestAllAccount(t *testing.T) {
 			t.Fatalf("all: bundle %d is not the %d-th newest", i, i+1)
 		}
 	}
-	a := protocol.SignAccount(seedKey(3), protocol.EncodeAccountPayload(7, []protocol.Key{bs[0].DeviceID}))
+	a := protocol.SignAccount(nodetest.SeedKey(3), protocol.EncodeAccountPayload(7, []protocol.Key{bs[0].DeviceID}))
 	putAccount(t, r.store, &a)
 	acct, err := r.cli.FetchAccount(ctx, holderID, a.AccountPub)
 	if err != nil {
@@ -242,7 +243,7 @@ func TestFetchAllIsCutAtTheResponseCap(t *testing.T) {
 func TestFetchBusyWhenTheBudgetIsSpent(t *testing.T) {
 	r := newRig(t, nil)
 	ctx := t.Context()
-	b := protocol.SignBundle(seedKey(4), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(4), nowMS(), []byte("kp"))
 	putBundle(t, r.store, &b)
 	all := &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: b.DeviceID[:]}
 
@@ -257,7 +258,7 @@ func TestFetchBusyWhenTheBudgetIsSpent(t *testing.T) {
 	if _, err := r.cli.FetchLatest(ctx, holderID, b.DeviceID); err != nil {
 		t.Fatalf("LATEST with only the bulk budget spent: %v", err)
 	}
-	waitFor(t, "the served request to release its budget", func() bool { return r.srv.Inflight() == bulk })
+	nodetest.WaitFor(t, "the served request to release its budget", 10*time.Second, func() bool { return r.srv.Inflight() == bulk })
 	releasePoint, ok := r.srv.acquire(r.srv.point, DefaultPointBudget)
 	if !ok {
 		t.Fatal("could not take the point budget")
@@ -273,7 +274,7 @@ func TestFetchBusyWhenTheBudgetIsSpent(t *testing.T) {
 	if _, err := r.cli.Request(ctx, holderID, all); err != nil {
 		t.Fatalf("KIND_ALL once the budget is back: %v", err)
 	}
-	waitFor(t, "every reservation released", func() bool { return r.srv.Inflight() == 0 })
+	nodetest.WaitFor(t, "every reservation released", 10*time.Second, func() bool { return r.srv.Inflight() == 0 })
 }
 
 // A flood of concurrent KIND_ALL requests for a device with 100 large
@@ -283,7 +284,7 @@ func TestFetchFloodStaysWithinTheBudget(t *testing.T) {
 	r := newRig(t, nil)
 	ctx := t.Context()
 	dev, _ := storeLargeBundles(t, r, 100, 60_000)
-	honest := protocol.SignBundle(seedKey(5), nowMS(), []byte("honest"))
+	honest := protocol.SignBundle(nodetest.SeedKey(5), nowMS(), []byte("honest"))
 	putBundle(t, r.store, &honest)
 
 	const workers, requests = 16, 96
@@ -337,7 +338,7 @@ func TestFetchFloodStaysWithinTheBudget(t *testing.T) {
 		t.Fatalf("results %v: want only OK and BUSY, some of each", counts)
 	}
 	// Handlers release their reservation once their answer is written.
-	waitFor(t, "every reservation released after the flood", func() bool { return r.srv.Inflight() == 0 })
+	nodetest.WaitFor(t, "every reservation released after the flood", 10*time.Second, func() bool { return r.srv.Inflight() == 0 })
 }
 
 // A hostile requester is refused within its budget: a request whose prefix
@@ -415,7 +416,7 @@ func TestFetchHandlerPanicEndsOnlyTheStream(t *testing.T) {
 	r := newRig(t, func(sc *ServerConfig, _ *ClientConfig) {
 		sc.Store = panicStore{sc.Store}
 	})
-	b := protocol.SignBundle(seedKey(6), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(6), nowMS(), []byte("kp"))
 	putBundle(t, r.store, &b)
 	if got := r.raw(t, delimited(t, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_LATEST, Key: b.DeviceID[:]})); len(got) != 0 {
 		t.Fatalf("answered %d bytes after a panic", len(got))

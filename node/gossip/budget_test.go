@@ -9,6 +9,8 @@ import (
 	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 )
 
 func rpcOf(sizes ...int) *pubsub.RPC {
@@ -90,7 +92,7 @@ func TestGossipInboundBudget(t *testing.T) {
 	if err := b.inspect(hostile, rpcOf(1)); err == nil || guard.Banned(hostile) {
 		t.Fatalf("peer over its budget: err %v (want a drop), banned %v (want no ban)", err, guard.Banned(hostile))
 	}
-	if got := counterValue(t, reg, "kpnode_gossip_rpcs_refused_total", "reason", "inbound_bytes"); got != 1 {
+	if got := nodetest.Counter(t, reg, "kpnode_gossip_rpcs_refused_total", "reason", "inbound_bytes"); got != 1 {
 		t.Errorf("kpnode_gossip_rpcs_refused_total{reason=inbound_bytes} = %v, want 1", got)
 	}
 	// The bucket refills: the same peer is served again a moment later.
@@ -103,26 +105,4 @@ func TestGossipInboundBudget(t *testing.T) {
 	if err := b.inspect(hostile, rpcOf(1)); err != nil {
 		t.Fatalf("after the clock stepped back: %v", err)
 	}
-}
-
-// counterValue reads one series of a counter vector from reg (0 if absent).
-func counterValue(t testing.TB, reg *prometheus.Registry, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
 }

@@ -2,8 +2,6 @@ package gossip
 
 import (
 	"context"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,19 +11,9 @@ import (
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(d); !cond(); {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // scores keeps the latest gossipsub score a service gives each peer.
 type scores struct {
@@ -97,7 +85,7 @@ func TestServicePublishesToTheShardsHolders(t *testing.T) {
 	if err := mn.ConnectAllButSelf(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "a to see b in shard 2's topics", 10*time.Second, func() bool { return a.TopicPeers(shard) == 1 })
+	nodetest.WaitFor(t, "a to see b in shard 2's topics", 10*time.Second, func() bool { return a.TopicPeers(shard) == 1 })
 	if got := a.ShardPeers(shard); len(got) != 1 || got[0] != hb.ID() {
 		t.Fatalf("a's peers of shard %d: %v, want [%s]", shard, got, hb.ID())
 	}
@@ -117,12 +105,12 @@ func TestServicePublishesToTheShardsHolders(t *testing.T) {
 	if err := a.PublishAccount(ctx, &acct, time.Now().UnixMilli()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "b to store both records", 10*time.Second, func() bool {
+	nodetest.WaitFor(t, "b to store both records", 10*time.Second, func() bool {
 		bs, _ := b.ing.store.Bundles(ctx, good.DeviceID)
 		ac, _ := b.ing.store.Account(ctx, acct.AccountPub)
 		return len(bs) == 1 && ac != nil
 	})
-	if got := counterValue(t, b.reg, "kpnode_gossip_validations_total", "verdict", "accept"); got != 2 {
+	if got := nodetest.Counter(t, b.reg, "kpnode_gossip_validations_total", "verdict", "accept"); got != 2 {
 		t.Errorf("b's accept verdicts: %v, want 2", got)
 	}
 
@@ -131,10 +119,10 @@ func TestServicePublishesToTheShardsHolders(t *testing.T) {
 	if err := a.PublishBundle(ctx, &forged); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "b to reject the forged bundle", 10*time.Second, func() bool {
-		return counterValue(t, b.reg, "kpnode_gossip_validations_total", "verdict", "reject") == 1
+	nodetest.WaitFor(t, "b to reject the forged bundle", 10*time.Second, func() bool {
+		return nodetest.Counter(t, b.reg, "kpnode_gossip_validations_total", "verdict", "reject") == 1
 	})
-	waitFor(t, "a's score on b to go negative", 10*time.Second, func() bool { return b.scores.of(ha.ID()) < 0 })
+	nodetest.WaitFor(t, "a's score on b to go negative", 10*time.Second, func() bool { return b.scores.of(ha.ID()) < 0 })
 	if bs, _ := b.ing.store.Bundles(ctx, good.DeviceID); len(bs) != 1 {
 		t.Errorf("b holds %d bundles of the device, want 1 (the forged one refused)", len(bs))
 	}
@@ -150,21 +138,7 @@ func TestServicePublishesToTheShardsHolders(t *testing.T) {
 	if err := a.Start(ctx); err != ErrClosed {
 		t.Errorf("Start after Close: %v, want ErrClosed", err)
 	}
-	waitFor(t, "the package's goroutines to end", 5*time.Second, func() bool { return len(packageGoroutines()) == 0 })
-}
-
-// packageGoroutines returns the stacks of goroutines running this package's
-// non-test code.
-func packageGoroutines() []string {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for _, s := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(s, "/node/gossip/") && !strings.Contains(s, "_test.go") {
-			out = append(out, s)
-		}
-	}
-	return out
+	nodetest.WaitFor(t, "the package's goroutines to end", 5*time.Second, func() bool { return len(nodetest.Goroutines("node/gossip")) == 0 })
 }
 
 // Config: zero budgets take the defaults; what cannot work is refused.

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/mls/mlstest"
 	"github.com/kpnode/kpnode/protocol/pb"
@@ -36,12 +36,7 @@ type storeIngester struct {
 
 func newStoreIngester(t testing.TB, policy protocol.Policy, maxPerDevice int) *storeIngester {
 	t.Helper()
-	store, err := storage.Open(storage.Options{Dir: filepath.Join(t.TempDir(), "store"), MaxPerDevice: maxPerDevice,
-		NoSync: true, Logger: discard, ShardCount: testShards, MinFreeDisk: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { store.Close() })
+	store := nodetest.OpenStore(t, storage.Options{MaxPerDevice: maxPerDevice, Logger: discard, ShardCount: testShards})
 	return &storeIngester{policy: policy, store: store}
 }
 
@@ -309,7 +304,7 @@ func TestGossipValidatorGuard(t *testing.T) {
 		}
 	}
 	for verdict, want := range map[string]float64{"accept": 1, "reject": 2, "ignore": 1} {
-		if got := counterValue(t, reg, "kpnode_gossip_validations_total", "verdict", verdict); got != want {
+		if got := nodetest.Counter(t, reg, "kpnode_gossip_validations_total", "verdict", verdict); got != want {
 			t.Errorf("kpnode_gossip_validations_total{verdict=%q} = %v, want %v", verdict, got, want)
 		}
 	}

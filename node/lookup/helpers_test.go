@@ -1,11 +1,9 @@
 package lookup
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"io"
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,10 +12,10 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -34,10 +32,6 @@ func testPolicy() protocol.Policy {
 	p.MLS = protocol.MLSOff
 	return p
 }
-
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
-func seedKey(b byte) ed25519.PrivateKey { return ed25519.NewKeyFromSeed(bytes.Repeat([]byte{b}, 32)) }
 
 // clock is a settable clock starting at the wall time.
 type clock struct{ off atomic.Int64 }
@@ -142,11 +136,7 @@ type world struct {
 
 func newWorld(t testing.TB, mutate func(*Config)) *world {
 	t.Helper()
-	floors, err := storage.Open(storage.Options{Dir: t.TempDir(), NoSync: true, Logger: quietLogger(), MinFreeDisk: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { floors.Close() })
+	floors := nodetest.OpenStore(t, storage.Options{})
 	w := &world{t: t, floors: floors, clock: &clock{}, find: &finder{}, pipes: fetchtest.New(self),
 		reg: prometheus.NewRegistry(), stores: map[peer.ID]*memStore{}}
 	t.Cleanup(w.pipes.Wait)
@@ -165,7 +155,7 @@ func (w *world) newLookup(mutate func(*Config)) *Lookup {
 	}
 	cfg := Config{Holders: w.find, Fetcher: client, Floors: w.floors, Self: self, ShardCount: shardCount,
 		Retention: testPolicy().Retention, Timeout: 5 * time.Second, Grace: 50 * time.Millisecond,
-		Now: w.clock.Now, Logger: quietLogger()}
+		Now: w.clock.Now, Logger: nodetest.QuietLogger()}
 	if w.lookup == nil {
 		cfg.Registerer = w.reg
 	}
@@ -187,7 +177,7 @@ func (w *world) newLookup(mutate func(*Config)) *Lookup {
 func (w *world) server(st *memStore) *fetch.Server {
 	w.t.Helper()
 	srv, err := fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: st,
-		Holds: func(protocol.Key) bool { return true }, Logger: quietLogger()})
+		Holds: func(protocol.Key) bool { return true }, Logger: nodetest.QuietLogger()})
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -235,27 +225,13 @@ func (w *world) stalling(id peer.ID) {
 }
 
 func (w *world) count(kind, result string) float64 {
-	var m dto.Metric
 	c, err := w.lookup.lookups.GetMetricWithLabelValues(kind, result)
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	_ = c.Write(&m)
-	return m.GetCounter().GetValue()
+	return nodetest.Value(c)
 }
 
 func bundleAt(key ed25519.PrivateKey, ts time.Time, kp string) protocol.Bundle {
 	return protocol.SignBundle(key, uint64(ts.UnixMilli()), []byte(kp))
-}
-
-// waitFor polls cond until it holds, failing t after 10 s.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/kpnode/kpnode/node/fetch"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -25,12 +26,12 @@ func TestLookupBetterRecordWinsWithinTheGrace(t *testing.T) {
 	fast := w.holder("fast")
 	slow := w.delayed("slow", release)
 	w.find.set(true, "fast", "slow")
-	dev := seedKey(1)
+	dev := nodetest.SeedKey(1)
 	now := time.Now()
 	old, newer := bundleAt(dev, now.Add(-time.Minute), "old"), bundleAt(dev, now, "new")
 	fast.putBundle(old)
 	slow.putBundle(newer)
-	acct := seedKey(2)
+	acct := nodetest.SeedKey(2)
 	a1 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
 	a2 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(2, nil))
 	fast.putAccount(a1)
@@ -38,7 +39,7 @@ func TestLookupBetterRecordWinsWithinTheGrace(t *testing.T) {
 
 	// The lagging holder answers only once the fast one has been asked.
 	go func() {
-		waitFor(t, "the fast holder asked", func() bool { return w.pipes.Opened() >= 2 })
+		nodetest.WaitFor(t, "the fast holder asked", 10*time.Second, func() bool { return w.pipes.Opened() >= 2 })
 		close(release)
 	}()
 	start := time.Now()
@@ -71,7 +72,7 @@ func TestLookupLyingHolderCannotRollBackTheFloor(t *testing.T) {
 	w := newWorld(t, nil)
 	honest := w.holder("honest")
 	w.find.set(false, "honest")
-	acct := seedKey(3)
+	acct := nodetest.SeedKey(3)
 	a1 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
 	a2 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(2, nil))
 	honest.putAccount(a2)
@@ -96,7 +97,7 @@ func TestLookupLyingHolderCannotRollBackTheFloor(t *testing.T) {
 	}
 
 	// Bundles alike.
-	dev := seedKey(4)
+	dev := nodetest.SeedKey(4)
 	now := time.Now()
 	b1, b2 := bundleAt(dev, now.Add(-time.Minute), "v1"), bundleAt(dev, now, "v2")
 	honest.putBundle(b2)
@@ -157,7 +158,7 @@ func TestLookupCacheHitRefreshAndNegativeCache(t *testing.T) {
 	w := newWorld(t, nil)
 	h := w.holder("h")
 	w.find.set(false, "h")
-	dev := seedKey(5)
+	dev := nodetest.SeedKey(5)
 	now := time.Now()
 	b1, b2 := bundleAt(dev, now.Add(-time.Minute), "v1"), bundleAt(dev, now, "v2")
 	h.putBundle(b1)
@@ -181,7 +182,7 @@ func TestLookupCacheHitRefreshAndNegativeCache(t *testing.T) {
 	if got, err := w.lookup.Bundle(ctx, b1.DeviceID); err != nil || string(got.Payload) != string(b1.Payload) {
 		t.Fatalf("old hit: %v, want the cached v1 at once", err)
 	}
-	waitFor(t, "the background refresh", func() bool { return w.count("bundle", "found") == 2 })
+	nodetest.WaitFor(t, "the background refresh", 10*time.Second, func() bool { return w.count("bundle", "found") == 2 })
 	if got, err := w.lookup.Bundle(ctx, b1.DeviceID); err != nil || string(got.Payload) != string(b2.Payload) {
 		t.Fatalf("after the refresh: %v, want v2", err)
 	}
@@ -218,7 +219,7 @@ func TestLookupCacheSurvivesOutageAndLaggingHolder(t *testing.T) {
 	w := newWorld(t, func(c *Config) { c.Timeout, c.Grace = 50*time.Millisecond, 10*time.Millisecond })
 	h := w.holder("h")
 	w.find.set(false, "h")
-	acct := seedKey(6)
+	acct := nodetest.SeedKey(6)
 	a2 := protocol.SignAccount(acct, protocol.EncodeAccountPayload(2, nil))
 	h.putAccount(a2)
 	ctx := t.Context()
@@ -230,7 +231,7 @@ func TestLookupCacheSurvivesOutageAndLaggingHolder(t *testing.T) {
 	if got, err := w.lookup.Account(ctx, a2.AccountPub); err != nil || got.Lamport != 2 {
 		t.Fatalf("hit during an outage: %v", err)
 	}
-	waitFor(t, "the failed refresh", func() bool { return w.count("account", "unavailable") == 1 })
+	nodetest.WaitFor(t, "the failed refresh", 10*time.Second, func() bool { return w.count("account", "unavailable") == 1 })
 	if got, err := w.lookup.Account(ctx, a2.AccountPub); err != nil || got.Lamport != 2 {
 		t.Fatalf("hit after a failed refresh: %v", err)
 	}
@@ -246,7 +247,7 @@ func TestLookupCloseEndsQueries(t *testing.T) {
 	k[0] = 11
 	errc := make(chan error, 1)
 	go func() { _, err := w.lookup.Bundle(context.Background(), k); errc <- err }()
-	waitFor(t, "the stalling holder asked", func() bool { return w.pipes.Opened() == 1 })
+	nodetest.WaitFor(t, "the stalling holder asked", 10*time.Second, func() bool { return w.pipes.Opened() == 1 })
 	start := time.Now()
 	if err := w.lookup.Close(); err != nil {
 		t.Fatal(err)
@@ -267,7 +268,7 @@ func TestLookupCloseEndsQueries(t *testing.T) {
 func TestLookupSkipsSelfAndNotHolders(t *testing.T) {
 	w := newWorld(t, func(c *Config) { c.Timeout, c.Grace = 100*time.Millisecond, 10*time.Millisecond })
 	w.pipes.Handle(self, func(s network.Stream, _ peer.ID) { t.Error("the node asked itself"); s.Close() })
-	srv, err := fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: newMemStore(), Logger: quietLogger()}) // holds no shard
+	srv, err := fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: newMemStore(), Logger: nodetest.QuietLogger()}) // holds no shard
 	if err != nil {
 		t.Fatal(err)
 	}
