@@ -38,9 +38,7 @@ func FuzzSyncRequest(f *testing.F) {
 		s.putBundles(f, newBundle(0))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s.pen.mu.Lock()
-		s.pen.got = nil
-		s.pen.mu.Unlock()
+		s.pen.reset()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		defer cancel()
 		a, b := net.Pipe()
@@ -101,9 +99,7 @@ func FuzzSyncResponse(f *testing.F) {
 		s.putBundles(f, newBundle(0))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s.pen.mu.Lock()
-		s.pen.got = nil
-		s.pen.mu.Unlock()
+		s.pen.reset()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		defer cancel()
 		a, c := net.Pipe()

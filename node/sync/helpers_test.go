@@ -16,6 +16,7 @@ import (
 	"github.com/libp2p/go-msgio/pbio"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -69,6 +70,13 @@ func (p *penalties) Penalize(_ peer.ID, proto, reason string) {
 	p.got = append(p.got, proto+"/"+reason)
 }
 
+// reset forgets the penalties recorded so far.
+func (p *penalties) reset() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.got = nil
+}
+
 func (p *penalties) list() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -85,12 +93,7 @@ type side struct {
 
 func newSide(t testing.TB, roundTimeout time.Duration) *side {
 	t.Helper()
-	st, err := storage.Open(storage.Options{Dir: t.TempDir(), MaxPerDevice: 8, Retention: testPolicy.Retention,
-		NoSync: true, ShardCount: testShards, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := nodetest.OpenStore(t, storage.Options{MaxPerDevice: 8, Retention: testPolicy.Retention, ShardCount: testShards})
 	shards, err := protocol.ParseShardSet("0", testShards)
 	if err != nil {
 		t.Fatal(err)

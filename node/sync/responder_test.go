@@ -6,12 +6,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
 
 // scannedBy returns the items the responder's scans read so far.
 func scannedBy(s *side) float64 {
-	return counterValue(s.local.Metrics.scanned.WithLabelValues("responder"))
+	return nodetest.Value(s.local.Metrics.scanned.WithLabelValues("responder"))
 }
 
 // A hostile initiator's requests that are cheap to send and expensive to

@@ -2,7 +2,6 @@ package sync
 
 import (
 	"context"
-	"runtime"
 	"strings"
 	gosync "sync"
 	"testing"
@@ -15,15 +14,11 @@ import (
 	"github.com/libp2p/go-msgio/pbio"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
 )
-
-func stacks() string {
-	buf := make([]byte, 1<<22)
-	return string(buf[:runtime.Stack(buf, true)])
-}
 
 // Two services on go-libp2p's in-memory network (no sockets) reconcile a
 // shard both ways through SyncNow, count what they moved, penalize
@@ -121,7 +116,7 @@ func TestServiceSyncNowAndClose(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if s := stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
+	if s := nodetest.Stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
 		t.Fatalf("sync goroutines left after Close:\n%s", s)
 	}
 }
@@ -174,6 +169,27 @@ func serviceOn(t *testing.T, mn mocknet.Mocknet, s *side) (*Service, peer.ID) {
 	return svc, h.ID()
 }
 
+// floodTarget starts a service over a new side on the in-memory network and
+// an attacker's host connected to it.
+func floodTarget(t *testing.T) (s *side, svc *Service, id peer.ID, attacker host.Host) {
+	t.Helper()
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	s = newSide(t, 5*time.Second)
+	svc, id = serviceOn(t, mn, s)
+	attacker, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mn.ConnectPeers(attacker.ID(), id); err != nil {
+		t.Fatal(err)
+	}
+	return s, svc, id, attacker
+}
+
 // Parallel and rapid sessions from one peer are refused (the stream reset
 // before anything is read), counted by reason, and a peer that keeps
 // opening them is penalized; on the in-memory network, in well under a
@@ -194,17 +210,7 @@ func TestServiceRefusesSessionFloods(t *testing.T) {
 		return st, resp.Status == pb.SyncResponse_STATUS_OK
 	}
 	t.Run("parallel", func(t *testing.T) {
-		mn := mocknet.New()
-		defer mn.Close()
-		s := newSide(t, 5*time.Second)
-		svc, id := serviceOn(t, mn, s)
-		attacker, _ := mn.GenPeer()
-		if err := mn.LinkAll(); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := mn.ConnectPeers(attacker.ID(), id); err != nil {
-			t.Fatal(err)
-		}
+		s, svc, id, attacker := floodTarget(t)
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		defer cancel()
 		var wg gosync.WaitGroup
@@ -228,7 +234,7 @@ func TestServiceRefusesSessionFloods(t *testing.T) {
 		if len(held) != maxPeerSessions {
 			t.Errorf("%d parallel sessions served, want %d", len(held), maxPeerSessions)
 		}
-		if r := counterValue(svc.local.Metrics.refusal.WithLabelValues("peer_sessions")); r != 10 {
+		if r := nodetest.Value(svc.local.Metrics.refusal.WithLabelValues("peer_sessions")); r != 10 {
 			t.Errorf("%v sessions refused, want 10", r)
 		}
 		if p := s.pen.list(); len(p) == 0 || p[0] != "sync/peer_sessions" {
@@ -236,17 +242,7 @@ func TestServiceRefusesSessionFloods(t *testing.T) {
 		}
 	})
 	t.Run("rapid", func(t *testing.T) {
-		mn := mocknet.New()
-		defer mn.Close()
-		s := newSide(t, 5*time.Second)
-		svc, id := serviceOn(t, mn, s)
-		attacker, _ := mn.GenPeer()
-		if err := mn.LinkAll(); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := mn.ConnectPeers(attacker.ID(), id); err != nil {
-			t.Fatal(err)
-		}
+		s, svc, id, attacker := floodTarget(t)
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		defer cancel()
 		start := time.Now()
@@ -262,7 +258,7 @@ func TestServiceRefusesSessionFloods(t *testing.T) {
 		if limit := burst + int(time.Since(start)/peerRefill) + 1; served > limit || served < burst {
 			t.Errorf("%d rapid sessions served, want %d to %d", served, burst, limit)
 		}
-		if r := counterValue(svc.local.Metrics.refusal.WithLabelValues("peer_rate")); r < float64(burst+maxStrikes) {
+		if r := nodetest.Value(svc.local.Metrics.refusal.WithLabelValues("peer_rate")); r < float64(burst+maxStrikes) {
 			t.Errorf("%v sessions refused for the rate", r)
 		}
 		if p := s.pen.list(); len(p) == 0 || p[0] != "sync/peer_rate" {

@@ -12,9 +12,9 @@ import (
 	"time"
 
 	"github.com/libp2p/go-msgio/pbio"
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -91,7 +91,7 @@ func TestHonestSessionsConverge(t *testing.T) {
 	if p := append(a.pen.list(), b.pen.list()...); len(p) != 0 {
 		t.Errorf("penalties: %v", p)
 	}
-	if r := counterValue(b.local.Metrics.rounds); r < 4 {
+	if r := nodetest.Value(b.local.Metrics.rounds); r < 4 {
 		t.Errorf("%v rounds counted", r)
 	}
 }
@@ -353,12 +353,7 @@ func TestLyingResponder(t *testing.T) {
 // nothing.
 func TestRefusedItemsAreNotWantedAgain(t *testing.T) {
 	a, b := newSide(t, time.Second), newSide(t, time.Second)
-	st, err := storage.Open(storage.Options{Dir: t.TempDir(), MaxPerDevice: 2, Retention: testPolicy.Retention,
-		NoSync: true, ShardCount: testShards, Logger: b.local.Log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := nodetest.OpenStore(t, storage.Options{MaxPerDevice: 2, Retention: testPolicy.Retention, ShardCount: testShards, Logger: b.local.Log})
 	b.store, b.local.Set, b.local.Ingester = st, st, storeIngester{st}
 	dev := keyIn(0)
 	now := uint64(time.Now().UnixMilli())
@@ -382,10 +377,4 @@ func TestRefusedItemsAreNotWantedAgain(t *testing.T) {
 	if got := b.digest(storage.BundleSet).Count; got != 2 {
 		t.Errorf("b holds %d bundles, want 2", got)
 	}
-}
-
-func counterValue(c interface{ Write(*dto.Metric) error }) float64 {
-	var m dto.Metric
-	_ = c.Write(&m)
-	return m.GetCounter().GetValue()
 }
