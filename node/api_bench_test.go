@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -45,7 +46,7 @@ func benchGET(b *testing.B, hc *http.Client, url string) {
 
 func BenchmarkGetAccount(b *testing.B) {
 	n, base := testNode(b, nil)
-	a := protocol.SignAccount(seedKey(4), protocol.EncodeAccountPayload(3, []protocol.Key{{1}, {2}}))
+	a := protocol.SignAccount(nodetest.SeedKey(4), protocol.EncodeAccountPayload(3, []protocol.Key{{1}, {2}}))
 	if err := n.SubmitAccount(b.Context(), &a); err != nil {
 		b.Fatal(err)
 	}
@@ -54,7 +55,7 @@ func BenchmarkGetAccount(b *testing.B) {
 
 func BenchmarkGetKeyPackage(b *testing.B) {
 	n, base := testNode(b, nil)
-	kp := protocol.SignBundle(seedKey(1), nowMS(), bytes.Repeat([]byte{'k'}, 2800))
+	kp := protocol.SignBundle(nodetest.SeedKey(1), nowMS(), bytes.Repeat([]byte{'k'}, 2800))
 	if err := n.SubmitBundle(b.Context(), &kp); err != nil {
 		b.Fatal(err)
 	}
@@ -83,7 +84,7 @@ func BenchmarkPostKeyPackage(b *testing.B) {
 			// Pre-sign so the benchmark measures the node, not the client.
 			bodies := make([][]byte, b.N)
 			for i := range bodies {
-				kp := protocol.SignBundle(seedKey(byte(i%200)), nowMS()+uint64(i/200), bytes.Repeat([]byte{'k'}, 512))
+				kp := protocol.SignBundle(nodetest.SeedKey(byte(i%200)), nowMS()+uint64(i/200), bytes.Repeat([]byte{'k'}, 512))
 				bodies[i] = []byte(mustJSON(bundleJSON(kp)))
 			}
 			var next atomic.Int64

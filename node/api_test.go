@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"encoding/base64"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -82,8 +82,6 @@ func postJSON(t testing.TB, url string, v any) reply {
 	return do(t, http.MethodPost, url, "application/json", string(b))
 }
 
-func seedKey(b byte) ed25519.PrivateKey { return ed25519.NewKeyFromSeed(bytes.Repeat([]byte{b}, 32)) }
-
 var b64 = base64.StdEncoding
 
 func bundleJSON(b protocol.Bundle) map[string]string {
@@ -109,7 +107,7 @@ func expect(t testing.TB, r reply, code int, body string) {
 // Vectors B and C of chat-store-compat.md, byte for byte.
 func TestAccountVectorsBC(t *testing.T) {
 	_, base := testNode(t, nil)
-	acct, k1, k2 := seedKey(4), seedKey(1), seedKey(2)
+	acct, k1, k2 := nodetest.SeedKey(4), nodetest.SeedKey(1), nodetest.SeedKey(2)
 	var d1, d2 protocol.Key
 	copy(d1[:], k1.Public().(ed25519.PublicKey))
 	copy(d2[:], k2.Public().(ed25519.PublicKey))
@@ -143,7 +141,7 @@ func TestAccountVectorsBC(t *testing.T) {
 // key_package signed by the same key now is accepted and served byte for byte.
 func TestKeyPackageVectorAAndFreshSigning(t *testing.T) {
 	n, base := testNode(t, nil)
-	dev1 := seedKey(1)
+	dev1 := nodetest.SeedKey(1)
 	va := protocol.SignBundle(dev1, 1700000000000, []byte("fake-mls-keypackage-bytes"))
 	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(va)), 400,
 		`{"error":"payload: timestamp 1700000000000 is older than the retention of 720h0m0s"}`)
@@ -172,7 +170,7 @@ func TestKeyPackageVectorAAtItsOwnTime(t *testing.T) {
 
 func TestOlderBundleDoesNotBecomeLatest(t *testing.T) {
 	_, base := testNode(t, nil)
-	dev := seedKey(7)
+	dev := nodetest.SeedKey(7)
 	now := nowMS()
 	newer := protocol.SignBundle(dev, now, []byte("newer"))
 	older := protocol.SignBundle(dev, now-60_000, []byte("older"))
@@ -186,7 +184,7 @@ func TestOlderBundleDoesNotBecomeLatest(t *testing.T) {
 // millisecond; kpnode keeps both.
 func TestSameMillisecondSubmissions(t *testing.T) {
 	n, base := testNode(t, nil)
-	dev := seedKey(8)
+	dev := nodetest.SeedKey(8)
 	ts := nowMS()
 	var wg sync.WaitGroup
 	codes := make([]int, 8)
@@ -212,7 +210,7 @@ func TestSameMillisecondSubmissions(t *testing.T) {
 // Every refusal answers the documented JSON error and stores nothing.
 func TestRefusalsStoreNothing(t *testing.T) {
 	n, base := testNode(t, nil)
-	dev := seedKey(1)
+	dev := nodetest.SeedKey(1)
 	good := protocol.SignBundle(dev, nowMS(), []byte("kp"))
 	gj := bundleJSON(good)
 	with := func(m map[string]string, k, v string) map[string]string {
@@ -230,8 +228,8 @@ func TestRefusalsStoreNothing(t *testing.T) {
 	short := protocol.Bundle{DeviceID: good.DeviceID, Payload: []byte("1234567")}
 	copy(short.Signature[:], ed25519.Sign(dev, short.Payload))
 	future := protocol.SignBundle(dev, nowMS()+10*60_000, []byte("kp"))
-	acct := protocol.SignAccount(seedKey(4), protocol.EncodeAccountPayload(1, nil))
-	noHeader := protocol.SignAccount(seedKey(4), []byte("libchat:account-device-bundle\x00\x01\x00"))
+	acct := protocol.SignAccount(nodetest.SeedKey(4), protocol.EncodeAccountPayload(1, nil))
+	noHeader := protocol.SignAccount(nodetest.SeedKey(4), []byte("libchat:account-device-bundle\x00\x01\x00"))
 	wrongSig := with(gj, "signature", b64.EncodeToString(ed25519.Sign(dev, []byte("other"))))
 
 	cases := []struct {
@@ -298,12 +296,12 @@ func mustJSON(v any) string {
 
 func TestStatusHealthAndMetrics(t *testing.T) {
 	_, base := testNode(t, nil)
-	b := protocol.SignBundle(seedKey(3), nowMS(), []byte("kp"))
+	b := protocol.SignBundle(nodetest.SeedKey(3), nowMS(), []byte("kp"))
 	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
 	bad := bundleJSON(b)
 	bad["signature"] = b64.EncodeToString(make([]byte, 64))
 	expect(t, postJSON(t, base+"/v0/keypackage", bad), 400, "*")
-	expect(t, postJSON(t, base+"/v0/account", accountJSON(protocol.SignAccount(seedKey(4), protocol.EncodeAccountPayload(0, nil)))), 204, "")
+	expect(t, postJSON(t, base+"/v0/account", accountJSON(protocol.SignAccount(nodetest.SeedKey(4), protocol.EncodeAccountPayload(0, nil)))), 204, "")
 
 	expect(t, do(t, "GET", base+"/healthz", "", ""), 200, `{"status":"ok"}`)
 	r := do(t, "GET", base+"/v1/status", "", "")

@@ -9,6 +9,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/kpnode/kpnode/node/fetch"
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
@@ -29,7 +30,7 @@ func TestFetchIsWiredOnTheHost(t *testing.T) {
 	}
 	var held, missing, foreign *protocol.Bundle
 	for i := byte(80); held == nil || missing == nil || foreign == nil; i++ {
-		b := protocol.SignBundle(seedKey(i), nowMS(), []byte("an opaque keypackage"))
+		b := protocol.SignBundle(nodetest.SeedKey(i), nowMS(), []byte("an opaque keypackage"))
 		switch {
 		case protocol.Shard(b.DeviceID, protocol.DefaultShardCount) != 0:
 			if foreign == nil {

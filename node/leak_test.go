@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -19,17 +20,7 @@ var nodeFrame = regexp.MustCompile(`/node/((fetch|lookup|discovery|sync)/[a-z_]+
 
 // goroutines returns the stacks of every goroutine but the caller's.
 func goroutines() []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-	stacks := strings.Split(string(buf), "\n\n")
-	return stacks[1:] // the first is this goroutine
+	return strings.Split(nodetest.Stacks(), "\n\n")[1:] // the first is this goroutine
 }
 
 // trafficRound starts two full nodes and a light node, publishes through
@@ -48,11 +39,11 @@ func trafficRound(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	h1, h2 := fullNodes(t, addrs)
-	b := protocol.SignBundle(seedKey(71), nowMS(), []byte("an opaque keypackage"))
-	a := protocol.SignAccount(seedKey(72), protocol.EncodeAccountPayload(1, nil))
+	b := protocol.SignBundle(nodetest.SeedKey(71), nowMS(), []byte("an opaque keypackage"))
+	a := protocol.SignAccount(nodetest.SeedKey(72), protocol.EncodeAccountPayload(1, nil))
 	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
 	submitAccountTo(t, &a, h1, h2)
-	waitFor(t, "the outbox to deliver", 30*time.Second, func() bool {
+	nodetest.WaitFor(t, "the outbox to deliver", 30*time.Second, func() bool {
 		return light.outbox.Len() == 0 && h1.Provided() && h2.Provided() && light.DHTPeers() > 0
 	})
 	expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -46,23 +47,12 @@ func submitAccountTo(t testing.TB, a *protocol.AccountBundle, nodes ...*Node) {
 	}
 }
 
-func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // A lookup that reaches no holder is a 503 with a JSON error, not a 404,
 // and is not remembered: the first GET once a holder is reachable finds the
 // record. A real miss stays a 404.
 func TestUnreachableNetworkIs503NotCachedMiss(t *testing.T) {
 	light, base := lightNode(t, nil)
-	acct := seedKey(41)
+	acct := nodetest.SeedKey(41)
 	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, nil))
 	url := base + "/v0/account/" + a.AccountPub.String()
 
@@ -83,7 +73,7 @@ func TestUnreachableNetworkIs503NotCachedMiss(t *testing.T) {
 	}
 	h1, h2 := fullNodes(t, addrs)
 	submitAccountTo(t, &a, h1, h2)
-	waitFor(t, "holders ready", 30*time.Second, func() bool {
+	nodetest.WaitFor(t, "holders ready", 30*time.Second, func() bool {
 		return h1.Provided() && h2.Provided() && light.DHTPeers() > 0
 	})
 	r = do(t, "GET", url, "", "")

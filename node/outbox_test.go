@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -41,7 +42,7 @@ func TestOutboxDeliversAcrossRestart(t *testing.T) {
 	dir := t.TempDir()
 	cfg := func(c *Config) { c.DataDir = dir }
 	light, base := lightNode(t, cfg)
-	dev, acct := seedKey(51), seedKey(52)
+	dev, acct := nodetest.SeedKey(51), nodetest.SeedKey(52)
 	b := protocol.SignBundle(dev, nowMS(), []byte("an opaque keypackage"))
 	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, []protocol.Key{b.DeviceID}))
 	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
@@ -75,7 +76,7 @@ func TestOutboxDeliversAcrossRestart(t *testing.T) {
 		_, aerr := h.store.Account(ctx, a.AccountPub)
 		return err == nil && bytes.Equal(got.Payload, b.Payload), aerr == nil
 	}
-	waitFor(t, "the publications to reach a holder and leave the outbox", 30*time.Second, func() bool {
+	nodetest.WaitFor(t, "the publications to reach a holder and leave the outbox", 30*time.Second, func() bool {
 		b1, a1 := held(h1)
 		b2, a2 := held(h2)
 		return (b1 || b2) && (a1 || a2) && light.outbox.Len() == 0
@@ -95,7 +96,7 @@ func TestOutboxFullIs503(t *testing.T) {
 	var foreign []protocol.Bundle
 	var held *protocol.Bundle
 	for i := byte(60); len(foreign) < 2 || held == nil; i++ {
-		b := protocol.SignBundle(seedKey(i), nowMS(), []byte("an opaque keypackage"))
+		b := protocol.SignBundle(nodetest.SeedKey(i), nowMS(), []byte("an opaque keypackage"))
 		if protocol.Shard(b.DeviceID, protocol.DefaultShardCount) == 0 {
 			if held == nil {
 				held = &b

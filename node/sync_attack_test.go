@@ -1,16 +1,13 @@
 package node
 
 import (
-	"bufio"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
 	"log/slog"
-	"net/http/httptest"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -23,36 +20,11 @@ import (
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
 )
-
-// metricSum adds up the samples of a metric whose line contains every
-// one of match (label pairs such as `role="initiator"`).
-func metricSum(t testing.TB, n *Node, name string, match ...string) float64 {
-	t.Helper()
-	rec := httptest.NewRecorder()
-	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	total := 0.0
-	sc := bufio.NewScanner(rec.Body)
-	sc.Buffer(nil, 1<<20)
-lines:
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		for _, m := range match {
-			if !strings.Contains(line, m) {
-				continue lines
-			}
-		}
-		v, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
-		total += v
-	}
-	return total
-}
 
 func waitUntil(t testing.TB, ctx context.Context, what string, cond func() bool) {
 	t.Helper()
@@ -213,7 +185,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 			before := heapInUse()
 			h, rounds := hostileResponder(t, n, tc.answer)
 			waitUntil(t, ctx, "the ban", func() bool { return n.guard.banned(h.ID()) })
-			if got := metricSum(t, n, "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+tc.reason+`"`); got != 1 {
+			if got := nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+tc.reason+`"`); got != 1 {
 				t.Errorf("penalties for %s: %v, want 1", tc.reason, got)
 			}
 			if r := rounds.Load(); r > tc.maxRounds {
@@ -224,7 +196,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 				t.Errorf("heap grew by %d MiB", grown>>20)
 			}
 			// One pass over the node's store per round at most.
-			if scanned := metricSum(t, n, "kpnode_sync_items_scanned_total", `role="initiator"`); scanned > float64(400*rounds.Load()) {
+			if scanned := nodetest.Scrape(t, n.Handler(), "kpnode_sync_items_scanned_total", `role="initiator"`); scanned > float64(400*rounds.Load()) {
 				t.Errorf("scanned %v items in %d rounds", scanned, rounds.Load())
 			}
 			waitUntil(t, ctx, "the disconnect", func() bool { return n.host.Network().Connectedness(h.ID()) != network.Connected })
@@ -234,7 +206,7 @@ func TestHostileSyncResponderIsCutOff(t *testing.T) {
 				}
 				s.Reset()
 			}
-			t.Logf("%d rounds, %v items scanned, heap %+.1f MiB", rounds.Load(), metricSum(t, n, "kpnode_sync_items_scanned_total", `role="initiator"`), float64(grown)/(1<<20))
+			t.Logf("%d rounds, %v items scanned, heap %+.1f MiB", rounds.Load(), nodetest.Scrape(t, n.Handler(), "kpnode_sync_items_scanned_total", `role="initiator"`), float64(grown)/(1<<20))
 		})
 	}
 }
@@ -273,10 +245,10 @@ func TestHonestSyncIsNeverPenalized(t *testing.T) {
 		}
 	}
 	for _, n := range []*Node{a, b} {
-		if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 {
+		if p := nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total"); p != 0 {
 			t.Errorf("penalties: %v", p)
 		}
-		if r := metricSum(t, n, "kpnode_sync_sessions_refused_total"); r != 0 {
+		if r := nodetest.Scrape(t, n.Handler(), "kpnode_sync_sessions_refused_total"); r != 0 {
 			t.Errorf("refused sessions: %v", r)
 		}
 	}
@@ -309,7 +281,7 @@ func TestRefusedItemsAreNotPulledAgain(t *testing.T) {
 	defer cancel()
 	connect(t, b, a)
 	pulledBy := func() float64 {
-		return metricSum(t, b, "kpnode_bundles_accepted_total", `source="sync"`)
+		return nodetest.Scrape(t, b.Handler(), "kpnode_bundles_accepted_total", `source="sync"`)
 	}
 	waitUntil(t, ctx, "the first pull", func() bool { return pulledBy() >= 8 })
 	if _, err := b.SyncNow(ctx, a.host.ID(), shard); err != nil {
@@ -346,7 +318,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	waitUntil(t, ctx, "sessions in flight", func() bool {
-		return strings.Contains(stacks(), "node/sync.(*Initiator).Run")
+		return strings.Contains(nodetest.Stacks(), "node/sync.(*Initiator).Run")
 	})
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
@@ -354,12 +326,7 @@ func TestSyncGoroutinesEndOnClose(t *testing.T) {
 	if err := peerNode.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if s := stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
+	if s := nodetest.Stacks(); strings.Contains(s, "node/sync.(*Service)") || strings.Contains(s, "node/sync.(*Initiator)") || strings.Contains(s, "node/sync.(*Responder)") {
 		t.Fatalf("sync goroutines left after Close:\n%s", s)
 	}
-}
-
-func stacks() string {
-	buf := make([]byte, 1<<22)
-	return string(buf[:runtime.Stack(buf, true)])
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/internal/nodetest"
 	kpsync "github.com/kpnode/kpnode/node/sync"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
@@ -80,14 +81,14 @@ func TestSyncLargeShardIntoEmptyNodeIsNotPenalized(t *testing.T) {
 	waitUntil(t, ctx, "b to hold a's shard", func() bool { return count(b) == items })
 	t.Logf("synced in %v", time.Since(start))
 	for _, n := range []*Node{a, b} {
-		if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 {
+		if p := nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total"); p != 0 {
 			t.Errorf("penalties: %v", p)
 		}
 	}
 	if a.guard.banned(b.host.ID()) || b.guard.banned(a.host.ID()) {
 		t.Error("an honest peer was banned")
 	}
-	t.Logf("responder scanned %v items for %d", metricSum(t, a, "kpnode_sync_items_scanned_total", `role="responder"`), items)
+	t.Logf("responder scanned %v items for %d", nodetest.Scrape(t, a.Handler(), "kpnode_sync_items_scanned_total", `role="responder"`), items)
 }
 
 // A listing may name an item ID twice (two items of one 64-bit ID, a
@@ -125,7 +126,7 @@ func TestSyncDuplicateListedIDIsNoViolation(t *testing.T) {
 	if got, _ := wants.Load().([]uint64); len(got) != 1 || got[0] != id {
 		t.Errorf("wanted %x, want [%x]", got, id)
 	}
-	if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
+	if p := nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
 		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
 	}
 }
@@ -161,7 +162,7 @@ func TestSyncLargeSingleKeyListingsStayWithinCaps(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	waitUntil(t, ctx, "every child range to be asked", func() bool { return asked.Load() == 256 || n.guard.banned(h.ID()) })
-	if p := metricSum(t, n, "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
+	if p := nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total"); p != 0 || n.guard.banned(h.ID()) {
 		t.Errorf("penalties %v, banned %v", p, n.guard.banned(h.ID()))
 	}
 }
