@@ -15,15 +15,14 @@ import (
 	"testing/synctest"
 	"time"
 
-	"github.com/ipfs/go-cid"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
-	mh "github.com/multiformats/go-multihash"
 
 	"github.com/kpnode/kpnode/node"
+	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/testnet/simnet"
@@ -38,15 +37,6 @@ type liar struct {
 	mu       sync.Mutex
 	accounts map[protocol.Key]protocol.AccountBundle
 	bundles  map[protocol.Key]protocol.Bundle
-}
-
-// shardCID is the node's DHT name of a shard (node/dht.go).
-func shardCID(t *testing.T, netID string, shard int) cid.Cid {
-	sum, err := mh.Sum(protocol.ShardProviderKey(netID, shard), mh.SHA2_256, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cid.NewCidV1(cid.Raw, sum)
 }
 
 func startLiar(t *testing.T, ctx context.Context, nw *simnet.Network, n *node.Node) *liar {
@@ -71,7 +61,7 @@ func (l *liar) provide(t *testing.T, ctx context.Context, netID string) {
 		t.Fatal("liar never joined the DHT")
 	}
 	for s := 0; s < protocol.DefaultShardCount; s++ {
-		if err := l.dht.Provide(ctx, shardCID(t, netID, s), true); err != nil {
+		if err := l.dht.Provide(ctx, discovery.ShardCID(netID, s), true); err != nil {
 			t.Fatalf("liar provide shard %d: %v", s, err)
 		}
 	}

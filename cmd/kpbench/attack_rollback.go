@@ -14,21 +14,12 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
-	mh "github.com/multiformats/go-multihash"
 
+	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/testnet/launch/realnet"
 )
-
-// shardCID is the DHT key a node provides for a shard (node/dht.go).
-func shardCID(netID string, shard int) (cid.Cid, error) {
-	sum, err := mh.Sum(protocol.ShardProviderKey(netID, shard), mh.SHA2_256, -1)
-	if err != nil {
-		return cid.Undef, err
-	}
-	return cid.NewCidV1(cid.Raw, sum), nil
-}
 
 // liar is a hostile holder: a DHT server that provides every shard and
 // answers fetches of an account with the old, correctly signed version.
@@ -142,11 +133,7 @@ func attackRollback(ctx context.Context, o attackOpts) (*attackResult, error) {
 	}
 	var cids []cid.Cid
 	for s := 0; s < st.ShardCount; s++ {
-		k, err := shardCID(netID, s)
-		if err != nil {
-			return nil, err
-		}
-		cids = append(cids, k)
+		cids = append(cids, discovery.ShardCID(netID, s))
 	}
 	for i := 0; i < o.liars; i++ {
 		l, err := startLiar(ctx, netID, old, infos)
