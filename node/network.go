@@ -13,6 +13,7 @@ import (
 
 	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/node/gossip"
+	"github.com/kpnode/kpnode/node/internal/pause"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -124,21 +125,9 @@ func (n *Node) bootstrapLoop(ctx context.Context) {
 				backoff = min(2*backoff, 30*time.Second)
 			}
 		}
-		if !sleep(ctx, backoff) {
+		if !pause.For(ctx, backoff) {
 			return
 		}
-	}
-}
-
-// sleep waits for d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }
 

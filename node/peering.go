@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/kpnode/kpnode/node/internal/pause"
 )
 
 // Shard peering. Gossip and sync run only between connected peers, and in a
@@ -117,7 +119,7 @@ func (n *Node) peeringLoop(ctx context.Context) {
 	}
 	// Look every urgentPeeringWait; each shard is searched when its
 	// backoff allows.
-	for sleep(ctx, urgentPeeringWait) {
+	for pause.For(ctx, urgentPeeringWait) {
 		if n.dht.RoutingTableSize() == 0 {
 			continue
 		}

@@ -23,6 +23,7 @@ import (
 	mh "github.com/multiformats/go-multihash"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/internal/pause"
 	"github.com/kpnode/kpnode/protocol"
 )
 
@@ -218,7 +219,7 @@ func (s *Service) provideLoop(ctx context.Context, d *dht.IpfsDHT, shards []int)
 			s.provided.Store(true)
 			backoff = firstBackoff
 		}
-		if !sleep(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return
 		}
 	}
@@ -241,18 +242,6 @@ func (s *Service) provideAll(ctx context.Context, d *dht.IpfsDHT, shards []int) 
 		s.log.Debug("provided shards", "shards", shards)
 	}
 	return all
-}
-
-// sleep waits for d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }
 
 // Holders streams the peers that provide a shard (lookup.HolderFinder);
