@@ -21,19 +21,9 @@ func partitionScenario(t *testing.T, seed int64) []string {
 	t.Helper()
 	var log []string
 	synctest.Test(t, func(t *testing.T) {
-		nw, err := simnet.New(simnet.Options{Full: 20, ShardCount: 4, Replication: 5, Seed: seed, Logger: testLogger()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nw.Close()
+		nw := startSim(t, simnet.Options{Full: 20, ShardCount: 4, Replication: 5, Seed: seed})
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 		defer cancel()
-		if err := nw.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-		if err := nw.WaitReady(ctx); err != nil {
-			t.Fatal(err)
-		}
 		left, right := indexes(0, 10), indexes(10, 20)
 		bundle := func(shard int) protocol.Bundle {
 			b, err := nw.NewBundle(shard)

@@ -10,23 +10,32 @@ import (
 	"time"
 )
 
+// started builds a network with o in the caller's synctest bubble, starts
+// it and waits until it is ready. It returns the network, which t's cleanup
+// closes, and a context that ends after d of virtual time.
+func started(t *testing.T, o Options, d time.Duration) (*Network, context.Context) {
+	t.Helper()
+	nw, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nw.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	if err := nw.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := nw.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return nw, ctx
+}
+
 // TestSmoke: three full nodes on the simulated network form a network in
 // virtual time and a bundle published on one reaches the others.
 func TestSmoke(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		nw, err := New(Options{Full: 3, ShardCount: 2, Replication: 3, Seed: 1})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nw.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		if err := nw.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-		if err := nw.WaitReady(ctx); err != nil {
-			t.Fatal(err)
-		}
+		nw, ctx := started(t, Options{Full: 3, ShardCount: 2, Replication: 3, Seed: 1}, 2*time.Minute)
 		b, err := nw.NewBundle(0)
 		if err != nil {
 			t.Fatal(err)
@@ -87,19 +96,7 @@ func TestPlaceShards(t *testing.T) {
 // the others are all dropped.
 func TestLossAndPartitionDropPackets(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		nw, err := New(Options{Full: 3, ShardCount: 1, Replication: 3, Seed: 3, Loss: 0.05})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nw.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		if err := nw.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-		if err := nw.WaitReady(ctx); err != nil {
-			t.Fatal(err)
-		}
+		nw, ctx := started(t, Options{Full: 3, ShardCount: 1, Replication: 3, Seed: 3, Loss: 0.05}, 5*time.Minute)
 		b, err := nw.NewBundle(0)
 		if err != nil {
 			t.Fatal(err)
