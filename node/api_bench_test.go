@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -85,7 +86,7 @@ func BenchmarkPostKeyPackage(b *testing.B) {
 			bodies := make([][]byte, b.N)
 			for i := range bodies {
 				kp := protocol.SignBundle(nodetest.SeedKey(byte(i%200)), nowMS()+uint64(i/200), bytes.Repeat([]byte{'k'}, 512))
-				bodies[i] = []byte(mustJSON(bundleJSON(kp)))
+				bodies[i] = []byte(httpapitest.MustJSON(httpapitest.BundleJSON(kp)))
 			}
 			var next atomic.Int64
 			b.ReportAllocs()

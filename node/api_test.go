@@ -45,63 +45,20 @@ func testNode(t testing.TB, mutate func(*Config)) (*Node, string) {
 	return n, "http://" + n.APIAddr().String()
 }
 
-type reply struct {
-	code int
-	body string
-	ct   string
+// do sends a request to the node's API and reads the whole answer.
+func do(t testing.TB, method, url, contentType, body string) httpapitest.Reply {
+	t.Helper()
+	return httpapitest.Do(t, http.DefaultClient, method, url, contentType, body)
 }
 
-func do(t testing.TB, method, url, contentType, body string) reply {
+func postJSON(t testing.TB, url string, v any) httpapitest.Reply {
 	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return reply{resp.StatusCode, string(b), resp.Header.Get("Content-Type")}
-}
-
-func postJSON(t testing.TB, url string, v any) reply {
-	t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return do(t, http.MethodPost, url, "application/json", string(b))
+	return do(t, http.MethodPost, url, "application/json", httpapitest.MustJSON(v))
 }
 
 var b64 = base64.StdEncoding
 
-func bundleJSON(b protocol.Bundle) map[string]string {
-	return map[string]string{"device_id": b.DeviceID.String(), "payload": b64.EncodeToString(b.Payload), "signature": b64.EncodeToString(b.Signature[:])}
-}
-
-func accountJSON(a protocol.AccountBundle) map[string]string {
-	return map[string]string{"account_pub": a.AccountPub.String(), "payload": b64.EncodeToString(a.Payload), "signature": b64.EncodeToString(a.Signature[:])}
-}
-
 func nowMS() uint64 { return uint64(time.Now().UnixMilli()) }
-
-func expect(t testing.TB, r reply, code int, body string) {
-	t.Helper()
-	if r.code != code || (body != "*" && r.body != body) {
-		t.Fatalf("got %d %s, want %d %s", r.code, r.body, code, body)
-	}
-	if r.body != "" && r.ct != "application/json" {
-		t.Fatalf("content type %q for body %s", r.ct, r.body)
-	}
-}
 
 // Vector A: signed in 2023, so past the retention and refused; the same
 // key_package signed by the same key now is accepted and served byte for
@@ -110,13 +67,13 @@ func TestKeyPackageVectorAAndFreshSigning(t *testing.T) {
 	n, base := testNode(t, nil)
 	dev1 := nodetest.SeedKey(1)
 	va := protocol.SignBundle(dev1, 1700000000000, []byte("fake-mls-keypackage-bytes"))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(va)), 400,
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(va)), 400,
 		`{"error":"payload: timestamp 1700000000000 is older than the retention of 720h0m0s"}`)
 
 	fresh := protocol.SignBundle(dev1, nowMS(), []byte("fake-mls-keypackage-bytes"))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(fresh)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(fresh)), 204, "")
 	want := fmt.Sprintf(`{"payload":"%s","signature":"%s"}`, b64.EncodeToString(fresh.Payload), b64.EncodeToString(fresh.Signature[:]))
-	expect(t, do(t, "GET", base+"/v0/keypackage/"+fresh.DeviceID.String(), "", ""), 200, want)
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/"+fresh.DeviceID.String(), "", ""), 200, want)
 	if c := n.store.Counts(); c.Bundles != 1 {
 		t.Fatalf("counts %+v", c)
 	}
@@ -127,8 +84,8 @@ func TestKeyPackageVectorAAndFreshSigning(t *testing.T) {
 func TestKeyPackageVectorAAtItsOwnTime(t *testing.T) {
 	_, base := testNode(t, func(c *Config) { c.Now = func() time.Time { return time.UnixMilli(1700000000000 + 1000) } })
 	body := `{"device_id":"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c","payload":"AGjlz4sBAABmYWtlLW1scy1rZXlwYWNrYWdlLWJ5dGVz","signature":"fygNs4+JqzpxO460REm2KU5CiC3WFcOj0B0ViER/5W9wTJGNMqVUzeIlkCsZRqlwkS4lGlyxhomyfWqkXaKuDA=="}`
-	expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", body), 204, "")
-	expect(t, do(t, "GET", base+"/v0/keypackage/8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c", "", ""), 200,
+	httpapitest.Expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", body), 204, "")
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c", "", ""), 200,
 		`{"payload":"AGjlz4sBAABmYWtlLW1scy1rZXlwYWNrYWdlLWJ5dGVz","signature":"fygNs4+JqzpxO460REm2KU5CiC3WFcOj0B0ViER/5W9wTJGNMqVUzeIlkCsZRqlwkS4lGlyxhomyfWqkXaKuDA=="}`)
 }
 
@@ -145,7 +102,7 @@ func TestSameMillisecondSubmissions(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			b := protocol.SignBundle(dev, ts, []byte(fmt.Sprintf("kp-%d", i)))
-			codes[i] = postJSON(t, base+"/v0/keypackage", bundleJSON(b)).code
+			codes[i] = postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)).Code
 		}()
 	}
 	wg.Wait()
@@ -159,37 +116,29 @@ func TestSameMillisecondSubmissions(t *testing.T) {
 	}
 }
 
-func mustJSON(v any) string {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return string(b)
-}
-
 func TestStatusHealthAndMetrics(t *testing.T) {
 	_, base := testNode(t, nil)
 	b := protocol.SignBundle(nodetest.SeedKey(3), nowMS(), []byte("kp"))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
-	bad := bundleJSON(b)
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
+	bad := httpapitest.BundleJSON(b)
 	bad["signature"] = b64.EncodeToString(make([]byte, 64))
-	expect(t, postJSON(t, base+"/v0/keypackage", bad), 400, "*")
-	expect(t, postJSON(t, base+"/v0/account", accountJSON(protocol.SignAccount(nodetest.SeedKey(4), protocol.EncodeAccountPayload(0, nil)))), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", bad), 400, "*")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/account", httpapitest.AccountJSON(protocol.SignAccount(nodetest.SeedKey(4), protocol.EncodeAccountPayload(0, nil)))), 204, "")
 
-	expect(t, do(t, "GET", base+"/healthz", "", ""), 200, `{"status":"ok"}`)
+	httpapitest.Expect(t, do(t, "GET", base+"/healthz", "", ""), 200, `{"status":"ok"}`)
 	r := do(t, "GET", base+"/v1/status", "", "")
 	var st Status
-	if err := json.Unmarshal([]byte(r.body), &st); err != nil || r.code != 200 {
-		t.Fatalf("status %d %s %v", r.code, r.body, err)
+	if err := json.Unmarshal([]byte(r.Body), &st); err != nil || r.Code != 200 {
+		t.Fatalf("status %d %s %v", r.Code, r.Body, err)
 	}
 	if st.Devices != 1 || st.Bundles != 1 || st.Accounts != 1 || st.DataDir == "" || st.Version == "" {
 		t.Fatalf("status %+v", st)
 	}
 	r = do(t, "GET", base+"/v1/keypackages/"+b.DeviceID.String(), "", "")
-	if r.code != 200 || !strings.Contains(r.body, `"ref":"`+protocol.KeyPackageRef([]byte("kp")).String()+`"`) {
-		t.Fatalf("list: %d %s", r.code, r.body)
+	if r.Code != 200 || !strings.Contains(r.Body, `"ref":"`+protocol.KeyPackageRef([]byte("kp")).String()+`"`) {
+		t.Fatalf("list: %d %s", r.Code, r.Body)
 	}
-	m := do(t, "GET", base+"/metrics", "", "").body
+	m := do(t, "GET", base+"/metrics", "", "").Body
 	for _, want := range []string{
 		`kpnode_http_requests_total{code="204",route="POST /v0/keypackage"} 1`,
 		`kpnode_http_requests_total{code="400",route="POST /v0/keypackage"} 1`,

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -41,19 +42,19 @@ func trafficRound(t *testing.T) []string {
 	h1, h2 := fullNodes(t, addrs)
 	b := protocol.SignBundle(nodetest.SeedKey(71), nowMS(), []byte("an opaque keypackage"))
 	a := protocol.SignAccount(nodetest.SeedKey(72), protocol.EncodeAccountPayload(1, nil))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
 	submitAccountTo(t, &a, h1, h2)
 	nodetest.WaitFor(t, "the outbox to deliver", 30*time.Second, func() bool {
 		return light.outbox.Len() == 0 && h1.Provided() && h2.Provided() && light.DHTPeers() > 0
 	})
-	expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")
 	var unknown protocol.Key
 	unknown[0] = 3
-	expect(t, do(t, "GET", base+"/v0/account/"+unknown.String(), "", ""), 404, "*")
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/account/"+unknown.String(), "", ""), 404, "*")
 	// A hit on an old entry refreshes it in the background; Close must wait
 	// for that refresh too.
 	skew.Store(int64(2 * DefaultCacheRefresh))
-	expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/account/"+a.AccountPub.String(), "", ""), 200, "*")
 	for _, n := range []*Node{light, h1, h2} {
 		if err := n.Close(); err != nil {
 			t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -58,7 +59,7 @@ func TestUnreachableNetworkIs503NotCachedMiss(t *testing.T) {
 
 	start := time.Now()
 	r := do(t, "GET", url, "", "")
-	expect(t, r, 503, `{"error":"registry network unreachable, try again"}`)
+	httpapitest.Expect(t, r, 503, `{"error":"registry network unreachable, try again"}`)
 	if d := time.Since(start); d > DefaultLookupTimeout+time.Second {
 		t.Fatalf("the 503 took %v", d)
 	}
@@ -77,13 +78,13 @@ func TestUnreachableNetworkIs503NotCachedMiss(t *testing.T) {
 		return h1.Provided() && h2.Provided() && light.DHTPeers() > 0
 	})
 	r = do(t, "GET", url, "", "")
-	if r.code != 200 {
-		t.Fatalf("first GET after the network came back: %d %s (an outage must not be negatively cached)", r.code, r.body)
+	if r.Code != 200 {
+		t.Fatalf("first GET after the network came back: %d %s (an outage must not be negatively cached)", r.Code, r.Body)
 	}
 	// A key the holders answer NOT_FOUND for is a real miss: 404, remembered.
 	var unknown protocol.Key
 	unknown[0] = 7
-	expect(t, do(t, "GET", base+"/v0/account/"+unknown.String(), "", ""), 404, `{"error":"no account bundle for account_pub"}`)
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/account/"+unknown.String(), "", ""), 404, `{"error":"no account bundle for account_pub"}`)
 	if _, err := light.Account(context.Background(), unknown); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("Account of an unknown key: %v, want ErrNotFound", err)
 	}

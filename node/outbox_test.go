@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -17,7 +18,7 @@ func pendingPublications(t testing.TB, base string) int {
 	t.Helper()
 	r := do(t, "GET", base+"/v1/status", "", "")
 	var st Status
-	if err := json.Unmarshal([]byte(r.body), &st); err != nil {
+	if err := json.Unmarshal([]byte(r.Body), &st); err != nil {
 		t.Fatal(err)
 	}
 	return st.PendingPublications
@@ -45,10 +46,10 @@ func TestOutboxDeliversAcrossRestart(t *testing.T) {
 	dev, acct := nodetest.SeedKey(51), nodetest.SeedKey(52)
 	b := protocol.SignBundle(dev, nowMS(), []byte("an opaque keypackage"))
 	a := protocol.SignAccount(acct, protocol.EncodeAccountPayload(1, []protocol.Key{b.DeviceID}))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
-	expect(t, postJSON(t, base+"/v0/account", accountJSON(a)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/account", httpapitest.AccountJSON(a)), 204, "")
 	// Posting the same bundle again queues it once.
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(b)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
 	if got := pendingPublications(t, base); got != 2 {
 		t.Fatalf("pending_publications %d, want 2", got)
 	}
@@ -105,10 +106,10 @@ func TestOutboxFullIs503(t *testing.T) {
 			foreign = append(foreign, b)
 		}
 	}
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(foreign[0])), 204, "")
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(foreign[1])), 503,
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(foreign[0])), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(foreign[1])), 503,
 		`{"error":"too many publications waiting for the registry network, try again"}`)
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(*held)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(*held)), 204, "")
 	if got := pendingPublications(t, base); got != 1 {
 		t.Fatalf("pending_publications %d, want 1", got)
 	}

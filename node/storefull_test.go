@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
@@ -17,13 +18,13 @@ func TestStoreFullIs507AndReadsGoOn(t *testing.T) {
 	_, base := testNode(t, func(c *Config) { c.MaxStoreBytes = 3000 })
 	now := nowMS()
 	held := protocol.SignBundle(nodetest.SeedKey(1), now, bytes.Repeat([]byte{'a'}, 2000))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(held)), 204, "")
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(held)), 204, "")
 	// Older than everything held: nothing may be evicted for it.
 	older := protocol.SignBundle(nodetest.SeedKey(2), now-60_000, bytes.Repeat([]byte{'b'}, 2000))
-	expect(t, postJSON(t, base+"/v0/keypackage", bundleJSON(older)), 507, `{"error":"registry store is full, try again later"}`)
-	expect(t, do(t, "GET", base+"/v0/keypackage/"+older.DeviceID.String(), "", ""), 404, `{"error":"no keypackage for device"}`)
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(older)), 507, `{"error":"registry store is full, try again later"}`)
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/"+older.DeviceID.String(), "", ""), 404, `{"error":"no keypackage for device"}`)
 	want := fmt.Sprintf(`{"payload":"%s","signature":"%s"}`, b64.EncodeToString(held.Payload), b64.EncodeToString(held.Signature[:]))
-	expect(t, do(t, "GET", base+"/v0/keypackage/"+held.DeviceID.String(), "", ""), 200, want)
+	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/"+held.DeviceID.String(), "", ""), 200, want)
 }
 
 // A data dir is bound to the network ID it was written under: restarting
