@@ -12,7 +12,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpnode/kpnode/node/internal/nodetest"
@@ -82,19 +81,8 @@ func holders(t *testing.T, s *testService, shard int) map[peer.ID]bool {
 // (none for a shard nobody holds). The light node runs the DHT in client
 // mode: it is never a holder and never enters a full node's routing table.
 func TestHoldersAreTheFullNodesOfTheShard(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	gen := func() host.Host {
-		h, err := mn.GenPeer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return h
-	}
-	ha, hb, hc, hl := gen(), gen(), gen(), gen()
-	if err := mn.LinkAll(); err != nil {
-		t.Fatal(err)
-	}
+	mn, hs := nodetest.Mocknet(t, 4)
+	ha, hb, hc, hl := hs[0], hs[1], hs[2], hs[3]
 	a := newTestService(t, ha, "0,1", false)
 	b := newTestService(t, hb, "2", false)
 	c := newTestService(t, hc, "1", false)
@@ -151,19 +139,8 @@ func TestHoldersAreTheFullNodesOfTheShard(t *testing.T) {
 // After a round that provided every shard the loop provides them all
 // again every ReprovideInterval.
 func TestProvideLoopReprovides(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	ha, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	hb, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mn.LinkAll(); err != nil {
-		t.Fatal(err)
-	}
+	mn, hs := nodetest.Mocknet(t, 2)
+	ha, hb := hs[0], hs[1]
 	reg := prometheus.NewRegistry()
 	a, err := New(Config{NetworkID: testNetwork, Shards: shards(t, "0,3"), ReprovideInterval: 20 * time.Millisecond, Registerer: reg}, ha)
 	if err != nil {
@@ -189,12 +166,8 @@ func TestProvideLoopReprovides(t *testing.T) {
 // while the loop waits out a backoff with no peer to provide to), is
 // idempotent, and a closed service cannot start again.
 func TestCloseEndsTheProvideLoop(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	h, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, hs := nodetest.Mocknet(t, 1)
+	h := hs[0]
 	s := newTestService(t, h, "0,2", false)
 	nodetest.WaitFor(t, "the provide loop to run", 5*time.Second, func() bool { return len(nodetest.Goroutines("node/discovery")) == 1 })
 	if s.Provided() {
@@ -217,12 +190,8 @@ func TestCloseEndsTheProvideLoop(t *testing.T) {
 // Before Start there is no DHT: no holders, an empty routing table,
 // Bootstrap refused; Close is still safe.
 func TestBeforeStart(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	h, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, hs := nodetest.Mocknet(t, 1)
+	h := hs[0]
 	s, err := New(Config{NetworkID: testNetwork, Shards: shards(t, "1")}, h)
 	if err != nil {
 		t.Fatal(err)
@@ -244,12 +213,8 @@ func TestBeforeStart(t *testing.T) {
 // The config takes its defaults and refuses what cannot work; the metric
 // keeps its name and cannot be registered twice on one registry.
 func TestConfigValidate(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	h, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, hs := nodetest.Mocknet(t, 1)
+	h := hs[0]
 	ok := Config{NetworkID: testNetwork, Shards: shards(t, "0")}
 	c := ok
 	c.setDefaults()
@@ -290,19 +255,7 @@ func TestConfigValidate(t *testing.T) {
 // peer only dials the holders of a shard it finds through the DHT, never
 // itself or a peer it is already connected to, and at most want of them.
 func TestConnectHoldersDialsProvidersNotYetConnected(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	var hs []host.Host
-	for range 4 {
-		h, err := mn.GenPeer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		hs = append(hs, h)
-	}
-	if err := mn.LinkAll(); err != nil {
-		t.Fatal(err)
-	}
+	mn, hs := nodetest.Mocknet(t, 4)
 	// a (shard 0) is connected to b only; b, c and d hold shard 1, and
 	// b is connected to c and d.
 	a := newTestService(t, hs[0], "0", false)

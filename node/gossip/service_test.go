@@ -8,7 +8,6 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
-	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kpnode/kpnode/node/internal/nodetest"
@@ -61,19 +60,8 @@ func newTestService(t *testing.T, ctx context.Context, h host.Host, shards proto
 // a forged one is Rejected, costs its sender score and is not stored; the
 // peer lists name the holder; Close ends every goroutine of the package.
 func TestServicePublishesToTheShardsHolders(t *testing.T) {
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	ha, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	hb, err := mn.GenPeer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mn.LinkAll(); err != nil {
-		t.Fatal(err)
-	}
+	mn, hs := nodetest.Mocknet(t, 2)
+	ha, hb := hs[0], hs[1]
 	ctx := t.Context()
 	const shard = 2
 	held, err := protocol.ParseShardSet("2", testShards)

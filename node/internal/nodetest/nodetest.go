@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/host"
+	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -35,6 +37,26 @@ func WaitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 		}
 		time.Sleep(pause)
 	}
+}
+
+// Mocknet starts go-libp2p's in-memory network with n hosts, every pair
+// of them linked (not connected); t's cleanup closes it.
+func Mocknet(t testing.TB, n int) (mocknet.Mocknet, []host.Host) {
+	t.Helper()
+	mn := mocknet.New()
+	t.Cleanup(func() { mn.Close() })
+	hs := make([]host.Host, n)
+	for i := range hs {
+		h, err := mn.GenPeer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs[i] = h
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	return mn, hs
 }
 
 // Stacks returns the stacks of every goroutine, in runtime.Stack's format.
