@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
-	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 )
 

@@ -20,7 +20,7 @@ import (
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
 
-	"github.com/kpnode/kpnode/node/internal/nodetest"
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kpnode/kpnode/node/internal/nodetest"
+	"github.com/kpnode/kpnode/internal/nodetest"
 	kpsync "github.com/kpnode/kpnode/node/sync"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"

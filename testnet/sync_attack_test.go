@@ -1,12 +1,8 @@
 package testnet
 
 import (
-	"bufio"
 	"context"
 	"crypto/ed25519"
-	"net/http/httptest"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -17,40 +13,15 @@ import (
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-msgio/pbio"
 
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
-// syncMetric adds up the samples of a node's metric whose line contains
-// every one of match.
-func syncMetric(t *testing.T, n *node.Node, name string, match ...string) float64 {
-	t.Helper()
-	rec := httptest.NewRecorder()
-	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	total := 0.0
-	sc := bufio.NewScanner(rec.Body)
-	sc.Buffer(nil, 1<<20)
-lines:
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		for _, m := range match {
-			if !strings.Contains(line, m) {
-				continue lines
-			}
-		}
-		v, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
-		total += v
-	}
-	return total
-}
-
 func scannedByResponder(t *testing.T, n *node.Node) float64 {
-	return syncMetric(t, n, "kpnode_sync_items_scanned_total", `role="responder"`)
+	return nodetest.Scrape(t, n.Handler(), "kpnode_sync_items_scanned_total", `role="responder"`)
 }
 
 // syncStream is a raw sync session of a hostile initiator.
@@ -149,7 +120,7 @@ func honestRootRound(t *testing.T, ctx context.Context, nw *simnet.Network, n *n
 func expectBanned(t *testing.T, ctx context.Context, n *node.Node, h host.Host, reason string) {
 	t.Helper()
 	if err := eventually(ctx, func() bool {
-		return syncMetric(t, n, "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+reason+`"`) >= 1
+		return nodetest.Scrape(t, n.Handler(), "kpnode_peer_penalties_total", `protocol="sync"`, `reason="`+reason+`"`) >= 1
 	}); err != nil {
 		t.Errorf("no sync penalty for %s", reason)
 	}
@@ -306,7 +277,7 @@ func TestSyncSessionFloodIsRefused(t *testing.T) {
 			if served > 2 {
 				t.Errorf("%d parallel sessions served, want at most 2", served)
 			}
-			if r := syncMetric(t, n, "kpnode_sync_sessions_refused_total", `reason="peer_sessions"`); r < 9 {
+			if r := nodetest.Scrape(t, n.Handler(), "kpnode_sync_sessions_refused_total", `reason="peer_sessions"`); r < 9 {
 				t.Errorf("%v sessions refused", r)
 			}
 			expectBanned(t, ctx, n, h, "peer_sessions")

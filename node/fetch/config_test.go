@@ -4,8 +4,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
-	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/storage"
 )
 

@@ -10,7 +10,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/kpnode/kpnode/node/internal/nodetest"
+	"github.com/kpnode/kpnode/internal/nodetest"
 )
 
 func rpcOf(sizes ...int) *pubsub.RPC {

@@ -15,8 +15,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/ingest"
-	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/mls/mlstest"
 	"github.com/kpnode/kpnode/protocol/pb"

@@ -13,9 +13,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/fetch/fetchtest"
-	"github.com/kpnode/kpnode/node/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kpnode/kpnode/node/internal/nodetest"
+	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
 

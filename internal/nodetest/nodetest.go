@@ -1,7 +1,7 @@
-// Package nodetest holds the helpers the tests of the node packages share:
-// polling with a deadline, reading metrics, listing goroutines for leak
-// checks, opening a real Badger store in a temporary directory. Only test
-// files import it.
+// Package nodetest holds the helpers the tests of the node packages and
+// of testnet share: polling with a deadline, reading metrics, listing
+// goroutines for leak checks, opening a real Badger store in a temporary
+// directory, linked in-memory libp2p hosts. Only test files import it.
 package nodetest
 
 import (
