@@ -129,7 +129,11 @@ func syncStored(nw *simnet.Network) float64 {
 // TestPartitionHealConvergesDeterministically: 20 nodes in virtual time
 // are split in two halves, each side takes a publication the other cannot
 // see, and after the heal both sides converge through sync; the same seed
-// gives the same event log twice, another seed another log.
+// gives the same event log twice, another seed another log. The log's order
+// is the order of the scenario's steps; within a step it is the set of
+// (node, event, key), since gossipsub picks paths with Go's unseeded global
+// math/rand and the order of arrivals within a step varies between runs
+// (simnet.Network.Log).
 func TestPartitionHealConvergesDeterministically(t *testing.T) {
 	first := partitionScenario(t, 1)
 	if t.Failed() {
