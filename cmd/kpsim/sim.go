@@ -591,6 +591,17 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	})
 	wcancel()
 	res.CatchupSec = time.Since(t0).Seconds()
+	// A session counts its bytes when it ends, which can be after the
+	// records it pulled are stored: wait until the node's sync byte count
+	// has not moved for syncQuiet (virtual time) before reading it.
+	for prev := syncBytes(); err == nil; {
+		time.Sleep(syncQuiet)
+		cur := syncBytes()
+		if cur == prev || time.Since(t0) > c.Settle {
+			break
+		}
+		prev = cur
+	}
 	res.SyncBytes = syncBytes() - b0
 	res.SyncRounds = nw.Metric(r, "kpnode_sync_rounds_total") - r0
 	res.RejoinCaughtUp = err == nil
@@ -599,6 +610,10 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	}
 	return nil
 }
+
+// syncQuiet is how long (virtual time) the rejoined node's sync byte count
+// must stay unchanged before the rejoin's sync cost is read.
+const syncQuiet = 5 * time.Second
 
 func quantile(xs []float64, q float64) float64 {
 	if len(xs) == 0 {
