@@ -17,6 +17,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	p2pprotocol "github.com/libp2p/go-libp2p/core/protocol"
 
+	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -44,9 +45,9 @@ const (
 // Sentinels of a request's outcome, for callers that branch on them.
 var (
 	// ErrNotHeld: the peer does not hold the key's shard (NOT_HOLDER).
-	ErrNotHeld = errors.New("peer does not hold the shard")
+	ErrNotHeld = ingest.ErrNotHeld
 	// ErrNoRecord: the peer holds the shard and has no record (NOT_FOUND).
-	ErrNoRecord = errors.New("no record")
+	ErrNoRecord = ingest.ErrNoRecord
 	// ErrBusy: the peer's fetch budget is spent (BUSY); retry later.
 	ErrBusy = errors.New("peer is busy")
 )

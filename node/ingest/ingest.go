@@ -40,6 +40,15 @@ type Penalizer interface {
 	Penalize(p peer.ID, proto, reason string)
 }
 
+// What a holder answers when asked for a record it does not have: the
+// fetch client returns these, the lookup branches on them.
+var (
+	// ErrNotHeld: the peer does not hold the key's shard.
+	ErrNotHeld = errors.New("peer does not hold the shard")
+	// ErrNoRecord: the peer holds the shard and has no record of the key.
+	ErrNoRecord = errors.New("no record")
+)
+
 // Verdict is what a record's ingest result means for the peer that sent it.
 type Verdict int
 

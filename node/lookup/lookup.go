@@ -23,7 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/singleflight"
 
-	"github.com/kpnode/kpnode/node/fetch"
+	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -83,8 +83,8 @@ type HolderFinder interface {
 }
 
 // Fetcher asks one holder for a record and validates it (the fetch
-// client). A holder without the record answers fetch.ErrNoRecord, one that
-// does not hold the shard fetch.ErrNotHeld.
+// client). A holder without the record answers ingest.ErrNoRecord, one that
+// does not hold the shard ingest.ErrNotHeld.
 type Fetcher interface {
 	FetchLatest(ctx context.Context, p peer.ID, device protocol.Key) (*storage.Bundle, error)
 	FetchAccount(ctx context.Context, p peer.ID, account protocol.Key) (*storage.Account, error)
@@ -562,9 +562,9 @@ collect:
 					defer t.Stop()
 					grace = t.C
 				}
-			case errors.Is(r.err, fetch.ErrNoRecord):
+			case errors.Is(r.err, ingest.ErrNoRecord):
 				notFound++
-			case errors.Is(r.err, fetch.ErrNotHeld):
+			case errors.Is(r.err, ingest.ErrNotHeld):
 				// A stale provider record: no answer.
 			default:
 				failed++
