@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -119,4 +120,63 @@ func TestFitVerdict(t *testing.T) {
 	if got := fitFigure(figures[0], []Result{{N: 50, PropP50Ms: 1}, {N: 100, PropP50Ms: 3}}); got.Verdict != "too few points" {
 		t.Errorf("two sizes: verdict %q", got.Verdict)
 	}
+}
+
+// TestMergeReports: two runs' reports of one setting become one report
+// sorted by N whose fits span both; reports of other settings are refused.
+func TestMergeReports(t *testing.T) {
+	dir := t.TempDir()
+	c := DefaultConfig()
+	save := func(name string, c Config, ns ...int) string {
+		var rs []Result
+		for _, n := range ns {
+			rs = append(rs, Result{N: n, PropP50Ms: 10 + math.Log(float64(n)), HeapPerNodeMiB: 5})
+		}
+		c.Sizes = ns
+		out := filepath.Join(dir, name)
+		if err := write(&bytes.Buffer{}, out, "run "+name, c, rs, true); err != nil {
+			t.Fatal(err)
+		}
+		return out + ".json"
+	}
+	big, small := save("big", c, 500), save("small", c, 50, 100, 250)
+	var w bytes.Buffer
+	out := filepath.Join(dir, "merged")
+	if err := mergeReports(&w, out, []string{big, small}); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(out + ".json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep Report
+	if err := json.Unmarshal(raw, &rep); err != nil {
+		t.Fatal(err)
+	}
+	var ns []int
+	for _, r := range rep.Results {
+		ns = append(ns, r.N)
+	}
+	if got := strings.ReplaceAll(fmtInts(ns), " ", ","); got != "50,100,250,500" {
+		t.Fatalf("merged sizes %v, want 50,100,250,500 in order", ns)
+	}
+	if rep.Command != "run big; run small" || !strings.Contains(w.String(), "| 500 |") {
+		t.Fatalf("command %q, table %q", rep.Command, w.String())
+	}
+	other := c
+	other.Shards = 64
+	if err := mergeReports(&w, "", []string{big, save("other", other, 1000)}); err == nil {
+		t.Fatal("reports of different settings were merged")
+	}
+}
+
+func fmtInts(ns []int) string {
+	var b strings.Builder
+	for i, n := range ns {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(strconv.Itoa(n))
+	}
+	return b.String()
 }

@@ -46,8 +46,16 @@ func main() {
 	fs.Int64Var(&cfg.Seed, "seed", cfg.Seed, "seed of identities, topology and devices")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	out := fs.String("out", "", "write OUT.md, OUT.json and OUT.svg (default: table on stdout only)")
+	merge := fs.String("merge", "", "comma-separated JSON reports of earlier runs (same settings, other sizes) to write as one table, plot and fit, instead of simulating")
 	testing.Init()
 	flag.Parse()
+	if *merge != "" {
+		if err := mergeReports(os.Stdout, *out, strings.Split(*merge, ",")); err != nil {
+			fmt.Fprintln(os.Stderr, "kpsim:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	for _, f := range strings.Split(*ns, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil {

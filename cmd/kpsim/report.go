@@ -1,12 +1,16 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"html"
 	"io"
 	"math"
 	"os"
+	"reflect"
+	"slices"
 	"strings"
 )
 
@@ -110,7 +114,11 @@ type Report struct {
 // Write prints the table on w and, when out is set, writes out.md,
 // out.json and out.svg. The fits are printed only when final.
 func Write(w io.Writer, out string, c Config, rs []Result, final bool) error {
-	rep := Report{Command: "go run ./cmd/kpsim " + strings.Join(os.Args[1:], " "), Config: c, Results: rs}
+	return write(w, out, "go run ./cmd/kpsim "+strings.Join(os.Args[1:], " "), c, rs, final)
+}
+
+func write(w io.Writer, out, command string, c Config, rs []Result, final bool) error {
+	rep := Report{Command: command, Config: c, Results: rs}
 	for _, f := range figures {
 		rep.Fits = append(rep.Fits, fitFigure(f, rs))
 	}
@@ -246,4 +254,45 @@ func short(y float64) string {
 		return fmt.Sprintf("%.0f", y)
 	}
 	return fmt.Sprintf("%.2f", y)
+}
+
+// mergeReports writes the results of earlier runs' JSON reports (runs of
+// one setting at different sizes, e.g. a large N run on its own) as one
+// report, sorted by N, with the fits over all of them. The merged report's
+// Command names every run.
+func mergeReports(w io.Writer, out string, files []string) error {
+	var first *Report
+	var rs []Result
+	var cmds []string
+	for _, name := range files {
+		raw, err := os.ReadFile(strings.TrimSpace(name))
+		if err != nil {
+			return err
+		}
+		var rep Report
+		if err := json.Unmarshal(raw, &rep); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		c := rep.Config
+		if first != nil {
+			c.Sizes = first.Config.Sizes
+			if !reflect.DeepEqual(c, first.Config) {
+				return fmt.Errorf("%s: settings differ from %s's", name, files[0])
+			}
+		} else {
+			first = &rep
+		}
+		rs = append(rs, rep.Results...)
+		cmds = append(cmds, rep.Command)
+	}
+	if first == nil {
+		return errors.New("no report to merge")
+	}
+	slices.SortFunc(rs, func(a, b Result) int { return cmp.Compare(a.N, b.N) })
+	c := first.Config
+	c.Sizes = nil
+	for _, r := range rs {
+		c.Sizes = append(c.Sizes, r.N)
+	}
+	return write(w, out, strings.Join(cmds, "; "), c, rs, true)
 }
