@@ -74,7 +74,10 @@ func TestSyncLargeShardIntoEmptyNodeIsNotPenalized(t *testing.T) {
 	if got := count(a); got != items {
 		t.Fatalf("a holds %d items, want %d", got, items)
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	// Generous: under -race on a loaded 2-core machine storing the 1,600
+	// items alone has taken 44 s, and the sync validates each of them
+	// again. What the test pins is the absence of penalties, not speed.
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
 	connect(t, b, a)
 	start = time.Now()
