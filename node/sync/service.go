@@ -262,6 +262,20 @@ func (s *Service) goTracked(f func()) bool {
 	return true
 }
 
+// enter registers a stream handler with the goroutines Close joins; it
+// reports false once the service is closed (the handler then refuses the
+// stream). libp2p runs handlers on goroutines of its own, so without this a
+// session could outlive Close.
+func (s *Service) enter() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.wg.Add(1)
+	return true
+}
+
 // watchPeers starts a reconciliation of every held shard with each peer
 // that identify reports as speaking sync.
 func (s *Service) watchPeers(sub event.Subscription) {
@@ -405,6 +419,11 @@ func (s *Service) syncShard(ctx context.Context, p peer.ID, shard int, set pb.Sy
 // limits are reset before anything is read (a clean refusal: the
 // initiator tries later); a peer that keeps opening them is penalized.
 func (s *Service) handle(raw network.Stream) {
+	if !s.enter() {
+		_ = raw.Reset()
+		return
+	}
+	defer s.wg.Done()
 	p := raw.Conn().RemotePeer()
 	// A panic on a peer's bytes ends its session, never the process.
 	defer func() {
