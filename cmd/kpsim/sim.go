@@ -591,9 +591,9 @@ func measureRejoin(ctx context.Context, c Config, nw *simnet.Network, st *stores
 	})
 	wcancel()
 	res.CatchupSec = time.Since(t0).Seconds()
-	// A session counts its bytes when it ends, which can be after the
-	// records it pulled are stored: wait until the node's sync byte count
-	// has not moved for syncQuiet (virtual time) before reading it.
+	// A session's last rounds move bytes after the records it pulled are
+	// stored: wait until the node's sync byte count has not moved for
+	// syncQuiet (virtual time) before reading it.
 	for prev := syncBytes(); err == nil; {
 		time.Sleep(syncQuiet)
 		cur := syncBytes()

@@ -404,11 +404,8 @@ func (s *Service) syncShard(ctx context.Context, p peer.ID, shard int, set pb.Sy
 	if err != nil {
 		return 0, err
 	}
-	st := &countingStream{Stream: raw}
-	defer func() {
-		_ = st.Close()
-		s.local.Metrics.moved(st.read, st.written)
-	}()
+	st := &countingStream{Stream: raw, m: s.local.Metrics}
+	defer func() { _ = st.Close() }()
 	stop := context.AfterFunc(ctx, func() { _ = raw.Reset() })
 	defer stop()
 	return 0, in.Run(ctx, st)
@@ -440,8 +437,7 @@ func (s *Service) handle(raw network.Stream) {
 	var once gosync.Once
 	release := func() { once.Do(admitted) }
 	defer release()
-	st := &countingStream{Stream: raw}
-	defer func() { s.local.Metrics.moved(st.read, st.written) }()
+	st := &countingStream{Stream: raw, m: s.local.Metrics}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.SessionLimit)
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { _ = raw.Reset() })
@@ -498,20 +494,21 @@ func (s *Service) admit(p peer.ID) (release func(), ok bool) {
 	}, true
 }
 
-// countingStream counts the bytes a sync session moves.
+// countingStream counts the bytes a sync session moves as they move, so
+// the metric is current while a session runs, not only once it ends.
 type countingStream struct {
 	network.Stream
-	read, written int64
+	m *Metrics
 }
 
 func (c *countingStream) Read(p []byte) (int, error) {
 	n, err := c.Stream.Read(p)
-	c.read += int64(n)
+	c.m.moved(int64(n), 0)
 	return n, err
 }
 
 func (c *countingStream) Write(p []byte) (int, error) {
 	n, err := c.Stream.Write(p)
-	c.written += int64(n)
+	c.m.moved(0, int64(n))
 	return n, err
 }

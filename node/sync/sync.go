@@ -180,10 +180,13 @@ func (l *Local) penalize(p peer.ID, reason string) {
 // Metrics are the sync metrics (names and labels are part of the node's
 // interface: dashboards and tests read them).
 type Metrics struct {
-	rounds  prometheus.Counter
-	bytes   *prometheus.CounterVec // by direction
-	scanned *prometheus.CounterVec // items scanned, by role
-	refusal *prometheus.CounterVec // inbound sessions refused, by reason
+	rounds prometheus.Counter
+	bytes  *prometheus.CounterVec // by direction
+	// bytesIn and bytesOut are bytes' two series, resolved once: streams
+	// add to them on every read and write.
+	bytesIn, bytesOut prometheus.Counter
+	scanned           *prometheus.CounterVec // items scanned, by role
+	refusal           *prometheus.CounterVec // inbound sessions refused, by reason
 }
 
 // NewMetrics registers the sync metrics on reg (nil: not registered).
@@ -198,6 +201,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		refusal: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_sync_sessions_refused_total",
 			Help: "Inbound sync sessions reset before the first request, by reason (busy, peer_sessions, peer_rate)."}, []string{"reason"}),
 	}
+	m.bytesIn, m.bytesOut = m.bytes.WithLabelValues("in"), m.bytes.WithLabelValues("out")
 	if reg != nil {
 		reg.MustRegister(m.rounds, m.bytes, m.scanned, m.refusal)
 	}
@@ -211,9 +215,14 @@ func (m *Metrics) round() {
 }
 
 func (m *Metrics) moved(in, out int64) {
-	if m != nil {
-		m.bytes.WithLabelValues("in").Add(float64(in))
-		m.bytes.WithLabelValues("out").Add(float64(out))
+	if m == nil {
+		return
+	}
+	if in > 0 {
+		m.bytesIn.Add(float64(in))
+	}
+	if out > 0 {
+		m.bytesOut.Add(float64(out))
 	}
 }
 
