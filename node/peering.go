@@ -104,6 +104,11 @@ func (n *Node) dialShardHolders(ctx context.Context, shard, want int, urgent boo
 	if n.dht == nil || !n.peering.begin(shard, time.Now(), urgent) {
 		return 0
 	}
+	return n.searchShardHolders(ctx, shard, want, urgent)
+}
+
+// searchShardHolders runs a search begin allowed, and records its end.
+func (n *Node) searchShardHolders(ctx context.Context, shard, want int, urgent bool) int {
 	k := n.dht.ConnectHolders(ctx, shard, want)
 	n.peering.end(shard, time.Now(), urgent, k)
 	if k > 0 {
@@ -142,5 +147,12 @@ func (n *Node) peeringLoop(ctx context.Context) {
 // background (the outbox found no peer in its topic); the topic watcher
 // wakes the outbox once one joins.
 func (n *Node) outboxNeedsHolders(shard int) {
-	n.goTracked(func(ctx context.Context) { n.dialShardHolders(ctx, shard, outboxDialHolders, true) })
+	// Pace first, so an outbox round starts no goroutine for a shard whose
+	// search ran moments ago.
+	if n.dht == nil || !n.peering.begin(shard, time.Now(), true) {
+		return
+	}
+	if !n.goTracked(func(ctx context.Context) { n.searchShardHolders(ctx, shard, outboxDialHolders, true) }) {
+		n.peering.end(shard, time.Now(), true, 0) // closing: no search ran
+	}
 }
