@@ -92,3 +92,19 @@ type mappedError struct{ sentinel, cause error }
 
 func (e *mappedError) Error() string   { return e.cause.Error() }
 func (e *mappedError) Unwrap() []error { return []error{e.sentinel, e.cause} }
+
+func (a apiBackend) Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*httpapi.Claim, error) {
+	return nil, errors.New("node: claims are not wired yet")
+}
+
+func (a apiBackend) Count(ctx context.Context, device protocol.Key) (httpapi.ClaimCounts, error) {
+	c, err := a.n.store.ClaimCounts(ctx, device)
+	if err != nil {
+		return httpapi.ClaimCounts{}, apiError(err)
+	}
+	return httpapi.ClaimCounts{OneTime: c.OneTime, LastResort: c.LastResort, LastResortHandedOut: c.LastResortHandedOut}, nil
+}
+
+func (a apiBackend) Consume(ctx context.Context, c *protocol.ConsumeNotice) error {
+	return apiError(a.n.SubmitConsume(ctx, c))
+}

@@ -13,6 +13,8 @@ type metrics struct {
 	bundlesRejected  *prometheus.CounterVec
 	accountsAccepted *prometheus.CounterVec
 	accountsRejected *prometheus.CounterVec
+	noticesAccepted  *prometheus.CounterVec
+	noticesRejected  *prometheus.CounterVec
 
 	reg             prometheus.Registerer
 	peersMismatched prometheus.Counter
@@ -33,6 +35,10 @@ func newMetrics(reg prometheus.Registerer, store *storage.Store) *metrics {
 			"Valid account bundles by source and outcome.", "source", "outcome"),
 		accountsRejected: counter("kpnode_accounts_rejected_total",
 			"Account bundles refused, by source and rule (stale: lamport not newer).", "source", "reason"),
+		noticesAccepted: counter("kpnode_notices_accepted_total",
+			"Valid claim and consume notices by kind (claim, consume), source and what the store did.", "kind", "source", "outcome"),
+		noticesRejected: counter("kpnode_notices_rejected_total",
+			"Claim and consume notices refused by validation, by kind, source and rule.", "kind", "source", "reason"),
 	}
 	m.reg = reg
 	m.peersMismatched = prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_peers_mismatched_total",
@@ -65,6 +71,14 @@ func (m *metrics) accountAccepted(src source, o storage.PutOutcome) {
 
 func (m *metrics) accountRejected(src source, r protocol.Rule) {
 	m.accountsRejected.WithLabelValues(string(src), string(r)).Inc()
+}
+
+func (m *metrics) noticeAccepted(kind string, src source, o storage.PutOutcome) {
+	m.noticesAccepted.WithLabelValues(kind, string(src), o.String()).Inc()
+}
+
+func (m *metrics) noticeRejected(kind string, src source, r protocol.Rule) {
+	m.noticesRejected.WithLabelValues(kind, string(src), string(r)).Inc()
 }
 
 // peerMismatched counts peers of this network that speak its protocols with

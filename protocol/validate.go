@@ -46,6 +46,11 @@ func (e *ValidationError) Transient() bool {
 	switch e.Rule {
 	case RuleTimestampFuture, RuleTimestampExpired, RuleMLS + "_lifetime_not_yet_valid", RuleMLS + "_lifetime_expired":
 		return true
+	case RuleConsumeForeignRef:
+		// The observer's state decides it: a node that does not hold the
+		// other device's bundle accepts the notice, so a forwarder that
+		// accepted it is not at fault.
+		return true
 	}
 	return false
 }

@@ -39,6 +39,9 @@ type Bundle struct {
 	protocol.Bundle
 	protocol.BundleInfo
 	ReceivedAtMS int64 // local time the bundle was first stored, Unix ms
+	// Claimed is set by reads (Bundles, BundlesUpTo) when a claim notice
+	// holds the ref; PutBundle ignores it.
+	Claimed bool
 }
 
 // Account is a validated account bundle as the store keeps it.

@@ -320,3 +320,29 @@ func signed(priv ed25519.PrivateKey, msg []byte) (sig [protocol.SignatureSize]by
 	copy(sig[:], ed25519.Sign(priv, msg))
 	return sig
 }
+
+func (f *fixedIngester) IngestClaim(context.Context, *protocol.ClaimNotice, ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
+	return f.outcome, protocol.ClaimInfo{}, f.err
+}
+
+func (f *fixedIngester) IngestConsume(context.Context, *protocol.ConsumeNotice, ingest.Source) (storage.PutOutcome, protocol.ConsumeInfo, error) {
+	return f.outcome, protocol.ConsumeInfo{}, f.err
+}
+
+func (i *storeIngester) IngestClaim(ctx context.Context, n *protocol.ClaimNotice, _ ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
+	info, err := i.policy.ValidateClaim(n, time.Now())
+	if err != nil {
+		return 0, info, err
+	}
+	o, err := i.store.PutClaim(ctx, n, info)
+	return o, info, err
+}
+
+func (i *storeIngester) IngestConsume(ctx context.Context, n *protocol.ConsumeNotice, _ ingest.Source) (storage.PutOutcome, protocol.ConsumeInfo, error) {
+	info, err := i.policy.ValidateConsume(n, time.Now())
+	if err != nil {
+		return 0, info, err
+	}
+	o, err := i.store.PutConsume(ctx, n, info)
+	return o, info, err
+}

@@ -3,6 +3,7 @@ package httpapi_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -166,4 +167,16 @@ func (f *fakeBackend) Status(ctx context.Context) httpapi.Status {
 		}
 	}
 	return st
+}
+
+func (f *fakeBackend) Claim(context.Context, string, protocol.Key, uint16) (*httpapi.Claim, error) {
+	return nil, errors.New("fake: claims not implemented yet")
+}
+
+func (f *fakeBackend) Count(context.Context, protocol.Key) (httpapi.ClaimCounts, error) {
+	return httpapi.ClaimCounts{}, errors.New("fake: count not implemented yet")
+}
+
+func (f *fakeBackend) Consume(context.Context, *protocol.ConsumeNotice) error {
+	return errors.New("fake: consume not implemented yet")
 }

@@ -39,6 +39,13 @@ var (
 	// ErrOutboxFull: too many publications are waiting for the registry
 	// network. A 503 with Retry-After.
 	ErrOutboxFull = errors.New("outbox full")
+	// ErrConsumed: the bundle's KeyPackage was consumed (a consume notice
+	// tombstones its ref). A 409 {"error":"keypackage consumed"}.
+	ErrConsumed = errors.New("keypackage consumed")
+	// ErrRateLimited: a claim is over the per-requester or per-device
+	// limit. A 429 {"error":"rate limited"} with Retry-After; an error that
+	// also has a RetryAfter() time.Duration method says when.
+	ErrRateLimited = errors.New("rate limited")
 )
 
 // Bundle is a stored bundle as the API serves it: the record the device
@@ -46,6 +53,24 @@ var (
 type Bundle struct {
 	protocol.Bundle
 	protocol.BundleInfo
+	// Claimed: a claim notice holds the bundle (it was handed out).
+	Claimed bool
+}
+
+// Claim is a bundle handed out by a claim.
+type Claim struct {
+	Bundle
+	// LastResort: no unclaimed one-time bundle was left, so this is the
+	// device's latest last-resort bundle (which may be handed out again).
+	LastResort bool
+}
+
+// ClaimCounts is the body of GET /v1/keypackages/{device_id}/count, but
+// the device_id.
+type ClaimCounts struct {
+	OneTime             int   `json:"one_time"`
+	LastResort          int   `json:"last_resort"`
+	LastResortHandedOut int64 `json:"last_resort_handed_out"`
 }
 
 // Account is a stored account bundle as the API serves it, with the local
@@ -99,6 +124,17 @@ type Backend interface {
 	Account(ctx context.Context, account protocol.Key) (*Account, error)
 	// Status is served as JSON at GET /v1/status.
 	Status(ctx context.Context) Status
+
+	// Claim hands out one bundle of device to requester (the client's
+	// address, for the per-requester limit): an unclaimed one-time bundle,
+	// else the latest last-resort one; suite 0 means any cipher suite.
+	// ErrNotFound when the device has nothing usable; ErrRateLimited.
+	Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*Claim, error)
+	// Count counts a device's bundles for its client's replenishing.
+	Count(ctx context.Context, device protocol.Key) (ClaimCounts, error)
+	// Consume applies a consume notice the device signed: the named
+	// bundles are deleted everywhere and refused for the retention.
+	Consume(ctx context.Context, n *protocol.ConsumeNotice) error
 }
 
 // DefaultMaxBodyBytes caps request bodies (chat-store: 2 MB; kpnode: 1 MiB,

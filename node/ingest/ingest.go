@@ -32,6 +32,11 @@ const (
 type Ingester interface {
 	IngestBundle(ctx context.Context, b *protocol.Bundle, src Source) (storage.PutOutcome, protocol.BundleInfo, error)
 	IngestAccount(ctx context.Context, a *protocol.AccountBundle, rule storage.AccountRule, src Source) (*storage.Account, storage.PutOutcome, error)
+	// IngestClaim validates a claim notice and records it (storage.PutClaim).
+	IngestClaim(ctx context.Context, n *protocol.ClaimNotice, src Source) (storage.PutOutcome, protocol.ClaimInfo, error)
+	// IngestConsume validates a consume notice and applies it
+	// (storage.PutConsume).
+	IngestConsume(ctx context.Context, n *protocol.ConsumeNotice, src Source) (storage.PutOutcome, protocol.ConsumeInfo, error)
 }
 
 // Penalizer cuts off a peer that broke a protocol's budget (proto names the

@@ -238,3 +238,21 @@ var emptyFingerprint = func() []byte { fp := (protocol.Digest{}).Fingerprint(); 
 func isClosed(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe) || errors.Is(err, io.ErrUnexpectedEOF)
 }
+
+func (i storeIngester) IngestClaim(ctx context.Context, n *protocol.ClaimNotice, _ ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
+	info, err := testPolicy.ValidateClaim(n, time.Now())
+	if err != nil {
+		return 0, info, err
+	}
+	o, err := i.s.PutClaim(ctx, n, info)
+	return o, info, err
+}
+
+func (i storeIngester) IngestConsume(ctx context.Context, n *protocol.ConsumeNotice, _ ingest.Source) (storage.PutOutcome, protocol.ConsumeInfo, error) {
+	info, err := testPolicy.ValidateConsume(n, time.Now())
+	if err != nil {
+		return 0, info, err
+	}
+	o, err := i.s.PutConsume(ctx, n, info)
+	return o, info, err
+}

@@ -48,3 +48,41 @@ func ToAccount(m *AccountBundle) (*protocol.AccountBundle, error) {
 	copy(a.Signature[:], m.Signature)
 	return a, nil
 }
+
+// FromConsume returns the wire form of a consume notice. It aliases n's payload.
+func FromConsume(n *protocol.ConsumeNotice) *ConsumeNotice {
+	return &ConsumeNotice{DeviceId: n.DeviceID[:], Payload: n.Payload, Signature: n.Signature[:]}
+}
+
+// ToConsume decodes a wire consume notice. The result aliases m's payload.
+func ToConsume(m *ConsumeNotice) (*protocol.ConsumeNotice, error) {
+	if m == nil {
+		return nil, fmt.Errorf("%w: no consume notice", protocol.ErrMalformed)
+	}
+	if len(m.DeviceId) != protocol.KeySize || len(m.Signature) != protocol.SignatureSize {
+		return nil, fmt.Errorf("%w: device_id of %d bytes, signature of %d", protocol.ErrMalformed, len(m.DeviceId), len(m.Signature))
+	}
+	n := &protocol.ConsumeNotice{Payload: m.Payload}
+	copy(n.DeviceID[:], m.DeviceId)
+	copy(n.Signature[:], m.Signature)
+	return n, nil
+}
+
+// FromClaim returns the wire form of a claim notice. It aliases n's payload.
+func FromClaim(n *protocol.ClaimNotice) *ClaimNotice {
+	return &ClaimNotice{NodeKey: n.NodeKey[:], Payload: n.Payload, Signature: n.Signature[:]}
+}
+
+// ToClaim decodes a wire claim notice. The result aliases m's payload.
+func ToClaim(m *ClaimNotice) (*protocol.ClaimNotice, error) {
+	if m == nil {
+		return nil, fmt.Errorf("%w: no claim notice", protocol.ErrMalformed)
+	}
+	if len(m.NodeKey) != protocol.KeySize || len(m.Signature) != protocol.SignatureSize {
+		return nil, fmt.Errorf("%w: node_key of %d bytes, signature of %d", protocol.ErrMalformed, len(m.NodeKey), len(m.Signature))
+	}
+	n := &protocol.ClaimNotice{Payload: m.Payload}
+	copy(n.NodeKey[:], m.NodeKey)
+	copy(n.Signature[:], m.Signature)
+	return n, nil
+}

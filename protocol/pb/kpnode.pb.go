@@ -32,6 +32,9 @@ const (
 	FetchRequest_KIND_LATEST      FetchRequest_Kind = 1 // the bundle a client should get (latest last-resort, else latest)
 	FetchRequest_KIND_ALL         FetchRequest_Kind = 2 // every bundle held for the device, newest first
 	FetchRequest_KIND_ACCOUNT     FetchRequest_Kind = 3 // the account bundle of key
+	// Hand out one one-time bundle of the device not handed out before
+	// (else its last-resort bundle), as POST /v1/keypackages/{id}/claim.
+	FetchRequest_KIND_CLAIM FetchRequest_Kind = 4
 )
 
 // Enum value maps for FetchRequest_Kind.
@@ -41,12 +44,14 @@ var (
 		1: "KIND_LATEST",
 		2: "KIND_ALL",
 		3: "KIND_ACCOUNT",
+		4: "KIND_CLAIM",
 	}
 	FetchRequest_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
 		"KIND_LATEST":      1,
 		"KIND_ALL":         2,
 		"KIND_ACCOUNT":     3,
+		"KIND_CLAIM":       4,
 	}
 )
 
@@ -74,19 +79,20 @@ func (x FetchRequest_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FetchRequest_Kind.Descriptor instead.
 func (FetchRequest_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{3, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{6, 0}
 }
 
 type FetchResponse_Status int32
 
 const (
-	FetchResponse_STATUS_UNSPECIFIED FetchResponse_Status = 0
-	FetchResponse_STATUS_OK          FetchResponse_Status = 1
-	FetchResponse_STATUS_NOT_FOUND   FetchResponse_Status = 2 // the responder holds the shard and has no record
-	FetchResponse_STATUS_BAD_REQUEST FetchResponse_Status = 3 // malformed request
-	FetchResponse_STATUS_NOT_HOLDER  FetchResponse_Status = 4 // the responder does not hold the key's shard
-	FetchResponse_STATUS_BUSY        FetchResponse_Status = 5 // too many requests from this peer; retry later
-	FetchResponse_STATUS_INTERNAL    FetchResponse_Status = 6
+	FetchResponse_STATUS_UNSPECIFIED  FetchResponse_Status = 0
+	FetchResponse_STATUS_OK           FetchResponse_Status = 1
+	FetchResponse_STATUS_NOT_FOUND    FetchResponse_Status = 2 // the responder holds the shard and has no record
+	FetchResponse_STATUS_BAD_REQUEST  FetchResponse_Status = 3 // malformed request
+	FetchResponse_STATUS_NOT_HOLDER   FetchResponse_Status = 4 // the responder does not hold the key's shard
+	FetchResponse_STATUS_BUSY         FetchResponse_Status = 5 // too many requests from this peer; retry later
+	FetchResponse_STATUS_INTERNAL     FetchResponse_Status = 6
+	FetchResponse_STATUS_RATE_LIMITED FetchResponse_Status = 7 // KIND_CLAIM over the per-requester or per-device limit
 )
 
 // Enum value maps for FetchResponse_Status.
@@ -99,15 +105,17 @@ var (
 		4: "STATUS_NOT_HOLDER",
 		5: "STATUS_BUSY",
 		6: "STATUS_INTERNAL",
+		7: "STATUS_RATE_LIMITED",
 	}
 	FetchResponse_Status_value = map[string]int32{
-		"STATUS_UNSPECIFIED": 0,
-		"STATUS_OK":          1,
-		"STATUS_NOT_FOUND":   2,
-		"STATUS_BAD_REQUEST": 3,
-		"STATUS_NOT_HOLDER":  4,
-		"STATUS_BUSY":        5,
-		"STATUS_INTERNAL":    6,
+		"STATUS_UNSPECIFIED":  0,
+		"STATUS_OK":           1,
+		"STATUS_NOT_FOUND":    2,
+		"STATUS_BAD_REQUEST":  3,
+		"STATUS_NOT_HOLDER":   4,
+		"STATUS_BUSY":         5,
+		"STATUS_INTERNAL":     6,
+		"STATUS_RATE_LIMITED": 7,
 	}
 )
 
@@ -135,7 +143,7 @@ func (x FetchResponse_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FetchResponse_Status.Descriptor instead.
 func (FetchResponse_Status) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{4, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{7, 0}
 }
 
 type SyncRequest_Set int32
@@ -143,6 +151,7 @@ type SyncRequest_Set int32
 const (
 	SyncRequest_SET_BUNDLES  SyncRequest_Set = 0
 	SyncRequest_SET_ACCOUNTS SyncRequest_Set = 1
+	SyncRequest_SET_NOTICES  SyncRequest_Set = 2 // claim and consume notices, keyed by device_id
 )
 
 // Enum value maps for SyncRequest_Set.
@@ -150,10 +159,12 @@ var (
 	SyncRequest_Set_name = map[int32]string{
 		0: "SET_BUNDLES",
 		1: "SET_ACCOUNTS",
+		2: "SET_NOTICES",
 	}
 	SyncRequest_Set_value = map[string]int32{
 		"SET_BUNDLES":  0,
 		"SET_ACCOUNTS": 1,
+		"SET_NOTICES":  2,
 	}
 )
 
@@ -181,7 +192,7 @@ func (x SyncRequest_Set) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SyncRequest_Set.Descriptor instead.
 func (SyncRequest_Set) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{7, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{10, 0}
 }
 
 type SyncResponse_Status int32
@@ -233,7 +244,7 @@ func (x SyncResponse_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SyncResponse_Status.Descriptor instead.
 func (SyncResponse_Status) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{8, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{11, 0}
 }
 
 // Bundle is a device's signed KeyPackage publication.
@@ -369,8 +380,135 @@ func (x *AccountBundle) GetUpdatedAtMs() int64 {
 	return 0
 }
 
+// ConsumeNotice is a device's signed statement that some of its bundles were
+// used. payload = "kpnode:consume:v1\0" || timestamp_ms (u64 LE) ||
+// count (u16 LE) || count x 32-byte bundle refs; signature = Ed25519(device key, payload).
+type ConsumeNotice struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      []byte                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"` // 32 bytes
+	Payload       []byte                 `protobuf:"bytes,2,opt,name=payload,proto3" json:"payload,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"` // 64 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsumeNotice) Reset() {
+	*x = ConsumeNotice{}
+	mi := &file_kpnode_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsumeNotice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsumeNotice) ProtoMessage() {}
+
+func (x *ConsumeNotice) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsumeNotice.ProtoReflect.Descriptor instead.
+func (*ConsumeNotice) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ConsumeNotice) GetDeviceId() []byte {
+	if x != nil {
+		return x.DeviceId
+	}
+	return nil
+}
+
+func (x *ConsumeNotice) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+func (x *ConsumeNotice) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+// ClaimNotice is a node's signed statement that it handed out one bundle.
+// payload = "kpnode:claim:v1\0" || timestamp_ms (u64 LE) || device_id (32) ||
+// ref (32); signature = Ed25519(node identity key, payload).
+type ClaimNotice struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeKey       []byte                 `protobuf:"bytes,1,opt,name=node_key,json=nodeKey,proto3" json:"node_key,omitempty"` // 32 bytes: the claiming node's libp2p Ed25519 public key
+	Payload       []byte                 `protobuf:"bytes,2,opt,name=payload,proto3" json:"payload,omitempty"`                // 88 bytes
+	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`            // 64 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimNotice) Reset() {
+	*x = ClaimNotice{}
+	mi := &file_kpnode_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimNotice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimNotice) ProtoMessage() {}
+
+func (x *ClaimNotice) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimNotice.ProtoReflect.Descriptor instead.
+func (*ClaimNotice) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ClaimNotice) GetNodeKey() []byte {
+	if x != nil {
+		return x.NodeKey
+	}
+	return nil
+}
+
+func (x *ClaimNotice) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+func (x *ClaimNotice) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
 // GossipMessage is the data of every gossipsub message. Bundle topics
-// (/kpnode/1/{network}/kp/{shard}) carry bundles; account topics
+// (/kpnode/1/{network}/kp/{shard}) carry bundles, claim notices and consume
+// notices (sharded by device_id); account topics
 // (/kpnode/1/{network}/acct/{shard}) carry account bundles.
 type GossipMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -378,6 +516,8 @@ type GossipMessage struct {
 	//
 	//	*GossipMessage_Bundle
 	//	*GossipMessage_Account
+	//	*GossipMessage_Claim
+	//	*GossipMessage_Consume
 	Body          isGossipMessage_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -385,7 +525,7 @@ type GossipMessage struct {
 
 func (x *GossipMessage) Reset() {
 	*x = GossipMessage{}
-	mi := &file_kpnode_proto_msgTypes[2]
+	mi := &file_kpnode_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -397,7 +537,7 @@ func (x *GossipMessage) String() string {
 func (*GossipMessage) ProtoMessage() {}
 
 func (x *GossipMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[2]
+	mi := &file_kpnode_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -410,7 +550,7 @@ func (x *GossipMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GossipMessage.ProtoReflect.Descriptor instead.
 func (*GossipMessage) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{2}
+	return file_kpnode_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GossipMessage) GetBody() isGossipMessage_Body {
@@ -438,6 +578,24 @@ func (x *GossipMessage) GetAccount() *AccountBundle {
 	return nil
 }
 
+func (x *GossipMessage) GetClaim() *ClaimNotice {
+	if x != nil {
+		if x, ok := x.Body.(*GossipMessage_Claim); ok {
+			return x.Claim
+		}
+	}
+	return nil
+}
+
+func (x *GossipMessage) GetConsume() *ConsumeNotice {
+	if x != nil {
+		if x, ok := x.Body.(*GossipMessage_Consume); ok {
+			return x.Consume
+		}
+	}
+	return nil
+}
+
 type isGossipMessage_Body interface {
 	isGossipMessage_Body()
 }
@@ -450,22 +608,123 @@ type GossipMessage_Account struct {
 	Account *AccountBundle `protobuf:"bytes,2,opt,name=account,proto3,oneof"`
 }
 
+type GossipMessage_Claim struct {
+	Claim *ClaimNotice `protobuf:"bytes,3,opt,name=claim,proto3,oneof"`
+}
+
+type GossipMessage_Consume struct {
+	Consume *ConsumeNotice `protobuf:"bytes,4,opt,name=consume,proto3,oneof"`
+}
+
 func (*GossipMessage_Bundle) isGossipMessage_Body() {}
 
 func (*GossipMessage_Account) isGossipMessage_Body() {}
 
+func (*GossipMessage_Claim) isGossipMessage_Body() {}
+
+func (*GossipMessage_Consume) isGossipMessage_Body() {}
+
+// Notice is one stored notice, as sync carries them.
+type Notice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Body:
+	//
+	//	*Notice_Claim
+	//	*Notice_Consume
+	Body          isNotice_Body `protobuf_oneof:"body"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Notice) Reset() {
+	*x = Notice{}
+	mi := &file_kpnode_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Notice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Notice) ProtoMessage() {}
+
+func (x *Notice) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Notice.ProtoReflect.Descriptor instead.
+func (*Notice) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Notice) GetBody() isNotice_Body {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+func (x *Notice) GetClaim() *ClaimNotice {
+	if x != nil {
+		if x, ok := x.Body.(*Notice_Claim); ok {
+			return x.Claim
+		}
+	}
+	return nil
+}
+
+func (x *Notice) GetConsume() *ConsumeNotice {
+	if x != nil {
+		if x, ok := x.Body.(*Notice_Consume); ok {
+			return x.Consume
+		}
+	}
+	return nil
+}
+
+type isNotice_Body interface {
+	isNotice_Body()
+}
+
+type Notice_Claim struct {
+	Claim *ClaimNotice `protobuf:"bytes,1,opt,name=claim,proto3,oneof"`
+}
+
+type Notice_Consume struct {
+	Consume *ConsumeNotice `protobuf:"bytes,2,opt,name=consume,proto3,oneof"`
+}
+
+func (*Notice_Claim) isNotice_Body() {}
+
+func (*Notice_Consume) isNotice_Body() {}
+
 // FetchRequest asks a holder for records of one key. One request per stream.
 type FetchRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          FetchRequest_Kind      `protobuf:"varint,1,opt,name=kind,proto3,enum=kpnode.v1.FetchRequest_Kind" json:"kind,omitempty"`
-	Key           []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"` // device_id or account_pub, 32 bytes
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  FetchRequest_Kind      `protobuf:"varint,1,opt,name=kind,proto3,enum=kpnode.v1.FetchRequest_Kind" json:"kind,omitempty"`
+	Key   []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"` // device_id or account_pub, 32 bytes
+	// KIND_CLAIM: only bundles of this MLS cipher suite (0: any).
+	CipherSuite uint32 `protobuf:"varint,3,opt,name=cipher_suite,json=cipherSuite,proto3" json:"cipher_suite,omitempty"`
+	// KIND_CLAIM: the requester is a holder of the shard asking the owner of
+	// a bundle (rendezvous hashing) to hand out one it owns; no last-resort
+	// fallback, NOT_FOUND when it owns none.
+	OwnedOnly     bool `protobuf:"varint,4,opt,name=owned_only,json=ownedOnly,proto3" json:"owned_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FetchRequest) Reset() {
 	*x = FetchRequest{}
-	mi := &file_kpnode_proto_msgTypes[3]
+	mi := &file_kpnode_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +736,7 @@ func (x *FetchRequest) String() string {
 func (*FetchRequest) ProtoMessage() {}
 
 func (x *FetchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[3]
+	mi := &file_kpnode_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +749,7 @@ func (x *FetchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchRequest.ProtoReflect.Descriptor instead.
 func (*FetchRequest) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{3}
+	return file_kpnode_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *FetchRequest) GetKind() FetchRequest_Kind {
@@ -507,20 +766,36 @@ func (x *FetchRequest) GetKey() []byte {
 	return nil
 }
 
+func (x *FetchRequest) GetCipherSuite() uint32 {
+	if x != nil {
+		return x.CipherSuite
+	}
+	return 0
+}
+
+func (x *FetchRequest) GetOwnedOnly() bool {
+	if x != nil {
+		return x.OwnedOnly
+	}
+	return false
+}
+
 // FetchResponse answers a FetchRequest.
 type FetchResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Status        FetchResponse_Status   `protobuf:"varint,1,opt,name=status,proto3,enum=kpnode.v1.FetchResponse_Status" json:"status,omitempty"`
-	Bundles       []*Bundle              `protobuf:"bytes,2,rep,name=bundles,proto3" json:"bundles,omitempty"` // KIND_LATEST: at most one; KIND_ALL: newest first
-	Account       *AccountBundle         `protobuf:"bytes,3,opt,name=account,proto3" json:"account,omitempty"` // KIND_ACCOUNT
-	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`     // human-readable detail for non-OK statuses
+	Bundles       []*Bundle              `protobuf:"bytes,2,rep,name=bundles,proto3" json:"bundles,omitempty"`                                  // KIND_LATEST, KIND_CLAIM: at most one; KIND_ALL: newest first
+	Account       *AccountBundle         `protobuf:"bytes,3,opt,name=account,proto3" json:"account,omitempty"`                                  // KIND_ACCOUNT
+	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`                                      // human-readable detail for non-OK statuses
+	LastResort    bool                   `protobuf:"varint,5,opt,name=last_resort,json=lastResort,proto3" json:"last_resort,omitempty"`         // KIND_CLAIM: the bundle is the last-resort fallback
+	RetryAfterMs  uint32                 `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"` // STATUS_RATE_LIMITED, STATUS_BUSY: when to ask again
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FetchResponse) Reset() {
 	*x = FetchResponse{}
-	mi := &file_kpnode_proto_msgTypes[4]
+	mi := &file_kpnode_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -532,7 +807,7 @@ func (x *FetchResponse) String() string {
 func (*FetchResponse) ProtoMessage() {}
 
 func (x *FetchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[4]
+	mi := &file_kpnode_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -545,7 +820,7 @@ func (x *FetchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchResponse.ProtoReflect.Descriptor instead.
 func (*FetchResponse) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{4}
+	return file_kpnode_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *FetchResponse) GetStatus() FetchResponse_Status {
@@ -576,6 +851,20 @@ func (x *FetchResponse) GetError() string {
 	return ""
 }
 
+func (x *FetchResponse) GetLastResort() bool {
+	if x != nil {
+		return x.LastResort
+	}
+	return false
+}
+
+func (x *FetchResponse) GetRetryAfterMs() uint32 {
+	if x != nil {
+		return x.RetryAfterMs
+	}
+	return 0
+}
+
 // Sync (/kpnode/{network}/sync/1.0.0) reconciles one shard's bundle or
 // account set between two nodes by comparing fingerprints of ranges: a range
 // is every item whose key (device_id or account_pub) starts with a prefix.
@@ -592,7 +881,7 @@ type SyncRange struct {
 
 func (x *SyncRange) Reset() {
 	*x = SyncRange{}
-	mi := &file_kpnode_proto_msgTypes[5]
+	mi := &file_kpnode_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +893,7 @@ func (x *SyncRange) String() string {
 func (*SyncRange) ProtoMessage() {}
 
 func (x *SyncRange) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[5]
+	mi := &file_kpnode_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +906,7 @@ func (x *SyncRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRange.ProtoReflect.Descriptor instead.
 func (*SyncRange) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{5}
+	return file_kpnode_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SyncRange) GetPrefix() []byte {
@@ -652,7 +941,7 @@ type SyncListing struct {
 
 func (x *SyncListing) Reset() {
 	*x = SyncListing{}
-	mi := &file_kpnode_proto_msgTypes[6]
+	mi := &file_kpnode_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -664,7 +953,7 @@ func (x *SyncListing) String() string {
 func (*SyncListing) ProtoMessage() {}
 
 func (x *SyncListing) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[6]
+	mi := &file_kpnode_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -677,7 +966,7 @@ func (x *SyncListing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncListing.ProtoReflect.Descriptor instead.
 func (*SyncListing) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{6}
+	return file_kpnode_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SyncListing) GetPrefix() []byte {
@@ -710,7 +999,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_kpnode_proto_msgTypes[7]
+	mi := &file_kpnode_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +1011,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[7]
+	mi := &file_kpnode_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +1024,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{7}
+	return file_kpnode_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SyncRequest) GetShard() uint32 {
@@ -773,6 +1062,7 @@ type SyncResponse struct {
 	Listings []*SyncListing         `protobuf:"bytes,3,rep,name=listings,proto3" json:"listings,omitempty"` // all item IDs of small differing ranges
 	Bundles  []*Bundle              `protobuf:"bytes,4,rep,name=bundles,proto3" json:"bundles,omitempty"`   // wanted bundles
 	Accounts []*AccountBundle       `protobuf:"bytes,5,rep,name=accounts,proto3" json:"accounts,omitempty"` // wanted account bundles
+	Notices  []*Notice              `protobuf:"bytes,7,rep,name=notices,proto3" json:"notices,omitempty"`   // wanted notices (SET_NOTICES)
 	// Set when the responder left wanted records out to bound the response;
 	// the initiator asks for the rest in a later round.
 	Truncated     bool `protobuf:"varint,6,opt,name=truncated,proto3" json:"truncated,omitempty"`
@@ -782,7 +1072,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_kpnode_proto_msgTypes[8]
+	mi := &file_kpnode_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +1084,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[8]
+	mi := &file_kpnode_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +1097,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{8}
+	return file_kpnode_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SyncResponse) GetStatus() SyncResponse_Status {
@@ -845,6 +1135,13 @@ func (x *SyncResponse) GetAccounts() []*AccountBundle {
 	return nil
 }
 
+func (x *SyncResponse) GetNotices() []*Notice {
+	if x != nil {
+		return x.Notices
+	}
+	return nil
+}
+
 func (x *SyncResponse) GetTruncated() bool {
 	if x != nil {
 		return x.Truncated
@@ -866,24 +1163,46 @@ const file_kpnode_proto_rawDesc = "" +
 	"accountPub\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12\x1c\n" +
 	"\tsignature\x18\x03 \x01(\fR\tsignature\x12\"\n" +
-	"\rupdated_at_ms\x18\x04 \x01(\x03R\vupdatedAtMs\"z\n" +
+	"\rupdated_at_ms\x18\x04 \x01(\x03R\vupdatedAtMs\"d\n" +
+	"\rConsumeNotice\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\fR\bdeviceId\x12\x18\n" +
+	"\apayload\x18\x02 \x01(\fR\apayload\x12\x1c\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\"`\n" +
+	"\vClaimNotice\x12\x19\n" +
+	"\bnode_key\x18\x01 \x01(\fR\anodeKey\x12\x18\n" +
+	"\apayload\x18\x02 \x01(\fR\apayload\x12\x1c\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\"\xe0\x01\n" +
 	"\rGossipMessage\x12+\n" +
 	"\x06bundle\x18\x01 \x01(\v2\x11.kpnode.v1.BundleH\x00R\x06bundle\x124\n" +
-	"\aaccount\x18\x02 \x01(\v2\x18.kpnode.v1.AccountBundleH\x00R\aaccountB\x06\n" +
-	"\x04body\"\xa1\x01\n" +
+	"\aaccount\x18\x02 \x01(\v2\x18.kpnode.v1.AccountBundleH\x00R\aaccount\x12.\n" +
+	"\x05claim\x18\x03 \x01(\v2\x16.kpnode.v1.ClaimNoticeH\x00R\x05claim\x124\n" +
+	"\aconsume\x18\x04 \x01(\v2\x18.kpnode.v1.ConsumeNoticeH\x00R\aconsumeB\x06\n" +
+	"\x04body\"v\n" +
+	"\x06Notice\x12.\n" +
+	"\x05claim\x18\x01 \x01(\v2\x16.kpnode.v1.ClaimNoticeH\x00R\x05claim\x124\n" +
+	"\aconsume\x18\x02 \x01(\v2\x18.kpnode.v1.ConsumeNoticeH\x00R\aconsumeB\x06\n" +
+	"\x04body\"\xf3\x01\n" +
 	"\fFetchRequest\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.kpnode.v1.FetchRequest.KindR\x04kind\x12\x10\n" +
-	"\x03key\x18\x02 \x01(\fR\x03key\"M\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\x12!\n" +
+	"\fcipher_suite\x18\x03 \x01(\rR\vcipherSuite\x12\x1d\n" +
+	"\n" +
+	"owned_only\x18\x04 \x01(\bR\townedOnly\"]\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vKIND_LATEST\x10\x01\x12\f\n" +
 	"\bKIND_ALL\x10\x02\x12\x10\n" +
-	"\fKIND_ACCOUNT\x10\x03\"\xdc\x02\n" +
+	"\fKIND_ACCOUNT\x10\x03\x12\x0e\n" +
+	"\n" +
+	"KIND_CLAIM\x10\x04\"\xbc\x03\n" +
 	"\rFetchResponse\x127\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x1f.kpnode.v1.FetchResponse.StatusR\x06status\x12+\n" +
 	"\abundles\x18\x02 \x03(\v2\x11.kpnode.v1.BundleR\abundles\x122\n" +
 	"\aaccount\x18\x03 \x01(\v2\x18.kpnode.v1.AccountBundleR\aaccount\x12\x14\n" +
-	"\x05error\x18\x04 \x01(\tR\x05error\"\x9a\x01\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x1f\n" +
+	"\vlast_resort\x18\x05 \x01(\bR\n" +
+	"lastResort\x12$\n" +
+	"\x0eretry_after_ms\x18\x06 \x01(\rR\fretryAfterMs\"\xb3\x01\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tSTATUS_OK\x10\x01\x12\x14\n" +
@@ -891,28 +1210,31 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x12STATUS_BAD_REQUEST\x10\x03\x12\x15\n" +
 	"\x11STATUS_NOT_HOLDER\x10\x04\x12\x0f\n" +
 	"\vSTATUS_BUSY\x10\x05\x12\x13\n" +
-	"\x0fSTATUS_INTERNAL\x10\x06\"[\n" +
+	"\x0fSTATUS_INTERNAL\x10\x06\x12\x17\n" +
+	"\x13STATUS_RATE_LIMITED\x10\a\"[\n" +
 	"\tSyncRange\x12\x16\n" +
 	"\x06prefix\x18\x01 \x01(\fR\x06prefix\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12 \n" +
 	"\vfingerprint\x18\x03 \x01(\fR\vfingerprint\"7\n" +
 	"\vSyncListing\x12\x16\n" +
 	"\x06prefix\x18\x01 \x01(\fR\x06prefix\x12\x10\n" +
-	"\x03ids\x18\x02 \x03(\x06R\x03ids\"\xd5\x01\n" +
+	"\x03ids\x18\x02 \x03(\x06R\x03ids\"\xe6\x01\n" +
 	"\vSyncRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\rR\x05shard\x12,\n" +
 	"\x03set\x18\x02 \x01(\x0e2\x1a.kpnode.v1.SyncRequest.SetR\x03set\x12,\n" +
 	"\x06ranges\x18\x03 \x03(\v2\x14.kpnode.v1.SyncRangeR\x06ranges\x12*\n" +
-	"\x04want\x18\x04 \x03(\v2\x16.kpnode.v1.SyncListingR\x04want\"(\n" +
+	"\x04want\x18\x04 \x03(\v2\x16.kpnode.v1.SyncListingR\x04want\"9\n" +
 	"\x03Set\x12\x0f\n" +
 	"\vSET_BUNDLES\x10\x00\x12\x10\n" +
-	"\fSET_ACCOUNTS\x10\x01\"\x89\x03\n" +
+	"\fSET_ACCOUNTS\x10\x01\x12\x0f\n" +
+	"\vSET_NOTICES\x10\x02\"\xb6\x03\n" +
 	"\fSyncResponse\x126\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x1e.kpnode.v1.SyncResponse.StatusR\x06status\x12,\n" +
 	"\x06ranges\x18\x02 \x03(\v2\x14.kpnode.v1.SyncRangeR\x06ranges\x122\n" +
 	"\blistings\x18\x03 \x03(\v2\x16.kpnode.v1.SyncListingR\blistings\x12+\n" +
 	"\abundles\x18\x04 \x03(\v2\x11.kpnode.v1.BundleR\abundles\x124\n" +
-	"\baccounts\x18\x05 \x03(\v2\x18.kpnode.v1.AccountBundleR\baccounts\x12\x1c\n" +
+	"\baccounts\x18\x05 \x03(\v2\x18.kpnode.v1.AccountBundleR\baccounts\x12+\n" +
+	"\anotices\x18\a \x03(\v2\x11.kpnode.v1.NoticeR\anotices\x12\x1c\n" +
 	"\ttruncated\x18\x06 \x01(\bR\ttruncated\"^\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n" +
@@ -933,7 +1255,7 @@ func file_kpnode_proto_rawDescGZIP() []byte {
 }
 
 var file_kpnode_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_kpnode_proto_goTypes = []any{
 	(FetchRequest_Kind)(0),    // 0: kpnode.v1.FetchRequest.Kind
 	(FetchResponse_Status)(0), // 1: kpnode.v1.FetchResponse.Status
@@ -941,34 +1263,42 @@ var file_kpnode_proto_goTypes = []any{
 	(SyncResponse_Status)(0),  // 3: kpnode.v1.SyncResponse.Status
 	(*Bundle)(nil),            // 4: kpnode.v1.Bundle
 	(*AccountBundle)(nil),     // 5: kpnode.v1.AccountBundle
-	(*GossipMessage)(nil),     // 6: kpnode.v1.GossipMessage
-	(*FetchRequest)(nil),      // 7: kpnode.v1.FetchRequest
-	(*FetchResponse)(nil),     // 8: kpnode.v1.FetchResponse
-	(*SyncRange)(nil),         // 9: kpnode.v1.SyncRange
-	(*SyncListing)(nil),       // 10: kpnode.v1.SyncListing
-	(*SyncRequest)(nil),       // 11: kpnode.v1.SyncRequest
-	(*SyncResponse)(nil),      // 12: kpnode.v1.SyncResponse
+	(*ConsumeNotice)(nil),     // 6: kpnode.v1.ConsumeNotice
+	(*ClaimNotice)(nil),       // 7: kpnode.v1.ClaimNotice
+	(*GossipMessage)(nil),     // 8: kpnode.v1.GossipMessage
+	(*Notice)(nil),            // 9: kpnode.v1.Notice
+	(*FetchRequest)(nil),      // 10: kpnode.v1.FetchRequest
+	(*FetchResponse)(nil),     // 11: kpnode.v1.FetchResponse
+	(*SyncRange)(nil),         // 12: kpnode.v1.SyncRange
+	(*SyncListing)(nil),       // 13: kpnode.v1.SyncListing
+	(*SyncRequest)(nil),       // 14: kpnode.v1.SyncRequest
+	(*SyncResponse)(nil),      // 15: kpnode.v1.SyncResponse
 }
 var file_kpnode_proto_depIdxs = []int32{
 	4,  // 0: kpnode.v1.GossipMessage.bundle:type_name -> kpnode.v1.Bundle
 	5,  // 1: kpnode.v1.GossipMessage.account:type_name -> kpnode.v1.AccountBundle
-	0,  // 2: kpnode.v1.FetchRequest.kind:type_name -> kpnode.v1.FetchRequest.Kind
-	1,  // 3: kpnode.v1.FetchResponse.status:type_name -> kpnode.v1.FetchResponse.Status
-	4,  // 4: kpnode.v1.FetchResponse.bundles:type_name -> kpnode.v1.Bundle
-	5,  // 5: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
-	2,  // 6: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
-	9,  // 7: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
-	10, // 8: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
-	3,  // 9: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
-	9,  // 10: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
-	10, // 11: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
-	4,  // 12: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
-	5,  // 13: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	7,  // 2: kpnode.v1.GossipMessage.claim:type_name -> kpnode.v1.ClaimNotice
+	6,  // 3: kpnode.v1.GossipMessage.consume:type_name -> kpnode.v1.ConsumeNotice
+	7,  // 4: kpnode.v1.Notice.claim:type_name -> kpnode.v1.ClaimNotice
+	6,  // 5: kpnode.v1.Notice.consume:type_name -> kpnode.v1.ConsumeNotice
+	0,  // 6: kpnode.v1.FetchRequest.kind:type_name -> kpnode.v1.FetchRequest.Kind
+	1,  // 7: kpnode.v1.FetchResponse.status:type_name -> kpnode.v1.FetchResponse.Status
+	4,  // 8: kpnode.v1.FetchResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 9: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
+	2,  // 10: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
+	12, // 11: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
+	13, // 12: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
+	3,  // 13: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
+	12, // 14: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
+	13, // 15: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
+	4,  // 16: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 17: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
+	9,  // 18: kpnode.v1.SyncResponse.notices:type_name -> kpnode.v1.Notice
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_kpnode_proto_init() }
@@ -976,9 +1306,15 @@ func file_kpnode_proto_init() {
 	if File_kpnode_proto != nil {
 		return
 	}
-	file_kpnode_proto_msgTypes[2].OneofWrappers = []any{
+	file_kpnode_proto_msgTypes[4].OneofWrappers = []any{
 		(*GossipMessage_Bundle)(nil),
 		(*GossipMessage_Account)(nil),
+		(*GossipMessage_Claim)(nil),
+		(*GossipMessage_Consume)(nil),
+	}
+	file_kpnode_proto_msgTypes[5].OneofWrappers = []any{
+		(*Notice_Claim)(nil),
+		(*Notice_Consume)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -986,7 +1322,7 @@ func file_kpnode_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kpnode_proto_rawDesc), len(file_kpnode_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   9,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
