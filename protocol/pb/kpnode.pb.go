@@ -35,6 +35,8 @@ const (
 	// Hand out one one-time bundle of the device not handed out before
 	// (else its last-resort bundle), as POST /v1/keypackages/{id}/claim.
 	FetchRequest_KIND_CLAIM FetchRequest_Kind = 4
+	// The device's claim counts, as GET /v1/keypackages/{id}/count.
+	FetchRequest_KIND_COUNT FetchRequest_Kind = 5
 )
 
 // Enum value maps for FetchRequest_Kind.
@@ -45,6 +47,7 @@ var (
 		2: "KIND_ALL",
 		3: "KIND_ACCOUNT",
 		4: "KIND_CLAIM",
+		5: "KIND_COUNT",
 	}
 	FetchRequest_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -52,6 +55,7 @@ var (
 		"KIND_ALL":         2,
 		"KIND_ACCOUNT":     3,
 		"KIND_CLAIM":       4,
+		"KIND_COUNT":       5,
 	}
 )
 
@@ -192,7 +196,7 @@ func (x SyncRequest_Set) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SyncRequest_Set.Descriptor instead.
 func (SyncRequest_Set) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{10, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{11, 0}
 }
 
 type SyncResponse_Status int32
@@ -244,7 +248,7 @@ func (x SyncResponse_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SyncResponse_Status.Descriptor instead.
 func (SyncResponse_Status) EnumDescriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{11, 0}
+	return file_kpnode_proto_rawDescGZIP(), []int{12, 0}
 }
 
 // Bundle is a device's signed KeyPackage publication.
@@ -782,13 +786,17 @@ func (x *FetchRequest) GetOwnedOnly() bool {
 
 // FetchResponse answers a FetchRequest.
 type FetchResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Status        FetchResponse_Status   `protobuf:"varint,1,opt,name=status,proto3,enum=kpnode.v1.FetchResponse_Status" json:"status,omitempty"`
-	Bundles       []*Bundle              `protobuf:"bytes,2,rep,name=bundles,proto3" json:"bundles,omitempty"`                                  // KIND_LATEST, KIND_CLAIM: at most one; KIND_ALL: newest first
-	Account       *AccountBundle         `protobuf:"bytes,3,opt,name=account,proto3" json:"account,omitempty"`                                  // KIND_ACCOUNT
-	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`                                      // human-readable detail for non-OK statuses
-	LastResort    bool                   `protobuf:"varint,5,opt,name=last_resort,json=lastResort,proto3" json:"last_resort,omitempty"`         // KIND_CLAIM: the bundle is the last-resort fallback
-	RetryAfterMs  uint32                 `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"` // STATUS_RATE_LIMITED, STATUS_BUSY: when to ask again
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Status       FetchResponse_Status   `protobuf:"varint,1,opt,name=status,proto3,enum=kpnode.v1.FetchResponse_Status" json:"status,omitempty"`
+	Bundles      []*Bundle              `protobuf:"bytes,2,rep,name=bundles,proto3" json:"bundles,omitempty"`                                  // KIND_LATEST, KIND_CLAIM: at most one; KIND_ALL: newest first
+	Account      *AccountBundle         `protobuf:"bytes,3,opt,name=account,proto3" json:"account,omitempty"`                                  // KIND_ACCOUNT
+	Error        string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`                                      // human-readable detail for non-OK statuses
+	LastResort   bool                   `protobuf:"varint,5,opt,name=last_resort,json=lastResort,proto3" json:"last_resort,omitempty"`         // KIND_CLAIM: the bundle is the last-resort fallback
+	RetryAfterMs uint32                 `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"` // STATUS_RATE_LIMITED, STATUS_BUSY: when to ask again
+	// KIND_CLAIM: the responder's claim notice for the bundle it handed out,
+	// so the requester records the claim before gossip brings it.
+	Claim         *ClaimNotice `protobuf:"bytes,7,opt,name=claim,proto3" json:"claim,omitempty"`
+	Counts        *ClaimCounts `protobuf:"bytes,8,opt,name=counts,proto3" json:"counts,omitempty"` // KIND_COUNT
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -865,6 +873,81 @@ func (x *FetchResponse) GetRetryAfterMs() uint32 {
 	return 0
 }
 
+func (x *FetchResponse) GetClaim() *ClaimNotice {
+	if x != nil {
+		return x.Claim
+	}
+	return nil
+}
+
+func (x *FetchResponse) GetCounts() *ClaimCounts {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+// ClaimCounts answers KIND_COUNT.
+type ClaimCounts struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	OneTime             uint32                 `protobuf:"varint,1,opt,name=one_time,json=oneTime,proto3" json:"one_time,omitempty"`
+	LastResort          uint32                 `protobuf:"varint,2,opt,name=last_resort,json=lastResort,proto3" json:"last_resort,omitempty"`
+	LastResortHandedOut uint64                 `protobuf:"varint,3,opt,name=last_resort_handed_out,json=lastResortHandedOut,proto3" json:"last_resort_handed_out,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *ClaimCounts) Reset() {
+	*x = ClaimCounts{}
+	mi := &file_kpnode_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimCounts) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimCounts) ProtoMessage() {}
+
+func (x *ClaimCounts) ProtoReflect() protoreflect.Message {
+	mi := &file_kpnode_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimCounts.ProtoReflect.Descriptor instead.
+func (*ClaimCounts) Descriptor() ([]byte, []int) {
+	return file_kpnode_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ClaimCounts) GetOneTime() uint32 {
+	if x != nil {
+		return x.OneTime
+	}
+	return 0
+}
+
+func (x *ClaimCounts) GetLastResort() uint32 {
+	if x != nil {
+		return x.LastResort
+	}
+	return 0
+}
+
+func (x *ClaimCounts) GetLastResortHandedOut() uint64 {
+	if x != nil {
+		return x.LastResortHandedOut
+	}
+	return 0
+}
+
 // Sync (/kpnode/{network}/sync/1.0.0) reconciles one shard's bundle or
 // account set between two nodes by comparing fingerprints of ranges: a range
 // is every item whose key (device_id or account_pub) starts with a prefix.
@@ -881,7 +964,7 @@ type SyncRange struct {
 
 func (x *SyncRange) Reset() {
 	*x = SyncRange{}
-	mi := &file_kpnode_proto_msgTypes[8]
+	mi := &file_kpnode_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +976,7 @@ func (x *SyncRange) String() string {
 func (*SyncRange) ProtoMessage() {}
 
 func (x *SyncRange) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[8]
+	mi := &file_kpnode_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +989,7 @@ func (x *SyncRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRange.ProtoReflect.Descriptor instead.
 func (*SyncRange) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{8}
+	return file_kpnode_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SyncRange) GetPrefix() []byte {
@@ -941,7 +1024,7 @@ type SyncListing struct {
 
 func (x *SyncListing) Reset() {
 	*x = SyncListing{}
-	mi := &file_kpnode_proto_msgTypes[9]
+	mi := &file_kpnode_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -953,7 +1036,7 @@ func (x *SyncListing) String() string {
 func (*SyncListing) ProtoMessage() {}
 
 func (x *SyncListing) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[9]
+	mi := &file_kpnode_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -966,7 +1049,7 @@ func (x *SyncListing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncListing.ProtoReflect.Descriptor instead.
 func (*SyncListing) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{9}
+	return file_kpnode_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SyncListing) GetPrefix() []byte {
@@ -999,7 +1082,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_kpnode_proto_msgTypes[10]
+	mi := &file_kpnode_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1094,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[10]
+	mi := &file_kpnode_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1107,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{10}
+	return file_kpnode_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SyncRequest) GetShard() uint32 {
@@ -1072,7 +1155,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_kpnode_proto_msgTypes[11]
+	mi := &file_kpnode_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1084,7 +1167,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kpnode_proto_msgTypes[11]
+	mi := &file_kpnode_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1097,7 +1180,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_kpnode_proto_rawDescGZIP(), []int{11}
+	return file_kpnode_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SyncResponse) GetStatus() SyncResponse_Status {
@@ -1181,20 +1264,22 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x06Notice\x12.\n" +
 	"\x05claim\x18\x01 \x01(\v2\x16.kpnode.v1.ClaimNoticeH\x00R\x05claim\x124\n" +
 	"\aconsume\x18\x02 \x01(\v2\x18.kpnode.v1.ConsumeNoticeH\x00R\aconsumeB\x06\n" +
-	"\x04body\"\xf3\x01\n" +
+	"\x04body\"\x83\x02\n" +
 	"\fFetchRequest\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.kpnode.v1.FetchRequest.KindR\x04kind\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12!\n" +
 	"\fcipher_suite\x18\x03 \x01(\rR\vcipherSuite\x12\x1d\n" +
 	"\n" +
-	"owned_only\x18\x04 \x01(\bR\townedOnly\"]\n" +
+	"owned_only\x18\x04 \x01(\bR\townedOnly\"m\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vKIND_LATEST\x10\x01\x12\f\n" +
 	"\bKIND_ALL\x10\x02\x12\x10\n" +
 	"\fKIND_ACCOUNT\x10\x03\x12\x0e\n" +
 	"\n" +
-	"KIND_CLAIM\x10\x04\"\xbc\x03\n" +
+	"KIND_CLAIM\x10\x04\x12\x0e\n" +
+	"\n" +
+	"KIND_COUNT\x10\x05\"\x9a\x04\n" +
 	"\rFetchResponse\x127\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x1f.kpnode.v1.FetchResponse.StatusR\x06status\x12+\n" +
 	"\abundles\x18\x02 \x03(\v2\x11.kpnode.v1.BundleR\abundles\x122\n" +
@@ -1202,7 +1287,9 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12\x1f\n" +
 	"\vlast_resort\x18\x05 \x01(\bR\n" +
 	"lastResort\x12$\n" +
-	"\x0eretry_after_ms\x18\x06 \x01(\rR\fretryAfterMs\"\xb3\x01\n" +
+	"\x0eretry_after_ms\x18\x06 \x01(\rR\fretryAfterMs\x12,\n" +
+	"\x05claim\x18\a \x01(\v2\x16.kpnode.v1.ClaimNoticeR\x05claim\x12.\n" +
+	"\x06counts\x18\b \x01(\v2\x16.kpnode.v1.ClaimCountsR\x06counts\"\xb3\x01\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tSTATUS_OK\x10\x01\x12\x14\n" +
@@ -1211,7 +1298,12 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x11STATUS_NOT_HOLDER\x10\x04\x12\x0f\n" +
 	"\vSTATUS_BUSY\x10\x05\x12\x13\n" +
 	"\x0fSTATUS_INTERNAL\x10\x06\x12\x17\n" +
-	"\x13STATUS_RATE_LIMITED\x10\a\"[\n" +
+	"\x13STATUS_RATE_LIMITED\x10\a\"~\n" +
+	"\vClaimCounts\x12\x19\n" +
+	"\bone_time\x18\x01 \x01(\rR\aoneTime\x12\x1f\n" +
+	"\vlast_resort\x18\x02 \x01(\rR\n" +
+	"lastResort\x123\n" +
+	"\x16last_resort_handed_out\x18\x03 \x01(\x04R\x13lastResortHandedOut\"[\n" +
 	"\tSyncRange\x12\x16\n" +
 	"\x06prefix\x18\x01 \x01(\fR\x06prefix\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12 \n" +
@@ -1255,7 +1347,7 @@ func file_kpnode_proto_rawDescGZIP() []byte {
 }
 
 var file_kpnode_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_kpnode_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_kpnode_proto_goTypes = []any{
 	(FetchRequest_Kind)(0),    // 0: kpnode.v1.FetchRequest.Kind
 	(FetchResponse_Status)(0), // 1: kpnode.v1.FetchResponse.Status
@@ -1269,10 +1361,11 @@ var file_kpnode_proto_goTypes = []any{
 	(*Notice)(nil),            // 9: kpnode.v1.Notice
 	(*FetchRequest)(nil),      // 10: kpnode.v1.FetchRequest
 	(*FetchResponse)(nil),     // 11: kpnode.v1.FetchResponse
-	(*SyncRange)(nil),         // 12: kpnode.v1.SyncRange
-	(*SyncListing)(nil),       // 13: kpnode.v1.SyncListing
-	(*SyncRequest)(nil),       // 14: kpnode.v1.SyncRequest
-	(*SyncResponse)(nil),      // 15: kpnode.v1.SyncResponse
+	(*ClaimCounts)(nil),       // 12: kpnode.v1.ClaimCounts
+	(*SyncRange)(nil),         // 13: kpnode.v1.SyncRange
+	(*SyncListing)(nil),       // 14: kpnode.v1.SyncListing
+	(*SyncRequest)(nil),       // 15: kpnode.v1.SyncRequest
+	(*SyncResponse)(nil),      // 16: kpnode.v1.SyncResponse
 }
 var file_kpnode_proto_depIdxs = []int32{
 	4,  // 0: kpnode.v1.GossipMessage.bundle:type_name -> kpnode.v1.Bundle
@@ -1285,20 +1378,22 @@ var file_kpnode_proto_depIdxs = []int32{
 	1,  // 7: kpnode.v1.FetchResponse.status:type_name -> kpnode.v1.FetchResponse.Status
 	4,  // 8: kpnode.v1.FetchResponse.bundles:type_name -> kpnode.v1.Bundle
 	5,  // 9: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
-	2,  // 10: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
-	12, // 11: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
-	13, // 12: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
-	3,  // 13: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
-	12, // 14: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
-	13, // 15: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
-	4,  // 16: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
-	5,  // 17: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
-	9,  // 18: kpnode.v1.SyncResponse.notices:type_name -> kpnode.v1.Notice
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	7,  // 10: kpnode.v1.FetchResponse.claim:type_name -> kpnode.v1.ClaimNotice
+	12, // 11: kpnode.v1.FetchResponse.counts:type_name -> kpnode.v1.ClaimCounts
+	2,  // 12: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
+	13, // 13: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
+	14, // 14: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
+	3,  // 15: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
+	13, // 16: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
+	14, // 17: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
+	4,  // 18: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 19: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
+	9,  // 20: kpnode.v1.SyncResponse.notices:type_name -> kpnode.v1.Notice
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_kpnode_proto_init() }
@@ -1322,7 +1417,7 @@ func file_kpnode_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kpnode_proto_rawDesc), len(file_kpnode_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
