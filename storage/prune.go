@@ -54,8 +54,10 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 	var removed, emptied int
 	var freed int64
 	var deleted [][]byte
+	var nd noticeDelta
 	err := s.update(ctx, func(txn *badger.Txn) error {
 		removed, emptied, freed, deleted = 0, 0, 0, nil
+		nd.reset()
 		for i, k := range keys {
 			if idx != nil {
 				if err := txn.Delete(idx[i]); err != nil {
@@ -75,7 +77,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 			if err != nil {
 				return err
 			}
-			rv, err := deleteBundleRecord(txn, k, true)
+			rv, err := deleteBundleRecord(txn, k, true, &nd)
 			if err != nil {
 				return err
 			}
@@ -98,6 +100,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 	s.devices.Add(-int64(emptied))
 	s.bytes.Add(-freed)
 	s.digests.updateBundles(nil, deleted)
+	s.applyNotices(&nd)
 	return removed, nil
 }
 
