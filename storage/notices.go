@@ -1,10 +1,12 @@
 package storage
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -320,4 +322,120 @@ func recountNotices(txn *badger.Txn, dig *shardDigests) (claims, tombs, size int
 		}
 	}
 	return claims, tombs, size, nil
+}
+
+// pruneConsumed deletes the consume tombstones whose until has passed and
+// the consume notices whose timestamp plus the retention has, pruneChunk
+// per transaction, checking each again inside it.
+func (s *Store) pruneConsumed(ctx context.Context) (tombs, notices int, err error) {
+	defer recoverCorrupt(&err)
+	now := s.opts.Now().UnixMilli()
+	retention := s.opts.Retention.Milliseconds()
+	dueTomb := func(k, v []byte) bool {
+		until, err := decodeTombstone(v)
+		return err != nil || len(k) != consumedKeyLen || until <= now
+	}
+	dueNotice := func(k, v []byte) bool {
+		if len(k) != noticeKeyLen {
+			return false // the startup check's to delete
+		}
+		kind, id := noticeID(k)
+		if kind != noticeConsume {
+			return false
+		}
+		_, info, err := decodeConsumeValue(keyOf(k), id, v)
+		return err == nil && int64(min(info.TimestampMS, uint64(math.MaxInt64/2)))+retention <= now
+	}
+	tombs, err = s.pruneWhere(ctx, prefixConsumed, dueTomb, func(txn *badger.Txn, k, v []byte, nd *noticeDelta) (int64, error) {
+		if len(k) == consumedKeyLen {
+			nd.tombs--
+			return tombstoneBytes, nil
+		}
+		return 0, nil
+	})
+	if err != nil {
+		return tombs, 0, err
+	}
+	notices, err = s.pruneWhere(ctx, prefixNotice, dueNotice, func(txn *badger.Txn, k, v []byte, nd *noticeDelta) (int64, error) {
+		dev := keyOf(k)
+		_, id := noticeID(k)
+		_, info, _ := decodeConsumeValue(dev, id, v)
+		nd.removed = append(nd.removed, noticeItem{dev: dev, hash: protocol.ConsumeItem(dev, info)})
+		return consumeBytes(len(v) - consumeValueHdr), nil
+	})
+	return tombs, notices, err
+}
+
+// pruneWhere deletes the keys of family p whose (key, value) are due,
+// calling gone for each deletion (inside the transaction) for the
+// counters, digests and bytes it frees.
+func (s *Store) pruneWhere(ctx context.Context, p byte, due func(k, v []byte) bool,
+	gone func(txn *badger.Txn, k, v []byte, nd *noticeDelta) (int64, error)) (int, error) {
+	var keys [][]byte
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{p, '/'}, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if err := it.Item().Value(func(v []byte) error {
+				if due(it.Item().Key(), v) {
+					keys = append(keys, it.Item().KeyCopy(nil))
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	total := 0
+	for len(keys) > 0 {
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
+		chunk := keys[:min(len(keys), pruneChunk)]
+		keys = keys[len(chunk):]
+		var nd noticeDelta
+		var freed int64
+		n := 0
+		err := s.update(ctx, func(txn *badger.Txn) error {
+			nd.reset()
+			freed, n = 0, 0
+			for _, k := range chunk {
+				item, err := txn.Get(k)
+				if errors.Is(err, badger.ErrKeyNotFound) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				v, err := item.ValueCopy(nil)
+				if err != nil {
+					return err
+				}
+				if !due(k, v) {
+					continue // rewritten meanwhile
+				}
+				f, err := gone(txn, k, v, &nd)
+				if err != nil {
+					return err
+				}
+				if err := txn.Delete(k); err != nil {
+					return err
+				}
+				freed += f
+				n++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, err
+		}
+		s.bytes.Add(-freed)
+		s.applyNotices(&nd)
+		total += n
+	}
+	return total, nil
 }

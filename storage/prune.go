@@ -14,6 +14,8 @@ type PruneStats struct {
 	Bundles       int // past the retention
 	LifetimeEnded int // KeyPackage lifetime ended more than ClockSkew ago
 	Accounts      int
+	Tombstones    int // consume tombstones past their until
+	Consumes      int // consume notices past their timestamp plus the retention
 }
 
 // pruneChunk bounds the deletions of one transaction.
@@ -42,6 +44,10 @@ func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 	}
 	if err := s.pruneTombstones(ctx); err != nil {
 		return st, fmt.Errorf("storage: prune tombstones: %w", err)
+	}
+	st.Tombstones, st.Consumes, err = s.pruneConsumed(ctx)
+	if err != nil {
+		return st, fmt.Errorf("storage: prune consume records: %w", err)
 	}
 	return st, nil
 }
