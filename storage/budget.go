@@ -77,8 +77,9 @@ func (s *Store) MaxBytes() int64 { return max(s.opts.MaxBytes, 0) }
 type eviction struct {
 	freed   int64
 	bundles int64
-	emptied int64    // devices left with no bundle
-	removed [][]byte // b/ keys, for the digests
+	emptied int64       // devices left with no bundle
+	removed [][]byte    // b/ keys, for the digests
+	notices noticeDelta // claim records that went with their bundles
 }
 
 // makeRoom evicts other devices' bundles in txn until need bytes are
@@ -106,7 +107,7 @@ func (s *Store) makeRoom(txn *badger.Txn, need int64, olderThan uint64, self *pr
 		if err != nil {
 			return false, err
 		}
-		rv, err := deleteBundleRecord(txn, bkey, true)
+		rv, err := deleteBundleRecord(txn, bkey, true, &ev.notices)
 		if err != nil {
 			return false, err
 		}

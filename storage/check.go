@@ -31,17 +31,20 @@ type Repairs struct {
 	Counts       int // n/ counts that differed from the device's b/ keys, rewritten
 	TimeIndex    int // t/ entries dropped and written again (the index is rebuilt when it drifted)
 	LifetimeIdx  int // e/ entries dropped and written again (likewise)
+	GlobalRefs   int // g/ entries dropped and written again (likewise; after the migration to schema 3, the build)
+	Claims       int // claim records whose bundle is gone, deleted
 }
 
 // Total is the number of repairs.
 func (r Repairs) Total() int {
-	return r.Malformed + r.DuplicateRef + r.Refs + r.DanglingRefs + r.LastResort + r.Counts + r.TimeIndex + r.LifetimeIdx
+	return r.Malformed + r.DuplicateRef + r.Refs + r.DanglingRefs + r.LastResort + r.Counts + r.TimeIndex + r.LifetimeIdx +
+		r.GlobalRefs + r.Claims
 }
 
 func (r Repairs) logAttrs() []any {
 	return []any{"malformed", r.Malformed, "duplicate_refs", r.DuplicateRef, "refs", r.Refs,
 		"dangling_refs", r.DanglingRefs, "last_resort", r.LastResort, "counts", r.Counts,
-		"time_index", r.TimeIndex, "lifetime_index", r.LifetimeIdx}
+		"time_index", r.TimeIndex, "lifetime_index", r.LifetimeIdx, "global_refs", r.GlobalRefs, "claims", r.Claims}
 }
 
 // family iterates one per-device key family (b/, l/, r/ or n/) group by
@@ -206,6 +209,16 @@ func (s *Store) checkConsistency(migrated bool) (Repairs, error) {
 		}
 		rep.LifetimeIdx = n
 	}
+	if want.global != have.global {
+		n, err := s.rebuildGlobalRefs()
+		if err != nil {
+			return rep, fmt.Errorf("storage: rebuild the global ref index: %w", err)
+		}
+		rep.GlobalRefs = n
+	}
+	if err := s.checkNotices(&rep); err != nil {
+		return rep, fmt.Errorf("storage: check notices: %w", err)
+	}
 	if rep.Total() > 0 && migrated {
 		s.log.Info("storage: rebuilt indexes after the migration", rep.logAttrs()...)
 	} else if rep.Total() > 0 {
@@ -295,6 +308,7 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, want *indexSums, bs,
 	for ref, k := range kept {
 		held[string(k)] = true
 		want.add(k, notAfter[ref])
+		want.global += maphash.Bytes(want.seed, globalRefKey(ref, dev))
 	}
 	for _, e := range ls {
 		if !held[string(bundleTwin(e.key))] {
@@ -329,8 +343,8 @@ func (s *Store) repairDevice(txn *badger.Txn, rep *Repairs, want *indexSums, bs,
 // entries, so that the check compares them with the b/ keys in constant
 // memory; an index that differs is rebuilt.
 type indexSums struct {
-	seed           maphash.Seed
-	time, lifetime uint64
+	seed                   maphash.Seed
+	time, lifetime, global uint64
 }
 
 func newIndexSums(seed maphash.Seed) *indexSums { return &indexSums{seed: seed} }
@@ -344,10 +358,14 @@ func (x *indexSums) add(bkey []byte, notAfterMS int64) {
 
 // scan sums the t/ and e/ entries as add would have (keys only).
 func (x *indexSums) scan(txn *badger.Txn) error {
-	for _, prefix := range []byte{prefixTime, prefixLifetime} {
+	for _, prefix := range []byte{prefixTime, prefixLifetime, prefixGlobalRef} {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefix, '/'}})
 		for it.Rewind(); it.Valid(); it.Next() {
 			k := it.Item().Key()
+			if prefix == prefixGlobalRef {
+				x.global += maphash.Bytes(x.seed, k)
+				continue
+			}
 			if prefix == prefixLifetime {
 				x.lifetime += maphash.Bytes(x.seed, k)
 				continue
@@ -424,4 +442,145 @@ func (s *Store) rebuildIndex(prefix byte) (n int, err error) {
 		err = add.Flush()
 	}
 	return n, err
+}
+
+// rebuildGlobalRefs drops every g/ entry and writes it again from the r/
+// entries. It runs when the check found the index drifted, and once after
+// the migration to schema 3 (which added it).
+func (s *Store) rebuildGlobalRefs() (int, error) {
+	n, err := s.rebuildFrom(prefixGlobalRef, prefixRef, func(k []byte) []byte {
+		if len(k) != refKeyLen {
+			return nil
+		}
+		return globalRefKey(refOfRefKey(k), keyOf(k))
+	})
+	return n, err
+}
+
+// rebuildFrom drops every key of family drop and writes, for every key of
+// family from, the key entry(k) (none when nil), with an empty value.
+func (s *Store) rebuildFrom(drop, from byte, entry func(k []byte) []byte) (n int, err error) {
+	del := s.db.NewWriteBatch()
+	defer del.Cancel()
+	err = s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{drop, '/'}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+			if err := del.Delete(it.Item().KeyCopy(nil)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = del.Flush()
+	}
+	if err != nil {
+		return 0, err
+	}
+	add := s.db.NewWriteBatch()
+	defer add.Cancel()
+	err = s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{from, '/'}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if k := entry(it.Item().Key()); k != nil {
+				n++
+				if err := add.Set(k, nil); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = add.Flush()
+	}
+	return n, err
+}
+
+// checkNotices deletes the single-use records that cannot be used: keys
+// of a wrong shape, values that do not decode, and claim records whose
+// bundle is gone (cheap: one point lookup per claim).
+func (s *Store) checkNotices(rep *Repairs) error {
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixNotice, '/'}, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			k := it.Item().KeyCopy(nil)
+			if !wellFormed(k, noticeKeyLen) || k[2+groupLen] != '/' || k[noticeKindOffset+1] != '/' {
+				rep.Malformed++
+				if err := wb.Delete(k); err != nil {
+					return err
+				}
+				continue
+			}
+			dev := keyOf(k)
+			kind, id := noticeID(k)
+			var bad bool
+			if err := it.Item().Value(func(v []byte) error {
+				switch kind {
+				case noticeClaim:
+					_, err := decodeClaimValue(dev, id, v)
+					bad = err != nil
+				case noticeConsume:
+					_, _, err := decodeConsumeValue(dev, id, v)
+					bad = err != nil
+				default:
+					bad = true
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+			if bad {
+				rep.Malformed++
+				if err := wb.Delete(k); err != nil {
+					return err
+				}
+				continue
+			}
+			if kind != noticeClaim {
+				continue
+			}
+			switch _, err := txn.Get(refKey(dev, id)); {
+			case errors.Is(err, badger.ErrKeyNotFound):
+				rep.Claims++
+				if err := wb.Delete(k); err != nil {
+					return err
+				}
+			case err != nil:
+				return err
+			}
+		}
+		zt := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixConsumed, '/'}, PrefetchValues: true})
+		defer zt.Close()
+		for zt.Rewind(); zt.Valid(); zt.Next() {
+			k := zt.Item().KeyCopy(nil)
+			bad := !wellFormed(k, consumedKeyLen)
+			if !bad {
+				if err := zt.Item().Value(func(v []byte) error {
+					_, err := decodeTombstone(v)
+					bad = err != nil
+					return nil
+				}); err != nil {
+					return err
+				}
+			}
+			if bad {
+				rep.Malformed++
+				if err := wb.Delete(k); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return wb.Flush()
 }

@@ -9,7 +9,7 @@ import (
 	"github.com/kpnode/kpnode/protocol"
 )
 
-// Key layout (schema 2). All integers are big-endian so that byte order is
+// Key layout (schema 3). All integers are big-endian so that byte order is
 // numeric order; timestamps are stored inverted (^ts) so a forward scan of a
 // device's prefix yields the newest bundle first and, at equal timestamps,
 // the smaller ref first, which is exactly the "latest" order.
@@ -35,7 +35,20 @@ import (
 //	                                        oldest first (retention prune, budget eviction)
 //	e/<not_after_ms u64>/<b/ key>        -> empty; bundles with a KeyPackage lifetime,
 //	                                        earliest end first (lifetime prune, eviction)
+//	v/<h0>/<device 32>/c/<ref 32>        -> claim record: the winning claim notice of the
+//	                                        ref (hand-outs u64 ‖ node_key ‖ sig ‖ payload);
+//	                                        goes with the bundle on every delete path
+//	v/<h0>/<device 32>/q/<sha256 32>     -> consume notice (sig ‖ payload), until its
+//	                                        timestamp plus the retention
+//	z/<h0>/<device 32>/<ref 32>          -> until_ms u64: consume tombstone; PutBundle of
+//	                                        the (device, ref) is ErrConsumed until then
+//	g/<ref 32>/<device 32>               -> empty; every device a ref is held under
+//	                                        (ErrForeignRef); rebuilt from r/ when it drifts
 //	m/schema                             -> schema version u32
+//
+// Schema 3 added v/, z/ and g/ (notices.go); a schema 2 data dir is
+// migrated by building g/ from r/ on Open. v/ and z/ sort by <h0>/<device>
+// too, so a shard's notices are as contiguous as its bundles.
 //
 // b/, l/, r/ and n/ all sort by <h0>/<device> first, so the startup check
 // walks them side by side one device at a time. Prefixes 'o' and 'f' are
@@ -51,7 +64,7 @@ const (
 
 var schemaKey = []byte("m/schema")
 
-const schemaVersion = 2
+const schemaVersion = 3
 
 const (
 	groupLen      = 1 + 1 + protocol.KeySize // <h0>/<key>

@@ -62,7 +62,7 @@ func (s *Store) openSchema() (migrated bool, err error) {
 		return false, fmt.Errorf("storage: read schema: %w", err)
 	}
 	refuse := func(what string) error {
-		return fmt.Errorf("%w: the data dir %s %s; this build reads schema %d and migrates schema 1. "+
+		return fmt.Errorf("%w: the data dir %s %s; this build reads schema %d and migrates schemas 1 and 2. "+
 			"Run the kpnode version that wrote it, or move the directory away to start empty "+
 			"(a full node syncs its shards back from its peers)", errUnknownSchema, s.opts.Dir, what, schemaVersion)
 	}
@@ -77,6 +77,11 @@ func (s *Store) openSchema() (migrated bool, err error) {
 		return false, nil
 	case ver == 1:
 		return true, s.migrateV1()
+	case ver == 2:
+		// Schema 3 adds the single-use records and the global ref index
+		// (g/), which the consistency check that follows builds from r/.
+		s.log.Info("storage: migrating the data dir from schema 2 to 3 (global ref index)", "dir", s.opts.Dir)
+		return true, nil
 	default:
 		return false, refuse(fmt.Sprintf("has schema %d", ver))
 	}

@@ -14,6 +14,8 @@ type PruneStats struct {
 	Bundles       int // past the retention
 	LifetimeEnded int // KeyPackage lifetime ended more than ClockSkew ago
 	Accounts      int
+	Tombstones    int // consume tombstones past their until
+	Consumes      int // consume notices past their timestamp plus the retention
 }
 
 // pruneChunk bounds the deletions of one transaction.
@@ -43,6 +45,10 @@ func (s *Store) Prune(ctx context.Context) (st PruneStats, err error) {
 	if err := s.pruneTombstones(ctx); err != nil {
 		return st, fmt.Errorf("storage: prune tombstones: %w", err)
 	}
+	st.Tombstones, st.Consumes, err = s.pruneConsumed(ctx)
+	if err != nil {
+		return st, fmt.Errorf("storage: prune consume records: %w", err)
+	}
 	return st, nil
 }
 
@@ -54,8 +60,10 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 	var removed, emptied int
 	var freed int64
 	var deleted [][]byte
+	var nd noticeDelta
 	err := s.update(ctx, func(txn *badger.Txn) error {
 		removed, emptied, freed, deleted = 0, 0, 0, nil
+		nd.reset()
 		for i, k := range keys {
 			if idx != nil {
 				if err := txn.Delete(idx[i]); err != nil {
@@ -75,7 +83,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 			if err != nil {
 				return err
 			}
-			rv, err := deleteBundleRecord(txn, k, true)
+			rv, err := deleteBundleRecord(txn, k, true, &nd)
 			if err != nil {
 				return err
 			}
@@ -98,6 +106,7 @@ func (s *Store) pruneBundles(ctx context.Context, keys, idx [][]byte) (int, erro
 	s.devices.Add(-int64(emptied))
 	s.bytes.Add(-freed)
 	s.digests.updateBundles(nil, deleted)
+	s.applyNotices(&nd)
 	return removed, nil
 }
 

@@ -44,8 +44,10 @@ func bundleMeta(txn *badger.Txn, bkey []byte) (rv refValue, ok bool, err error) 
 
 // deleteBundleRecord deletes the bundle at bkey with its l/ twin and its
 // index entries, and its r/ entry too when dropRef (a refresh rewrites
-// it instead). It returns what the bundle was (its size for the budget).
-func deleteBundleRecord(txn *badger.Txn, bkey []byte, dropRef bool) (refValue, error) {
+// it instead), with the ref's global index entry and claim record (into
+// nd). It returns what the bundle was, its Bytes what the deletion freed
+// for the budget.
+func deleteBundleRecord(txn *badger.Txn, bkey []byte, dropRef bool, nd *noticeDelta) (refValue, error) {
 	rv, refOK, err := bundleMeta(txn, bkey)
 	if err != nil {
 		return rv, err
@@ -69,6 +71,11 @@ func deleteBundleRecord(txn *badger.Txn, bkey []byte, dropRef bool) (refValue, e
 		if err := txn.Delete(refKey(dev, ref)); err != nil {
 			return rv, err
 		}
+		freed, err := dropRefRecords(txn, dev, ref, nd)
+		if err != nil {
+			return rv, err
+		}
+		rv.Bytes += uint32(freed)
 	}
 	return rv, nil
 }

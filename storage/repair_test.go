@@ -18,9 +18,10 @@ import (
 func assertExact(t *testing.T, s *Store, want Counts) {
 	t.Helper()
 	live, liveBytes := s.Counts(), s.Bytes()
-	var digests []protocol.Digest
+	var digests, notices []protocol.Digest
 	for shard := 0; shard < s.opts.ShardCount; shard++ {
 		digests = append(digests, s.ShardDigest(BundleSet, shard))
+		notices = append(notices, s.ShardDigest(NoticeSet, shard))
 	}
 	if rep, err := s.checkConsistency(false); err != nil || rep.Total() != 0 {
 		t.Fatalf("consistency check: %+v %v", rep, err)
@@ -37,6 +38,9 @@ func assertExact(t *testing.T, s *Store, want Counts) {
 	for shard, d := range digests {
 		if d.Fingerprint() != s.ShardDigest(BundleSet, shard).Fingerprint() {
 			t.Fatalf("shard %d: live digest differs from a recount", shard)
+		}
+		if notices[shard].Fingerprint() != s.ShardDigest(NoticeSet, shard).Fingerprint() {
+			t.Fatalf("shard %d: live notice digest differs from a recount", shard)
 		}
 	}
 	if live != want {

@@ -141,6 +141,10 @@ type Options struct {
 	// bundles whose KeyPackage lifetime has ended (a cheap indexed scan).
 	// Default 1 min.
 	LifetimePruneInterval time.Duration
+	// MaxConsumedPerDevice bounds the live consume tombstones of one
+	// device: a consume notice that would take it over is OverQuota.
+	// Default DefaultMaxConsumedPerDevice.
+	MaxConsumedPerDevice int
 }
 
 // Defaults of Options.
@@ -185,6 +189,9 @@ func (o *Options) setDefaults() {
 	if o.LifetimePruneInterval == 0 {
 		o.LifetimePruneInterval = DefaultLifetimePrune
 	}
+	if o.MaxConsumedPerDevice == 0 {
+		o.MaxConsumedPerDevice = DefaultMaxConsumedPerDevice
+	}
 }
 
 // Validate reports whether the options are usable (after defaults).
@@ -200,6 +207,8 @@ func (o Options) Validate() error {
 		return fmt.Errorf("storage: PruneInterval must be positive, got %v", o.PruneInterval)
 	case o.LifetimePruneInterval <= 0:
 		return fmt.Errorf("storage: LifetimePruneInterval must be positive, got %v", o.LifetimePruneInterval)
+	case o.MaxConsumedPerDevice < 1:
+		return fmt.Errorf("storage: MaxConsumedPerDevice must be at least 1, got %d", o.MaxConsumedPerDevice)
 	case o.ShardCount < 1 || o.ShardCount > 256:
 		return fmt.Errorf("storage: %w", protocol.ErrShardCount)
 	}
@@ -211,6 +220,8 @@ type Counts struct {
 	Devices  int64 // devices with at least one bundle
 	Bundles  int64
 	Accounts int64
+	Claims   int64 // claim records (one per claimed ref)
+	Consumed int64 // consume tombstones (one per consumed device and ref)
 }
 
 // Store is a Badger-backed bundle and account store. It is safe for
@@ -223,6 +234,7 @@ type Store struct {
 
 	locks                      keyLocks
 	bundles, devices, accounts atomic.Int64
+	claims, tombs              atomic.Int64
 	bytes                      atomic.Int64 // logical bytes held, for MaxBytes
 	digests                    *shardDigests
 	repaired                   Repairs      // what the check on Open fixed
@@ -368,7 +380,13 @@ func (s *Store) recount() error {
 			size += int64(rv.Bytes)
 		}
 		it.Close()
-		s.bytes.Store(size)
+		claims, tombs, noticeBytes, err := recountNotices(txn, dig)
+		if err != nil {
+			return err
+		}
+		s.bytes.Store(size + noticeBytes)
+		s.claims.Store(claims)
+		s.tombs.Store(tombs)
 		s.digests.replace(dig)
 		s.bundles.Store(bundles)
 		s.devices.Store(devices)
@@ -379,7 +397,8 @@ func (s *Store) recount() error {
 
 // Counts returns how many devices, bundles and accounts the store holds.
 func (s *Store) Counts() Counts {
-	return Counts{Devices: s.devices.Load(), Bundles: s.bundles.Load(), Accounts: s.accounts.Load()}
+	return Counts{Devices: s.devices.Load(), Bundles: s.bundles.Load(), Accounts: s.accounts.Load(),
+		Claims: s.claims.Load(), Consumed: s.tombs.Load()}
 }
 
 // DiskSize returns the sizes of Badger's LSM tree and value log in bytes.
@@ -509,10 +528,19 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	var (
 		dBundles, dDevice, dBytes int64
 		added, removed            [][]byte // b/ keys, for the sync digests
+		nd                        noticeDelta
 	)
+	nowMS := s.opts.Now().UnixMilli()
 	err = s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dBundles, dDevice, dBytes = 0, 0, 0, 0
 		added, removed = nil, nil
+		nd.reset()
+		// A consumed bundle never comes back while its tombstone lives.
+		if until, ok, err := consumedUntil(txn, b.DeviceID, b.Ref); err != nil {
+			return err
+		} else if ok && until > nowMS {
+			return ErrConsumed
+		}
 		rk := refKey(b.DeviceID, b.Ref)
 		var oldKey []byte
 		switch item, err := txn.Get(rk); {
@@ -543,7 +571,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 		wasEmpty := len(keys) == 0
 		if oldKey != nil {
 			// The ref's entry moves to the new timestamp (or goes, below).
-			rv, err := deleteBundleRecord(txn, oldKey, false)
+			rv, err := deleteBundleRecord(txn, oldKey, false, &nd)
 			if err != nil {
 				return err
 			}
@@ -569,11 +597,16 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 				if err := txn.Delete(rk); err != nil {
 					return err
 				}
+				freed, err := dropRefRecords(txn, b.DeviceID, b.Ref, &nd)
+				if err != nil {
+					return err
+				}
+				dBytes -= freed
 			}
 		}
 		if len(keys) > keep {
 			for _, k := range keys[keep:] {
-				rv, err := deleteBundleRecord(txn, k, true)
+				rv, err := deleteBundleRecord(txn, k, true, &nd)
 				if err != nil {
 					return err
 				}
@@ -602,6 +635,8 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 			dBundles -= ev.bundles
 			dDevice -= ev.emptied
 			removed = append(removed, ev.removed...)
+			nd.added, nd.removed = append(nd.added, ev.notices.added...), append(nd.removed, ev.notices.removed...)
+			nd.claims += ev.notices.claims
 		}
 		if err := setCount(txn, b.DeviceID, len(keys)+1); err != nil {
 			return err
@@ -618,6 +653,9 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 			}
 		}
 		if err := txn.Set(rk, refValue{TS: b.TimestampMS, NotAfterMS: b.NotAfterMS, Bytes: bundleBytes(b)}.encode()); err != nil {
+			return err
+		}
+		if err := txn.Set(globalRefKey(b.Ref, b.DeviceID), nil); err != nil {
 			return err
 		}
 		if b.NotAfterMS != 0 {
@@ -642,6 +680,7 @@ func (s *Store) PutBundle(ctx context.Context, b *Bundle) (outcome PutOutcome, e
 	s.devices.Add(dDevice)
 	s.bytes.Add(dBytes)
 	s.digests.updateBundles(added, removed)
+	s.applyNotices(&nd)
 	return outcome, nil
 }
 
@@ -730,7 +769,7 @@ func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (_ *Bundle, 
 		}
 		it.Close()
 		if out != nil {
-			return nil
+			return setClaimed(txn, dev, out)
 		}
 		it = txn.NewIterator(badger.IteratorOptions{Prefix: devicePrefix(prefixBundle, dev), PrefetchValues: true, PrefetchSize: 4})
 		defer it.Close()
@@ -741,7 +780,7 @@ func (s *Store) LatestBundle(ctx context.Context, dev protocol.Key) (_ *Bundle, 
 			}
 			if b.usable(now) {
 				out = b
-				return nil
+				return setClaimed(txn, dev, out)
 			}
 		}
 		return ErrNotFound
@@ -810,7 +849,7 @@ func (s *Store) BundlesUpTo(ctx context.Context, dev protocol.Key, maxBytes int)
 				size += len(b.Payload)
 			}
 		}
-		return nil
+		return setClaimed(txn, dev, out...)
 	})
 	if err != nil {
 		return nil, false, fmt.Errorf("storage: bundles: %w", err)
@@ -834,9 +873,11 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 	var dAccounts, dBytes, dBundles, dDevices int64
 	var replaced *Account
 	var evicted [][]byte
+	var nd noticeDelta
 	err = s.update(ctx, func(txn *badger.Txn) error {
 		outcome, dAccounts, replaced = 0, 0, nil
 		dBytes, dBundles, dDevices, evicted = 0, 0, 0, nil
+		nd.reset()
 		key := accountKey(a.AccountPub)
 		switch item, err := txn.Get(key); {
 		case err == nil:
@@ -891,6 +932,7 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 			}
 			dBytes -= ev.freed
 			dBundles, dDevices, evicted = -ev.bundles, -ev.emptied, ev.removed
+			nd = ev.notices
 		}
 		a.UpdatedAtMS = s.opts.Now().UnixMilli()
 		outcome = Stored
@@ -907,6 +949,7 @@ func (s *Store) PutAccount(ctx context.Context, a *Account, rule AccountRule) (_
 	s.bundles.Add(dBundles)
 	s.devices.Add(dDevices)
 	s.digests.updateBundles(nil, evicted)
+	s.applyNotices(&nd)
 	if outcome == Stored {
 		s.digests.updateAccount(a, replaced)
 	}

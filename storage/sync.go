@@ -12,10 +12,10 @@ import (
 	"github.com/kpnode/kpnode/protocol"
 )
 
-// SetKind selects the bundle or the account set of a shard.
+// SetKind selects the bundle, account or notice set of a shard.
 type SetKind int
 
-// The two kinds of record sets sync reconciles.
+// The kinds of record sets sync reconciles (NoticeSet: claims.go).
 const (
 	BundleSet SetKind = iota
 	AccountSet
@@ -29,17 +29,38 @@ type shardDigests struct {
 	count    int
 	bundles  []protocol.Digest
 	accounts []protocol.Digest
+	notices  []protocol.Digest
 }
 
 func newShardDigests(count int) *shardDigests {
-	return &shardDigests{count: count, bundles: make([]protocol.Digest, count), accounts: make([]protocol.Digest, count)}
+	return &shardDigests{count: count, bundles: make([]protocol.Digest, count), accounts: make([]protocol.Digest, count),
+		notices: make([]protocol.Digest, count)}
 }
 
 // replace installs digests computed by a full scan.
 func (d *shardDigests) replace(from *shardDigests) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.count, d.bundles, d.accounts = from.count, from.bundles, from.accounts
+	d.count, d.bundles, d.accounts, d.notices = from.count, from.bundles, from.accounts, from.notices
+}
+
+// addNotice is for scans that own d (no lock).
+func (d *shardDigests) addNotice(it noticeItem) {
+	d.notices[protocol.Shard(it.dev, d.count)].Add(it.hash)
+}
+
+func (d *shardDigests) updateNotices(added, removed []noticeItem) {
+	if len(added)+len(removed) == 0 {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, it := range added {
+		d.notices[protocol.Shard(it.dev, d.count)].Add(it.hash)
+	}
+	for _, it := range removed {
+		d.notices[protocol.Shard(it.dev, d.count)].Remove(it.hash)
+	}
 }
 
 func bundleKeyItem(bkey []byte, count int) (int, [32]byte, error) {
@@ -100,8 +121,11 @@ func (s *Store) ShardDigest(kind SetKind, shard int) protocol.Digest {
 	if shard < 0 || shard >= s.digests.count {
 		return protocol.Digest{}
 	}
-	if kind == AccountSet {
+	switch kind {
+	case AccountSet:
 		return s.digests.accounts[shard]
+	case NoticeSet:
+		return s.digests.notices[shard]
 	}
 	return s.digests.bundles[shard]
 }
@@ -119,18 +143,83 @@ type SyncItem struct {
 // appended, and nothing outside them is read. Items come grouped by h0,
 // in key order within a group (one key's items are adjacent).
 func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []byte, fn func(SyncItem) error) error {
+	if kind == NoticeSet {
+		return s.scanNotices(ctx, shard, prefix, func(it SyncItem, _ *Notice) error { return fn(it) })
+	}
+	p, keyLen := byte(prefixBundle), bundleKeyLen
+	if kind == AccountSet {
+		p, keyLen = prefixAccount, accountKeyLen
+	}
+	return s.scanShard(ctx, p, keyLen, kind == AccountSet, shard, prefix, func(item *badger.Item) error {
+		k := item.Key()
+		si := SyncItem{Key: keyOf(k), key: item.KeyCopy(nil)}
+		if kind == AccountSet {
+			a, err := accountFromItem(item)
+			if err != nil {
+				return err
+			}
+			si.Hash = protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)
+		} else {
+			dev, ts, ref, err := parseBundleKey(k)
+			if err != nil {
+				return err
+			}
+			si.Hash = protocol.BundleItem(dev, ts, ref)
+		}
+		return fn(si)
+	})
+}
+
+// scanNotices calls fn for every claim and consume record of a shard under
+// prefix, with its sync item and the decoded notice. A record that does not
+// decode is skipped (the startup check deletes it).
+func (s *Store) scanNotices(ctx context.Context, shard int, prefix []byte, fn func(SyncItem, *Notice) error) error {
+	return s.scanShard(ctx, prefixNotice, noticeKeyLen, true, shard, prefix, func(item *badger.Item) error {
+		k := item.Key()
+		dev := keyOf(k)
+		kind, id := noticeID(k)
+		si := SyncItem{Key: dev, key: item.KeyCopy(nil)}
+		var n *Notice
+		err := item.Value(func(v []byte) error {
+			switch kind {
+			case noticeClaim:
+				r, err := decodeClaimValue(dev, id, v)
+				if err != nil {
+					return nil
+				}
+				si.Hash = protocol.ClaimItem(r.Info)
+				notice := r.Notice
+				n = &Notice{Claim: &notice}
+			case noticeConsume:
+				cn, info, err := decodeConsumeValue(dev, id, v)
+				if err != nil {
+					return nil
+				}
+				si.Hash = protocol.ConsumeItem(dev, info)
+				n = &Notice{Consume: cn}
+			}
+			return nil
+		})
+		if err != nil || n == nil {
+			return err
+		}
+		return fn(si, n)
+	})
+}
+
+// scanShard calls fn for every key of family p (of keyLen bytes) in the
+// shard's ranges under prefix. Keys lead with h0, so the shard is the
+// 256/S ranges h0 = shard, shard+S, ... with prefix appended, and nothing
+// outside them is read.
+func (s *Store) scanShard(ctx context.Context, p byte, keyLen int, values bool, shard int, prefix []byte, fn func(*badger.Item) error) error {
 	if len(prefix) >= protocol.KeySize {
 		return fmt.Errorf("storage: sync prefix of %d bytes", len(prefix))
 	}
 	if shard < 0 || shard >= s.opts.ShardCount {
 		return fmt.Errorf("storage: shard %d of %d", shard, s.opts.ShardCount)
 	}
-	p, keyLen := byte(prefixBundle), bundleKeyLen
-	if kind == AccountSet {
-		p, keyLen = prefixAccount, accountKeyLen
-	}
 	return s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{p, '/'}, PrefetchValues: kind == AccountSet})
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{p, '/'}, PrefetchValues: values})
 		defer it.Close()
 		n := 0
 		dbPrefix := make([]byte, 0, 4+len(prefix))
@@ -142,25 +231,10 @@ func (s *Store) scanSet(ctx context.Context, kind SetKind, shard int, prefix []b
 					return ctx.Err()
 				}
 				item := it.Item()
-				k := item.Key()
-				if len(k) != keyLen {
+				if k := item.Key(); len(k) != keyLen {
 					return fmt.Errorf("%w: key of %d bytes in a %c/ scan", errCorrupt, len(k), p)
 				}
-				si := SyncItem{Key: keyOf(k), key: item.KeyCopy(nil)}
-				if kind == AccountSet {
-					a, err := accountFromItem(item)
-					if err != nil {
-						return err
-					}
-					si.Hash = protocol.AccountItem(a.AccountPub, a.Lamport, a.Payload)
-				} else {
-					dev, ts, ref, err := parseBundleKey(k)
-					if err != nil {
-						return err
-					}
-					si.Hash = protocol.BundleItem(dev, ts, ref)
-				}
-				if err := fn(si); err != nil {
+				if err := fn(item); err != nil {
 					return err
 				}
 			}
