@@ -244,7 +244,11 @@ func TestNoticesCountAgainstTheBudget(t *testing.T) {
 	now := uint64(clk.Now().UnixMilli())
 	d := dev(1)
 	b := bundle(d, now, "kp", false)
-	s := openStore(t, t.TempDir(), func(o *Options) { o.Now = clk.Now; o.MaxBytes = int64(bundleBytes(b)) + claimBytes })
+	s := openStore(t, t.TempDir(), func(o *Options) {
+		o.Now = clk.Now
+		o.MaxBytes = int64(bundleBytes(b)) + claimBytes
+		o.MaxConsumeBytes = -1
+	})
 	mustPut(t, s, b, Stored)
 	mustClaim(t, s, nodeKey(1), now, d, b.Ref, Stored)
 	if want := int64(bundleBytes(b)) + claimBytes; s.Bytes() != want {
@@ -302,4 +306,37 @@ func FuzzDecodeNoticeRecords(f *testing.F) {
 			noticeID(v)
 		}
 	})
+}
+
+// Consume notices and tombstones have their own share of the budget
+// (MaxConsumeBytes): past it a notice is ErrStoreFull and changes nothing,
+// and bundles still fit; a prune gives the share back.
+func TestConsumeRecordsHaveTheirOwnBudget(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{now: time.UnixMilli(100 * 24 * 3600 * 1000)}
+	now := uint64(clk.Now().UnixMilli())
+	one := tombstoneBytes + consumeBytes(len(protocol.ConsumePayload(now, make([]protocol.Ref, 1))))
+	s := openStore(t, t.TempDir(), func(o *Options) { o.Now = clk.Now; o.Retention = time.Hour; o.MaxConsumeBytes = 3 * one })
+	for i := 0; i < 4; i++ {
+		var r protocol.Ref
+		r[0] = byte(i)
+		n, info := consumeOf(dev(byte(i)), now, r)
+		got, err := s.PutConsume(ctx, n, info)
+		if i < 3 && (err != nil || got != Stored) {
+			t.Fatalf("notice %d: %v, %v", i, got, err)
+		}
+		if i == 3 && !errors.Is(err, ErrStoreFull) {
+			t.Fatalf("notice over the consume budget: %v, %v; want ErrStoreFull", got, err)
+		}
+	}
+	assertExact(t, s, Counts{Consumed: 3})
+	mustPut(t, s, bundle(dev(9), now, "kp", false), Stored)
+	clk.Advance(2 * time.Hour)
+	if _, err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var r protocol.Ref
+	r[0] = 3
+	mustConsume(t, s, dev(3), uint64(clk.Now().UnixMilli()), Stored, r)
+	assertExact(t, s, Counts{Consumed: 1})
 }
