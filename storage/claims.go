@@ -348,12 +348,12 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 	nowMS := s.opts.Now().UnixMilli()
 	until := int64(min(info.TimestampMS, uint64(math.MaxInt64/2))) + s.opts.Retention.Milliseconds()
 	var (
-		nd                        noticeDelta
-		dBytes, dBundles, dDevice int64
-		removed                   [][]byte
+		nd                                  noticeDelta
+		dBytes, dBundles, dDevice, dConsume int64
+		removed                             [][]byte
 	)
 	err = s.update(ctx, func(txn *badger.Txn) error {
-		outcome, dBytes, dBundles, dDevice, removed = 0, 0, 0, 0, nil
+		outcome, dBytes, dBundles, dDevice, dConsume, removed = 0, 0, 0, 0, 0, nil
 		nd.reset()
 		nk := noticeKey(dev, noticeConsume, info.Hash)
 		switch _, err := txn.Get(nk); {
@@ -434,14 +434,18 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 				u = old
 			}
 			if !exists {
-				dBytes += tombstoneBytes
+				dConsume += tombstoneBytes
 				nd.tombs++
 			}
 			if err := txn.Set(consumedKey(dev, ref), encodeTombstone(u)); err != nil {
 				return err
 			}
 		}
-		dBytes += consumeBytes(len(n.Payload))
+		dConsume += consumeBytes(len(n.Payload))
+		if max := s.opts.MaxConsumeBytes; max > 0 && s.consumeBytes.Load()+dConsume > max {
+			return fmt.Errorf("%w: consume notices and tombstones hold %d bytes of their %d", ErrStoreFull, s.consumeBytes.Load(), max)
+		}
+		dBytes += dConsume
 		nd.added = append(nd.added, noticeItem{dev: dev, hash: protocol.ConsumeItem(dev, info)})
 		if over := s.over(dBytes); over > 0 {
 			ev, err := s.makeRoom(txn, over, math.MaxUint64, &dev)
@@ -465,6 +469,7 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 		return 0, fmt.Errorf("storage: put consume: %w", err)
 	}
 	s.bytes.Add(dBytes)
+	s.consumeBytes.Add(dConsume)
 	s.bundles.Add(dBundles)
 	s.devices.Add(dDevice)
 	s.digests.updateBundles(nil, removed)

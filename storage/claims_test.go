@@ -349,3 +349,46 @@ func TestClaimCandidates(t *testing.T) {
 		t.Fatalf("counts %+v, want %+v", c, want)
 	}
 }
+
+// BenchmarkClaim measures a local claim's store work: ClaimCandidates of
+// a device holding 100 one-time bundles, then PutClaim of the oldest (run
+// with -benchtime=Nx, N at most devices*100; -sync to fsync each write).
+func BenchmarkClaim(b *testing.B) {
+	for _, sync := range []bool{false, true} {
+		b.Run(fmt.Sprint("sync=", sync), func(b *testing.B) {
+			ctx := context.Background()
+			s, err := Open(Options{Dir: b.TempDir(), NoSync: !sync})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			devices := (b.N + 99) / 100
+			now := uint64(time.Now().UnixMilli())
+			for d := 0; d < devices; d++ {
+				for i := 0; i < 100; i++ {
+					var k protocol.Key
+					binary.BigEndian.PutUint32(k[:], uint32(d))
+					k[31] = 0xd
+					if _, err := s.PutBundle(ctx, mlsBundle(k, now-uint64(i), 1, fmt.Sprint(d, "-", i), false)); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			node := nodeKey(1)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				var k protocol.Key
+				binary.BigEndian.PutUint32(k[:], uint32(i%devices))
+				k[31] = 0xd
+				c, err := s.ClaimCandidates(ctx, k, 1, 64)
+				if err != nil || len(c) == 0 {
+					b.Fatalf("candidates: %d, %v", len(c), err)
+				}
+				n, info := claimOf(node, now, k, c[0].Ref)
+				if o, err := s.PutClaim(ctx, n, info); err != nil || o != Stored {
+					b.Fatalf("PutClaim: %v, %v", o, err)
+				}
+			}
+		})
+	}
+}

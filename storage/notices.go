@@ -280,9 +280,10 @@ func heldElsewhere(txn *badger.Txn, dev protocol.Key, ref protocol.Ref) (bool, e
 func uint64FromBE(v []byte) uint64 { return binary.BigEndian.Uint64(v) }
 
 // recountNotices adds the notice records to dig and returns the claim
-// records, tombstones and the bytes both kinds of record cost. A record
-// that does not decode is not counted (the startup check deletes it).
-func recountNotices(txn *badger.Txn, dig *shardDigests) (claims, tombs, size int64, err error) {
+// records, tombstones, the bytes all of them cost and the bytes the
+// consume records (notices and tombstones) cost. A record that does not
+// decode is not counted (the startup check deletes it).
+func recountNotices(txn *badger.Txn, dig *shardDigests) (claims, tombs, size, consumeSize int64, err error) {
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixNotice, '/'}, PrefetchValues: true})
 	for it.Rewind(); it.Valid(); it.Next() {
 		k := it.Item().Key()
@@ -303,13 +304,14 @@ func recountNotices(txn *badger.Txn, dig *shardDigests) (claims, tombs, size int
 				if _, info, err := decodeConsumeValue(dev, id, v); err == nil {
 					dig.addNotice(noticeItem{dev: dev, hash: protocol.ConsumeItem(dev, info)})
 					size += consumeBytes(len(v) - consumeValueHdr)
+					consumeSize += consumeBytes(len(v) - consumeValueHdr)
 				}
 			}
 			return nil
 		})
 		if err != nil {
 			it.Close()
-			return 0, 0, 0, err
+			return 0, 0, 0, 0, err
 		}
 	}
 	it.Close()
@@ -319,9 +321,10 @@ func recountNotices(txn *badger.Txn, dig *shardDigests) (claims, tombs, size int
 		if len(it.Item().Key()) == consumedKeyLen {
 			tombs++
 			size += tombstoneBytes
+			consumeSize += tombstoneBytes
 		}
 	}
-	return claims, tombs, size, nil
+	return claims, tombs, size, consumeSize, nil
 }
 
 // pruneConsumed deletes the consume tombstones whose until has passed and
@@ -434,6 +437,7 @@ func (s *Store) pruneWhere(ctx context.Context, p byte, due func(k, v []byte) bo
 			return total, err
 		}
 		s.bytes.Add(-freed)
+		s.consumeBytes.Add(-freed) // both pruned families are consume records
 		s.applyNotices(&nd)
 		total += n
 	}

@@ -244,7 +244,11 @@ func TestNoticesCountAgainstTheBudget(t *testing.T) {
 	now := uint64(clk.Now().UnixMilli())
 	d := dev(1)
 	b := bundle(d, now, "kp", false)
-	s := openStore(t, t.TempDir(), func(o *Options) { o.Now = clk.Now; o.MaxBytes = int64(bundleBytes(b)) + claimBytes })
+	s := openStore(t, t.TempDir(), func(o *Options) {
+		o.Now = clk.Now
+		o.MaxBytes = int64(bundleBytes(b)) + claimBytes
+		o.MaxConsumeBytes = -1
+	})
 	mustPut(t, s, b, Stored)
 	mustClaim(t, s, nodeKey(1), now, d, b.Ref, Stored)
 	if want := int64(bundleBytes(b)) + claimBytes; s.Bytes() != want {
@@ -302,4 +306,94 @@ func FuzzDecodeNoticeRecords(f *testing.F) {
 			noticeID(v)
 		}
 	})
+}
+
+// Consume notices and tombstones have their own share of the budget
+// (MaxConsumeBytes): past it a notice is ErrStoreFull and changes nothing,
+// and bundles still fit; a prune gives the share back.
+func TestConsumeRecordsHaveTheirOwnBudget(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{now: time.UnixMilli(100 * 24 * 3600 * 1000)}
+	now := uint64(clk.Now().UnixMilli())
+	one := tombstoneBytes + consumeBytes(len(protocol.ConsumePayload(now, make([]protocol.Ref, 1))))
+	s := openStore(t, t.TempDir(), func(o *Options) { o.Now = clk.Now; o.Retention = time.Hour; o.MaxConsumeBytes = 3 * one })
+	for i := 0; i < 4; i++ {
+		var r protocol.Ref
+		r[0] = byte(i)
+		n, info := consumeOf(dev(byte(i)), now, r)
+		got, err := s.PutConsume(ctx, n, info)
+		if i < 3 && (err != nil || got != Stored) {
+			t.Fatalf("notice %d: %v, %v", i, got, err)
+		}
+		if i == 3 && !errors.Is(err, ErrStoreFull) {
+			t.Fatalf("notice over the consume budget: %v, %v; want ErrStoreFull", got, err)
+		}
+	}
+	assertExact(t, s, Counts{Consumed: 3})
+	mustPut(t, s, bundle(dev(9), now, "kp", false), Stored)
+	clk.Advance(2 * time.Hour)
+	if _, err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var r protocol.Ref
+	r[0] = 3
+	mustConsume(t, s, dev(3), uint64(clk.Now().UnixMilli()), Stored, r)
+	assertExact(t, s, Counts{Consumed: 1})
+}
+
+// A claim record goes with its bundle on every delete path: quota
+// eviction, budget eviction, retention prune, lifetime prune, consume.
+func TestClaimRecordsGoWithTheirBundle(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{now: time.UnixMilli(100 * 24 * 3600 * 1000)}
+	now := uint64(clk.Now().UnixMilli())
+	sz := int64(bundleBytes(bundle(dev(0), 1, "kp-x", false)))
+	s := openStore(t, t.TempDir(), func(o *Options) {
+		o.Now = clk.Now
+		o.MaxPerDevice = 2
+		o.Retention = time.Hour
+		o.ClockSkew = time.Minute
+		o.MaxBytes = 4*sz + claimBytes
+		o.MaxConsumeBytes = -1
+	})
+	claimed := func(b *Bundle) *Bundle {
+		t.Helper()
+		mustPut(t, s, b, Stored)
+		mustClaim(t, s, nodeKey(1), now, b.DeviceID, b.Ref, Stored)
+		return b
+	}
+	// Quota: a third bundle of device 1 evicts its oldest, claimed one.
+	claimed(bundle(dev(1), now-2000, "kp-a", false))
+	claimed(bundle(dev(1), now-1000, "kp-b", false))
+	mustPut(t, s, bundle(dev(1), now, "kp-c", false), Stored)
+	assertExact(t, s, Counts{Devices: 1, Bundles: 2, Claims: 1})
+	// Lifetime: a claimed bundle whose KeyPackage ends is pruned with its claim.
+	ending := bundle(dev(2), now, "kp-d", false)
+	ending.NotAfterMS = int64(now) + 1000
+	claimed(ending)
+	assertExact(t, s, Counts{Devices: 2, Bundles: 3, Claims: 2})
+	clk.Advance(2 * time.Minute)
+	if n, err := s.pruneLifetimes(ctx); err != nil || n != 1 {
+		t.Fatalf("lifetime prune: %d, %v", n, err)
+	}
+	assertExact(t, s, Counts{Devices: 1, Bundles: 2, Claims: 1})
+	// Budget: new bundles of other devices evict the oldest, claimed one.
+	for i := 0; i < 3; i++ {
+		mustPut(t, s, bundle(dev(byte(10+i)), now+uint64(i)+1, fmt.Sprint("kp-n", i), false), Stored)
+	}
+	c := s.Counts()
+	if c.Claims != 0 || c.Bundles != 4 {
+		t.Fatalf("after budget evictions: %+v, want the claimed bundle evicted with its claim", c)
+	}
+	assertExact(t, s, c)
+	// Retention: everything ends, claims with it.
+	claimed(bundle(dev(3), now+10, "kp-e", false))
+	clk.Advance(2 * time.Hour)
+	if _, err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertExact(t, s, Counts{})
+	if s.Bytes() != 0 {
+		t.Fatalf("bytes %d with nothing held", s.Bytes())
+	}
 }

@@ -17,7 +17,7 @@ import (
 // that the store holds want bundles.
 func assertExact(t *testing.T, s *Store, want Counts) {
 	t.Helper()
-	live, liveBytes := s.Counts(), s.Bytes()
+	live, liveBytes, liveConsume := s.Counts(), s.Bytes(), s.consumeBytes.Load()
 	var digests, notices []protocol.Digest
 	for shard := 0; shard < s.opts.ShardCount; shard++ {
 		digests = append(digests, s.ShardDigest(BundleSet, shard))
@@ -34,6 +34,9 @@ func assertExact(t *testing.T, s *Store, want Counts) {
 	}
 	if got := s.Bytes(); got != liveBytes {
 		t.Fatalf("live byte count %d differs from a recount %d", liveBytes, got)
+	}
+	if got := s.consumeBytes.Load(); got != liveConsume {
+		t.Fatalf("live consume byte count %d differs from a recount %d", liveConsume, got)
 	}
 	for shard, d := range digests {
 		if d.Fingerprint() != s.ShardDigest(BundleSet, shard).Fingerprint() {

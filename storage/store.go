@@ -145,6 +145,12 @@ type Options struct {
 	// device: a consume notice that would take it over is OverQuota.
 	// Default DefaultMaxConsumedPerDevice.
 	MaxConsumedPerDevice int
+	// MaxConsumeBytes bounds the part of MaxBytes that consume notices and
+	// their tombstones may take: they are never evicted, and anyone can
+	// mint device keys, so without it notices could fill the store for a
+	// whole retention. A consume notice over it is ErrStoreFull. 0 means
+	// MaxBytes/8 (none when MaxBytes is negative), negative none.
+	MaxConsumeBytes int64
 }
 
 // Defaults of Options.
@@ -188,6 +194,12 @@ func (o *Options) setDefaults() {
 	}
 	if o.LifetimePruneInterval == 0 {
 		o.LifetimePruneInterval = DefaultLifetimePrune
+	}
+	if o.MaxConsumeBytes == 0 {
+		o.MaxConsumeBytes = -1
+		if o.MaxBytes > 0 {
+			o.MaxConsumeBytes = max(o.MaxBytes/8, 1)
+		}
 	}
 	if o.MaxConsumedPerDevice == 0 {
 		o.MaxConsumedPerDevice = DefaultMaxConsumedPerDevice
@@ -236,6 +248,7 @@ type Store struct {
 	bundles, devices, accounts atomic.Int64
 	claims, tombs              atomic.Int64
 	bytes                      atomic.Int64 // logical bytes held, for MaxBytes
+	consumeBytes               atomic.Int64 // of which consume notices and tombstones, for MaxConsumeBytes
 	digests                    *shardDigests
 	repaired                   Repairs      // what the check on Open fixed
 	scanned                    atomic.Int64 // items visited by sync scans, for tests
@@ -380,11 +393,12 @@ func (s *Store) recount() error {
 			size += int64(rv.Bytes)
 		}
 		it.Close()
-		claims, tombs, noticeBytes, err := recountNotices(txn, dig)
+		claims, tombs, noticeBytes, consumeSize, err := recountNotices(txn, dig)
 		if err != nil {
 			return err
 		}
 		s.bytes.Store(size + noticeBytes)
+		s.consumeBytes.Store(consumeSize)
 		s.claims.Store(claims)
 		s.tombs.Store(tombs)
 		s.digests.replace(dig)
