@@ -20,7 +20,7 @@ import (
 )
 
 // serve starts the API over f on a real loopback HTTP server.
-func serve(t *testing.T, f *fakeBackend, mutate func(*httpapi.Config)) (base string, reg *prometheus.Registry) {
+func serve(t *testing.T, f *httpapitest.Fake, mutate func(*httpapi.Config)) (base string, reg *prometheus.Registry) {
 	t.Helper()
 	cfg := httpapi.Config{Backend: f, Registry: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if mutate != nil {
@@ -45,14 +45,14 @@ func do(t *testing.T, method, url, contentType, body string) httpapitest.Reply {
 // The contract every server of the API keeps (node/api_test.go runs it
 // against a real node), here over the fake.
 func TestContract(t *testing.T) {
-	base, _ := serve(t, newFakeBackend(nil), nil)
+	base, _ := serve(t, httpapitest.NewFake(nil), nil)
 	httpapitest.TestAPI(t, base)
 }
 
 // Every Backend error maps to one answer on every route that can return
 // it: code, body, Retry-After on a 503 only, errors matched through wraps.
 func TestBackendErrors(t *testing.T) {
-	f := newFakeBackend(nil)
+	f := httpapitest.NewFake(nil)
 	base, _ := serve(t, f, nil)
 	b := protocol.SignBundle(httpapitest.SeedKey(1), uint64(time.Now().UnixMilli()), []byte("kp"))
 	a := protocol.SignAccount(httpapitest.SeedKey(4), protocol.EncodeAccountPayload(1, nil))
@@ -94,8 +94,8 @@ func TestBackendErrors(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			f.fail(tc.err)
-			defer f.fail(nil)
+			f.Fail(tc.err)
+			defer f.Fail(nil)
 			for _, r := range tc.routes {
 				ct := ""
 				if r.method == "POST" {
@@ -115,7 +115,7 @@ func TestBackendErrors(t *testing.T) {
 // encodings) never reaches the Backend; a key that is not a key is a 404
 // without a lookup.
 func TestShapeRefusalsNeverReachBackend(t *testing.T) {
-	f := newFakeBackend(nil)
+	f := httpapitest.NewFake(nil)
 	base, _ := serve(t, f, nil)
 	good := httpapitest.BundleJSON(protocol.SignBundle(httpapitest.SeedKey(1), uint64(time.Now().UnixMilli()), []byte("kp")))
 	for _, r := range []struct{ method, path, ct, body string }{
@@ -134,7 +134,7 @@ func TestShapeRefusalsNeverReachBackend(t *testing.T) {
 			t.Errorf("%s %s: %d %s", r.method, r.path, got.Code, got.Body)
 		}
 	}
-	if n := f.reached.Load(); n != 0 {
+	if n := f.Reached(); n != 0 {
 		t.Fatalf("the Backend was called %d times", n)
 	}
 }
@@ -142,7 +142,7 @@ func TestShapeRefusalsNeverReachBackend(t *testing.T) {
 // Vector A of chat-store-compat.md, with the Backend's clock at its own
 // time: accepted and served exactly as chat-store serves it.
 func TestVectorAAtItsOwnTime(t *testing.T) {
-	base, _ := serve(t, newFakeBackend(func() time.Time { return time.UnixMilli(1700000000000 + 1000) }), nil)
+	base, _ := serve(t, httpapitest.NewFake(func() time.Time { return time.UnixMilli(1700000000000 + 1000) }), nil)
 	body := `{"device_id":"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c","payload":"AGjlz4sBAABmYWtlLW1scy1rZXlwYWNrYWdlLWJ5dGVz","signature":"fygNs4+JqzpxO460REm2KU5CiC3WFcOj0B0ViER/5W9wTJGNMqVUzeIlkCsZRqlwkS4lGlyxhomyfWqkXaKuDA=="}`
 	httpapitest.Expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", body), 204, "")
 	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c", "", ""), 200,
@@ -152,10 +152,10 @@ func TestVectorAAtItsOwnTime(t *testing.T) {
 // GET /v1/status serves the Backend's Status byte for byte, fields in the
 // order of httpapi.Status (the README's, and what dashboards parse).
 func TestStatusBytes(t *testing.T) {
-	f := newFakeBackend(nil)
-	f.status = &httpapi.Status{Version: "v1.2.3", DataDir: "/data", Network: "main", NetworkID: "main/3f2a", PeerID: "12D3KooWA",
+	f := httpapitest.NewFake(nil)
+	f.SetStatus(&httpapi.Status{Version: "v1.2.3", DataDir: "/data", Network: "main", NetworkID: "main/3f2a", PeerID: "12D3KooWA",
 		Addrs: []string{"/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWA"}, ConnectedPeers: 1, Ready: true, Peers: []string{"12D3KooWB"},
-		Light: false, Shards: []int{0, 5}, ShardCount: 16, MLSValidation: "strict", Devices: 3, Bundles: 4, Accounts: 5, PendingPublications: 6}
+		Light: false, Shards: []int{0, 5}, ShardCount: 16, MLSValidation: "strict", Devices: 3, Bundles: 4, Accounts: 5, PendingPublications: 6})
 	base, _ := serve(t, f, nil)
 	httpapitest.Expect(t, do(t, "GET", base+"/v1/status", "", ""), 200,
 		`{"version":"v1.2.3","data_dir":"/data","network":"main","network_id":"main/3f2a","peer_id":"12D3KooWA",`+
@@ -167,7 +167,7 @@ func TestStatusBytes(t *testing.T) {
 // Every answer carries a Content-Length equal to its body, and JSON bodies
 // are application/json (the shape chat-store's clients read).
 func TestContentLength(t *testing.T) {
-	base, _ := serve(t, newFakeBackend(nil), nil)
+	base, _ := serve(t, httpapitest.NewFake(nil), nil)
 	for _, path := range []string{"/healthz", "/v1/status", "/v0/keypackage/" + strings.Repeat("0", 64), "/nothing"} {
 		resp, err := hc.Get(base + path)
 		if err != nil {
@@ -186,12 +186,12 @@ func TestContentLength(t *testing.T) {
 
 // MaxBodyBytes caps a body, and the 413 names the cap.
 func TestMaxBodyBytes(t *testing.T) {
-	f := newFakeBackend(nil)
+	f := httpapitest.NewFake(nil)
 	base, _ := serve(t, f, func(c *httpapi.Config) { c.MaxBodyBytes = 100 })
 	good := httpapitest.BundleJSON(protocol.SignBundle(httpapitest.SeedKey(1), uint64(time.Now().UnixMilli()), []byte("kp")))
 	httpapitest.Expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", httpapitest.MustJSON(good)), 413,
 		`{"error":"request body is larger than 100 bytes"}`)
-	if n := f.reached.Load(); n != 0 {
+	if n := f.Reached(); n != 0 {
 		t.Fatalf("the Backend was called %d times", n)
 	}
 }
@@ -199,7 +199,7 @@ func TestMaxBodyBytes(t *testing.T) {
 // The HTTP metrics count each answer by route pattern and code, unknown
 // paths under "other".
 func TestMetrics(t *testing.T) {
-	f := newFakeBackend(nil)
+	f := httpapitest.NewFake(nil)
 	base, _ := serve(t, f, nil)
 	b := protocol.SignBundle(httpapitest.SeedKey(3), uint64(time.Now().UnixMilli()), []byte("kp"))
 	httpapitest.Expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", httpapitest.MustJSON(httpapitest.BundleJSON(b))), 204, "")
@@ -208,9 +208,9 @@ func TestMetrics(t *testing.T) {
 	httpapitest.Expect(t, do(t, "POST", base+"/v0/keypackage", "application/json", httpapitest.MustJSON(bad)), 400, "*")
 	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/"+b.DeviceID.String(), "", ""), 200, "*")
 	httpapitest.Expect(t, do(t, "GET", base+"/v0/keypackage/"+b.DeviceID.String(), "", ""), 200, "*")
-	f.fail(httpapi.ErrUnavailable)
+	f.Fail(httpapi.ErrUnavailable)
 	httpapitest.Expect(t, do(t, "GET", base+"/v0/account/"+b.DeviceID.String(), "", ""), 503, "*")
-	f.fail(nil)
+	f.Fail(nil)
 	httpapitest.Expect(t, do(t, "GET", base+"/nothing", "", ""), 404, "*")
 	httpapitest.Expect(t, do(t, "PUT", base+"/healthz", "", ""), 405, "*")
 
@@ -235,10 +235,10 @@ func TestNewValidatesConfig(t *testing.T) {
 		t.Fatal("New accepted a Config without a Backend")
 	}
 	reg := prometheus.NewRegistry()
-	if _, err := httpapi.New(httpapi.Config{Backend: newFakeBackend(nil), Registry: reg}); err != nil {
+	if _, err := httpapi.New(httpapi.Config{Backend: httpapitest.NewFake(nil), Registry: reg}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := httpapi.New(httpapi.Config{Backend: newFakeBackend(nil), Registry: reg}); err == nil {
+	if _, err := httpapi.New(httpapi.Config{Backend: httpapitest.NewFake(nil), Registry: reg}); err == nil {
 		t.Fatal("New registered its metrics twice on one registry")
 	}
 }

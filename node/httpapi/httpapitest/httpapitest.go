@@ -231,7 +231,7 @@ func (c *client) keyPackage(t *testing.T) {
 	Expect(t, c.post(t, "/v0/keypackage", BundleJSON(b)), 204, "")
 	ts, _, _ := protocol.SplitBundlePayload(b.Payload)
 	Expect(t, c.do(t, "GET", "/v1/keypackages/"+strings.ToUpper(b.DeviceID.String()), "", ""), 200,
-		fmt.Sprintf(`{"device_id":"%s","bundles":[{"ref":"%s","timestamp_ms":%d,"last_resort":false,"payload":"%s","signature":"%s"}]}`,
+		fmt.Sprintf(`{"device_id":"%s","bundles":[{"ref":"%s","timestamp_ms":%d,"last_resort":false,"claimed":false,"payload":"%s","signature":"%s"}]}`,
 			b.DeviceID, protocol.KeyPackageRef(kp), ts, b64.EncodeToString(b.Payload), b64.EncodeToString(b.Signature[:])))
 	// Unknown fields are ignored, as in chat-store.
 	extra := BundleJSON(b)
