@@ -46,7 +46,7 @@ func do(t *testing.T, method, url, contentType, body string) httpapitest.Reply {
 // against a real node), here over the fake.
 func TestContract(t *testing.T) {
 	base, _ := serve(t, httpapitest.NewFake(nil), nil)
-	httpapitest.TestAPI(t, base)
+	httpapitest.TestAPI(t, base, httpapitest.SingleUse())
 }
 
 // Every Backend error maps to one answer on every route that can return
