@@ -20,8 +20,11 @@ import (
 // MaxAccountClaimDevices caps the devices one POST
 // /v1/accounts/{account_pub}/claim claims for; the devices listed after
 // them get an error element (a client claims them with the per-device
-// route). The chat client lists a handful of devices per account.
-const MaxAccountClaimDevices = 64
+// route). Each device's claim spends one of the requester's claim tokens,
+// so the cap stays under the node's per-requester burst (40): one account
+// claim from a fresh client is never cut short by its own limit. The chat
+// client lists a handful of devices per account.
+const MaxAccountClaimDevices = 32
 
 // accountClaimWorkers bounds the claims one account claim runs at once.
 const accountClaimWorkers = 8

@@ -38,6 +38,7 @@ type Fake struct {
 	handedOut  map[protocol.Ref]int64                   // last-resort hand-outs by ref
 	limits     map[string]*bucket                       // "r:"+requester, "d:"+device
 	status     *httpapi.Status
+	requester  string // of the last claim
 }
 
 // The Fake's claim limits, as the node's defaults.
@@ -68,6 +69,21 @@ func (f *Fake) Fail(err error) {
 	f.err = err
 }
 
+// SetMLS sets the validation mode of bundles posted later (the default is
+// off: opaque key_packages, never last-resort).
+func (f *Fake) SetMLS(m protocol.MLSMode) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.policy.MLS = m
+}
+
+// LastRequester is the requester of the last claim.
+func (f *Fake) LastRequester() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.requester
+}
+
 // Reached counts the Backend calls the API made.
 func (f *Fake) Reached() int64 { return f.reached.Load() }
 
@@ -87,7 +103,10 @@ func (f *Fake) enter() error {
 }
 
 func (f *Fake) SubmitBundle(ctx context.Context, b *protocol.Bundle) error {
-	info, err := f.policy.ValidateBundle(b, f.now())
+	f.mu.Lock()
+	policy := f.policy
+	f.mu.Unlock()
+	info, err := policy.ValidateBundle(b, f.now())
 	if err != nil {
 		f.reached.Add(1)
 		return err
@@ -229,6 +248,7 @@ func (f *Fake) Claim(ctx context.Context, requester string, device protocol.Key,
 	if err != nil {
 		return nil, err
 	}
+	f.requester = requester
 	now := f.now()
 	for _, k := range []string{"r:" + requester, "d:" + device.String()} {
 		if wait := f.take(k, now); wait > 0 {
