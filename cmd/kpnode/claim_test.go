@@ -231,3 +231,25 @@ func TestBinarySingleUseCLI(t *testing.T) {
 		t.Fatalf("re-publish: %v %s", err, out)
 	}
 }
+
+// The README's `kpnode fetch <device_id> --out FILE`: flags after the
+// positional argument apply (they used to end the arguments: exit 2).
+func TestFlagsAfterArguments(t *testing.T) {
+	_, base := fakeAPI(t)
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "device.key")
+	out, _, _ := cli(t, "keygen", "--out", keyFile)
+	dev := strings.Fields(out)[1]
+	kp := filepath.Join(dir, "kp")
+	os.WriteFile(kp, []byte("after arguments"), 0o644)
+	if _, errOut, code := cli(t, "publish", kp, "--api", base, "--key", keyFile); code != 0 {
+		t.Fatalf("publish: %s", errOut)
+	}
+	got := filepath.Join(dir, "got")
+	if _, errOut, code := cli(t, "fetch", dev, "--out", got, "--api", base); code != 0 {
+		t.Fatalf("fetch: %s", errOut)
+	}
+	if b, _ := os.ReadFile(got); string(b) != "after arguments" {
+		t.Fatalf("fetched %q", b)
+	}
+}
