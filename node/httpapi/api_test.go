@@ -261,7 +261,7 @@ func TestSingleUseBackendErrors(t *testing.T) {
 	count := route{"GET", "/v1/keypackages/" + id.String() + "/count", ""}
 	consume := route{"POST", "/v1/consume", httpapitest.MustJSON(httpapitest.ConsumeJSON(protocol.SignConsume(dev, uint64(time.Now().UnixMilli()), []protocol.Ref{{1}})))}
 	postKP := route{"POST", "/v0/keypackage", httpapitest.MustJSON(httpapitest.BundleJSON(protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), []byte("kp"))))}
-	validation := &protocol.ValidationError{Rule: protocol.RuleConsumeForeignRef, Field: "payload", Detail: "ref 01 is a bundle of another device"}
+	validation := &protocol.ValidationError{Rule: protocol.RuleConsumeForeignRef, Field: "payload", Detail: "names a keypackage of another device"}
 	for _, tc := range []struct {
 		name   string
 		err    error
@@ -275,7 +275,7 @@ func TestSingleUseBackendErrors(t *testing.T) {
 		{"rate limited with a wait", &httpapitest.RateLimitedError{Wait: 2500 * time.Millisecond}, []route{claim}, 429, `{"error":"rate limited"}`, "3"},
 		{"rate limited under a second", &httpapitest.RateLimitedError{Wait: time.Millisecond}, []route{claim}, 429, `{"error":"rate limited"}`, "1"},
 		{"not found", httpapi.ErrNotFound, []route{claim}, 404, `{"error":"no keypackage for device"}`, ""},
-		{"validation", validation, []route{consume}, 400, `{"error":"payload: ref 01 is a bundle of another device"}`, ""},
+		{"validation", validation, []route{consume}, 400, `{"error":"payload: names a keypackage of another device"}`, ""},
 		{"unavailable", fmt.Errorf("claim: %w", httpapi.ErrUnavailable), []route{claim, count, consume}, 503, `{"error":"registry network unreachable, try again"}`, "5"},
 		{"outbox full", httpapi.ErrOutboxFull, []route{consume}, 503, `{"error":"too many publications waiting for the registry network, try again"}`, "5"},
 		{"anything else", errors.New("disk on fire"), []route{claim, count, consume}, 500, `{"error":"internal error"}`, ""},

@@ -320,7 +320,7 @@ func (f *Fake) Consume(ctx context.Context, n *protocol.ConsumeNotice) error {
 		for _, b := range held {
 			if named[b.Ref] {
 				return &protocol.ValidationError{Rule: protocol.RuleConsumeForeignRef, Field: "payload",
-					Detail: fmt.Sprintf("ref %s is a bundle of another device", b.Ref)}
+					Detail: "names a keypackage of another device"}
 			}
 		}
 	}

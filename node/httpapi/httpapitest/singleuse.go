@@ -204,7 +204,7 @@ func (c *client) consume(t *testing.T) {
 		{"count 0", protocol.SignConsume(dev, now, nil), `{"error":"payload: consume count 0 is not between 1 and 256"}`},
 		{"ref twice", dup, fmt.Sprintf(`{"error":"payload: consume payload names ref %s twice"}`, refOf(a))},
 		{"past retention", protocol.SignConsume(dev, 1700000000000, []protocol.Ref{refOf(a)}), `{"error":"payload: timestamp 1700000000000 is older than the retention of 720h0m0s"}`},
-		{"another device's ref", foreign, "*"},
+		{"another device's ref", foreign, `{"error":"payload: names a keypackage of another device"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := c.post(t, "/v1/consume", ConsumeJSON(tc.n))
