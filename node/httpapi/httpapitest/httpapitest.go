@@ -2,7 +2,8 @@
 // contract: chat-store's v0 routes byte for byte, the v1 additions, and the
 // JSON error answers of every refusal a request's shape or the validation
 // rules cause. The same table runs against httpapi over a fake Backend and
-// against a real node, so the two cannot drift apart.
+// against a real node, so the two cannot drift apart. Fake is the
+// in-memory Backend the API's and the CLI's tests serve.
 package httpapitest
 
 import (
