@@ -559,3 +559,48 @@ func TestClientVerifiesClaims(t *testing.T) {
 		t.Fatalf("good answer refused: %v", err)
 	}
 }
+
+// fixedClaim is a Fake whose claims always hand out c, without limits: the
+// HTTP layer's own cost.
+type fixedClaim struct {
+	*httpapitest.Fake
+	c *httpapi.Claim
+}
+
+func (f *fixedClaim) Claim(context.Context, string, protocol.Key, uint16) (*httpapi.Claim, error) {
+	return f.c, nil
+}
+
+// BenchmarkClaimRoute: POST /v1/keypackages/{device_id}/claim over
+// loopback with a Backend that answers at once, the ceiling the HTTP layer
+// puts on a node's claims/s.
+func BenchmarkClaimRoute(b *testing.B) {
+	dev := httpapitest.SeedKey(1)
+	bundle := protocol.SignBundle(dev, uint64(time.Now().UnixMilli()), bytes.Repeat([]byte{7}, 2700))
+	c := &httpapi.Claim{Bundle: httpapi.Bundle{Bundle: bundle, BundleInfo: protocol.BundleInfo{Ref: protocol.Ref{1}, TimestampMS: 1}}}
+	h, err := httpapi.New(httpapi.Config{Backend: &fixedClaim{Fake: httpapitest.NewFake(nil), c: c}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	url := srv.URL + "/v1/keypackages/" + bundle.DeviceID.String() + "/claim"
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := hc.Post(url, "", nil)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				b.Errorf("status %d", resp.StatusCode)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "claims/s")
+}
