@@ -263,9 +263,14 @@ func ConsumeItem(device Key, info ConsumeInfo) [32]byte {
 // key_package (bare, or MLSMessage-wrapped: version, wire_format
 // mls_key_package (5), then the KeyPackage). ok is false when the bytes are
 // too short or the version is not mls10, as with an opaque key_package.
+//
+// A bare KeyPackage of suite 5 starts with the same four bytes as the
+// wrapper (00 01 00 05); it is read as wrapped only when an mls10 version
+// follows, which a bare one (its init_key's length next) never has.
 func KeyPackageCipherSuite(kp []byte) (suite uint16, ok bool) {
 	const mls10, wireKeyPackage = 1, 5
-	if len(kp) >= 4 && binary.BigEndian.Uint16(kp) == mls10 && binary.BigEndian.Uint16(kp[2:]) == wireKeyPackage {
+	if len(kp) >= 6 && binary.BigEndian.Uint16(kp) == mls10 && binary.BigEndian.Uint16(kp[2:]) == wireKeyPackage &&
+		binary.BigEndian.Uint16(kp[4:]) == mls10 {
 		kp = kp[4:]
 	}
 	if len(kp) < 4 || binary.BigEndian.Uint16(kp) != mls10 {

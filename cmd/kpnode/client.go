@@ -87,7 +87,7 @@ func runPublish(args []string, stdout, stderr io.Writer) error {
 	keyPath := fs.String("key", "device.key", "device key file (from kpnode keygen)")
 	isHex := fs.Bool("hex", false, "the KeyPackage file holds hex, not raw bytes")
 	testKP := fs.Bool("test-keypackage", false, "publish a freshly generated KeyPackage (suite 0x004D, last resort) signed by the device key instead of a file; its private keys are discarded, so it is for trying a registry only")
-	rest, err := parseFlags(fs, args)
+	rest, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
@@ -137,7 +137,7 @@ func runFetch(args []string, stdout, stderr io.Writer) error {
 	api := fs.String("api", defaultAPI, "node HTTP API (host:port or URL)")
 	account := fs.String("account", "", "fetch this account's device list instead of a device's bundle")
 	out := fs.String("out", "", "write the fetched key_package bytes to this file")
-	rest, err := parseFlags(fs, args)
+	rest, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}

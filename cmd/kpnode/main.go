@@ -5,6 +5,9 @@
 //	kpnode id       print the node's peer ID and bootstrap multiaddrs
 //	kpnode publish  sign a KeyPackage file with a device key and post it
 //	kpnode fetch    get a device's bundle (or an account bundle) and verify it
+//	kpnode claim    claim a one-time KeyPackage of a device (or one per device of an account)
+//	kpnode consume  sign a consume notice for used KeyPackages and post it
+//	kpnode count    count a device's unclaimed KeyPackages
 //	kpnode status   print a running node's status
 //
 // This file and its siblings only parse flags; the work is in node/.
@@ -33,6 +36,9 @@ func commands() []command {
 		{"id", "print the node's peer ID and the multiaddrs others pass to --bootstrap", runID},
 		{"publish", "sign a KeyPackage with a device key and post it to a node", runPublish},
 		{"fetch", "get and verify a device's bundle or an account bundle", runFetch},
+		{"claim", "claim a one-time KeyPackage of a device, or one per device of an account", runClaim},
+		{"consume", "sign a consume notice for used KeyPackages (by ref) and post it", runConsume},
+		{"count", "count a device's unclaimed one-time and its last-resort KeyPackages", runCount},
 		{"status", "print a running node's status", runStatus},
 		{"version", "print the version", func(_ []string, stdout, _ io.Writer) error {
 			fmt.Fprintln(stdout, version())
@@ -136,4 +142,25 @@ func version() string {
 		return bi.Main.Version
 	}
 	return "dev"
+}
+
+// parseInterspersed is parseFlags for commands whose flags may also follow
+// their positional arguments (`kpnode claim DEVICE_ID --cipher-suite 1`).
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	rest, err := parseFlags(fs, args)
+	if err != nil {
+		return nil, err
+	}
+	var positional []string
+	for len(rest) > 0 {
+		positional = append(positional, rest[0])
+		if err := fs.Parse(rest[1:]); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, errUsage
+		}
+		rest = fs.Args()
+	}
+	return positional, nil
 }

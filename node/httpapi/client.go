@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,13 +23,35 @@ type Client struct {
 	http *http.Client
 }
 
-// StatusError is a non-2xx answer other than 404 on a GET.
+// StatusError is a non-2xx answer other than 404 on a GET. It matches
+// (errors.Is) ErrRateLimited for a 429, ErrConsumed for a 409 "keypackage
+// consumed", ErrStale for another 409, and ErrUnavailable for a 503.
 type StatusError struct {
 	Code    int
 	Message string // the {"error"} text, or the raw body
+	// Retry is the answer's Retry-After in seconds; 0 when it has none.
+	Retry time.Duration
 }
 
 func (e *StatusError) Error() string { return fmt.Sprintf("http %d: %s", e.Code, e.Message) }
+
+// Is matches the sentinel the server answered e for.
+func (e *StatusError) Is(target error) bool {
+	switch target {
+	case ErrRateLimited:
+		return e.Code == http.StatusTooManyRequests
+	case ErrConsumed:
+		return e.Code == http.StatusConflict && e.Message == msgConsumed
+	case ErrStale:
+		return e.Code == http.StatusConflict && e.Message != msgConsumed
+	case ErrUnavailable:
+		return e.Code == http.StatusServiceUnavailable
+	}
+	return false
+}
+
+// RetryAfter is the answer's Retry-After (0 when it had none).
+func (e *StatusError) RetryAfter() time.Duration { return e.Retry }
 
 // NewClient returns a client for base ("127.0.0.1:8080" or a URL); hc nil
 // means a client with a 10 s timeout, as the chat client uses.
@@ -93,11 +116,21 @@ func readStatusError(resp *http.Response) error {
 	if json.Unmarshal(raw, &eb) == nil && eb.Error != "" {
 		msg = eb.Error
 	}
-	return &StatusError{Code: resp.StatusCode, Message: msg}
+	se := &StatusError{Code: resp.StatusCode, Message: msg}
+	if s, err := strconv.ParseUint(resp.Header.Get("Retry-After"), 10, 32); err == nil {
+		se.Retry = time.Duration(s) * time.Second
+	}
+	return se
 }
 
 func (c *Client) getJSON(ctx context.Context, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	return c.doJSON(ctx, http.MethodGet, path, v)
+}
+
+// doJSON sends a bodiless request and decodes a 2xx JSON answer into v; a
+// 404 is ErrNotFound, any other code a *StatusError.
+func (c *Client) doJSON(ctx context.Context, method, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
 	if err != nil {
 		return err
 	}
@@ -176,4 +209,133 @@ func decodeSigned(payload, signature string) ([]byte, [protocol.SignatureSize]by
 	}
 	copy(sig[:], s)
 	return p, sig, nil
+}
+
+// ClaimResult is one claimed bundle, verified under the device it was
+// claimed for.
+type ClaimResult struct {
+	protocol.Bundle
+	Ref         protocol.Ref
+	TimestampMS uint64
+	LastResort  bool
+}
+
+// AccountClaimDevice is one element of an account claim: a bundle, or the
+// error the node answered for the device.
+type AccountClaimDevice struct {
+	DeviceID protocol.Key
+	Claim    *ClaimResult // nil when Error is set
+	Error    string
+}
+
+// AccountClaim is the answer of POST /v1/accounts/{account_pub}/claim.
+type AccountClaim struct {
+	AccountPub protocol.Key
+	Lamport    uint64
+	Devices    []AccountClaimDevice
+}
+
+// Claim claims one bundle of device (POST /v1/keypackages/{device_id}/claim)
+// of cipher suite suite (0: any) and verifies it: signature under device,
+// a payload with a timestamp equal to the one served. A 404 is
+// ErrNotFound, a 429 a *StatusError matching ErrRateLimited.
+func (c *Client) Claim(ctx context.Context, device protocol.Key, suite uint16) (*ClaimResult, error) {
+	path := "/v1/keypackages/" + device.String() + "/claim"
+	if suite != 0 {
+		path += "?cipher_suite=" + strconv.Itoa(int(suite))
+	}
+	var body claimWire
+	if err := c.doJSON(ctx, http.MethodPost, path, &body); err != nil {
+		return nil, err
+	}
+	return c.verifyClaim(device, &body)
+}
+
+// ClaimAccount claims one bundle for each device of an account (POST
+// /v1/accounts/{account_pub}/claim) and verifies each bundle under its
+// device. A 404 is ErrNotFound (no such account).
+func (c *Client) ClaimAccount(ctx context.Context, account protocol.Key, suite uint16) (*AccountClaim, error) {
+	path := "/v1/accounts/" + account.String() + "/claim"
+	if suite != 0 {
+		path += "?cipher_suite=" + strconv.Itoa(int(suite))
+	}
+	var body struct {
+		AccountPub string      `json:"account_pub"`
+		Lamport    uint64      `json:"lamport"`
+		Devices    []claimWire `json:"devices"`
+	}
+	if err := c.doJSON(ctx, http.MethodPost, path, &body); err != nil {
+		return nil, err
+	}
+	if got, err := protocol.ParseKey(body.AccountPub); err != nil || got != account {
+		return nil, fmt.Errorf("account claim from %s: answer for account %q", c.base, body.AccountPub)
+	}
+	out := &AccountClaim{AccountPub: account, Lamport: body.Lamport, Devices: make([]AccountClaimDevice, len(body.Devices))}
+	for i := range body.Devices {
+		w := &body.Devices[i]
+		dev, err := protocol.ParseKey(w.DeviceID)
+		if err != nil {
+			return nil, fmt.Errorf("account claim from %s: device_id %q", c.base, w.DeviceID)
+		}
+		out.Devices[i].DeviceID = dev
+		if w.Error != "" {
+			out.Devices[i].Error = w.Error
+			continue
+		}
+		if out.Devices[i].Claim, err = c.verifyClaim(dev, w); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// claimWire is a claim object, or an account claim's error element.
+type claimWire struct {
+	DeviceID    string `json:"device_id"`
+	Ref         string `json:"ref"`
+	Payload     string `json:"payload"`
+	Signature   string `json:"signature"`
+	TimestampMS uint64 `json:"timestamp_ms"`
+	LastResort  bool   `json:"last_resort"`
+	Error       string `json:"error"`
+}
+
+func (c *Client) verifyClaim(device protocol.Key, w *claimWire) (*ClaimResult, error) {
+	if got, err := protocol.ParseKey(w.DeviceID); err != nil || got != device {
+		return nil, fmt.Errorf("claim from %s: answer for device %q, asked for %s", c.base, w.DeviceID, device)
+	}
+	ref, err := protocol.ParseRef(w.Ref)
+	if err != nil {
+		return nil, fmt.Errorf("claim from %s: ref: %w", c.base, err)
+	}
+	r := &ClaimResult{Bundle: protocol.Bundle{DeviceID: device}, Ref: ref, TimestampMS: w.TimestampMS, LastResort: w.LastResort}
+	if r.Payload, r.Signature, err = decodeSigned(w.Payload, w.Signature); err != nil {
+		return nil, err
+	}
+	if err := ed25519strict.Verify(device[:], r.Payload, r.Signature[:]); err != nil {
+		return nil, fmt.Errorf("claim from %s: %w", c.base, err)
+	}
+	ts, _, err := protocol.SplitBundlePayload(r.Payload)
+	if err != nil || ts != w.TimestampMS {
+		return nil, fmt.Errorf("claim from %s: timestamp_ms %d does not match the payload", c.base, w.TimestampMS)
+	}
+	return r, nil
+}
+
+// Count gets GET /v1/keypackages/{device_id}/count.
+func (c *Client) Count(ctx context.Context, device protocol.Key) (ClaimCounts, error) {
+	var body countBody
+	if err := c.getJSON(ctx, "/v1/keypackages/"+device.String()+"/count", &body); err != nil {
+		return ClaimCounts{}, err
+	}
+	if got, err := protocol.ParseKey(body.DeviceID); err != nil || got != device {
+		return ClaimCounts{}, fmt.Errorf("count from %s: answer for device %q", c.base, body.DeviceID)
+	}
+	return body.ClaimCounts, nil
+}
+
+// Consume posts a consume notice to POST /v1/consume.
+func (c *Client) Consume(ctx context.Context, n *protocol.ConsumeNotice) error {
+	return c.post(ctx, "/v1/consume", postBody{DeviceID: n.DeviceID.String(),
+		Payload: b64.EncodeToString(n.Payload), Signature: b64.EncodeToString(n.Signature[:])})
 }

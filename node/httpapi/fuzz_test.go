@@ -2,6 +2,9 @@ package httpapi
 
 import (
 	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -52,6 +55,44 @@ func FuzzSignedFields(f *testing.F) {
 		}
 		if b64.EncodeToString(p) != payload {
 			t.Fatalf("payload %q accepted but does not round-trip", payload)
+		}
+	})
+}
+
+// FuzzClaimParams: the claim query decoder never panics, refuses with a
+// 400 only, and accepts exactly one decimal cipher_suite of 0..65535 (or
+// none), answering its value.
+func FuzzClaimParams(f *testing.F) {
+	for _, s := range []string{"", "cipher_suite=1", "cipher_suite=65535", "cipher_suite=65536", "cipher_suite=-1",
+		"cipher_suite=1&cipher_suite=1", "cipher_suite=%31", "cipher_suite=+1", "cipher_suite=0x4D", "other=1", "cipher_suite=%zz"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, rawQuery string) {
+		r := &http.Request{URL: &url.URL{RawQuery: rawQuery}, Body: http.NoBody}
+		suite, rerr := claimParams(r)
+		vs := r.URL.Query()["cipher_suite"]
+		if rerr != nil {
+			if rerr.code != http.StatusBadRequest {
+				t.Fatalf("code %d", rerr.code)
+			}
+			if len(vs) == 1 {
+				if n, err := strconv.ParseUint(vs[0], 10, 16); err == nil {
+					t.Fatalf("refused a valid suite %d", n)
+				}
+			}
+			return
+		}
+		switch len(vs) {
+		case 0:
+			if suite != 0 {
+				t.Fatalf("suite %d without a parameter", suite)
+			}
+		case 1:
+			if strconv.Itoa(int(suite)) != strings.TrimLeft(vs[0], "0") && !(suite == 0 && strings.Trim(vs[0], "0") == "") {
+				t.Fatalf("suite %d from %q", suite, vs[0])
+			}
+		default:
+			t.Fatalf("accepted %d values", len(vs))
 		}
 	})
 }

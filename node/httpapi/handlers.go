@@ -33,6 +33,12 @@ func (a *api) backendError(w http.ResponseWriter, r *http.Request, err error, no
 		return writeError(w, http.StatusBadRequest, ve.Error())
 	case errors.Is(err, ErrStale):
 		return writeError(w, http.StatusConflict, msgStale)
+	case errors.Is(err, ErrConsumed):
+		return writeError(w, http.StatusConflict, msgConsumed)
+	case errors.Is(err, ErrRateLimited):
+		a.log.Debug("rate limited", "route", r.URL.Path, "err", err)
+		w.Header().Set("Retry-After", retryAfter(err))
+		return writeError(w, http.StatusTooManyRequests, msgRateLimited)
 	case errors.Is(err, ErrNotFound):
 		return writeError(w, http.StatusNotFound, notFound)
 	case errors.Is(err, ErrUnavailable):
@@ -147,6 +153,7 @@ type bundleListItem struct {
 	Ref         string `json:"ref"`
 	TimestampMS uint64 `json:"timestamp_ms"`
 	LastResort  bool   `json:"last_resort"`
+	Claimed     bool   `json:"claimed"`
 	Payload     string `json:"payload"`
 	Signature   string `json:"signature"`
 }
@@ -154,7 +161,7 @@ type bundleListItem struct {
 func (a *api) listKeyPackages(w http.ResponseWriter, r *http.Request) int {
 	key, err := protocol.ParseKey(r.PathValue("device_id"))
 	if err != nil {
-		return writeError(w, http.StatusBadRequest, "device_id: must be hex of a 32-byte key")
+		return writeError(w, http.StatusBadRequest, msgBadDeviceID)
 	}
 	bundles, err := a.backend.Bundles(r.Context(), key)
 	if err != nil {
@@ -166,6 +173,7 @@ func (a *api) listKeyPackages(w http.ResponseWriter, r *http.Request) int {
 			Ref:         b.Ref.String(),
 			TimestampMS: b.TimestampMS,
 			LastResort:  b.LastResort,
+			Claimed:     b.Claimed,
 			Payload:     b64.EncodeToString(b.Payload),
 			Signature:   b64.EncodeToString(b.Signature[:]),
 		})

@@ -110,6 +110,8 @@ type Status struct {
 // Backend is what the API serves. Errors it returns are matched with
 // errors.As and errors.Is, first match in this order:
 // *protocol.ValidationError → 400 with its text, ErrStale → 409,
+// ErrConsumed → 409 "keypackage consumed", ErrRateLimited → 429 (with
+// Retry-After: the error's RetryAfter() in whole seconds, else 1),
 // ErrNotFound → 404, ErrUnavailable → 503 (with Retry-After),
 // ErrStoreFull → 507, ErrOutboxFull → 503 (with Retry-After), anything
 // else → 500 "internal error". Records it returns are only read.
@@ -204,6 +206,10 @@ func New(cfg Config) (http.Handler, error) {
 	a.route(mux, "/v0/account", "POST /v0/account", http.MethodPost, a.postAccount)
 	a.route(mux, "/v0/account/{account_pub}", "GET /v0/account/{account_pub}", http.MethodGet, a.getAccount)
 	a.route(mux, "/v1/keypackages/{device_id}", "GET /v1/keypackages/{device_id}", http.MethodGet, a.listKeyPackages)
+	a.route(mux, "/v1/keypackages/{device_id}/claim", "POST /v1/keypackages/{device_id}/claim", http.MethodPost, a.claimKeyPackage)
+	a.route(mux, "/v1/keypackages/{device_id}/count", "GET /v1/keypackages/{device_id}/count", http.MethodGet, a.countKeyPackages)
+	a.route(mux, "/v1/accounts/{account_pub}/claim", "POST /v1/accounts/{account_pub}/claim", http.MethodPost, a.claimAccount)
+	a.route(mux, "/v1/consume", "POST /v1/consume", http.MethodPost, a.postConsume)
 	a.route(mux, "/v1/status", "GET /v1/status", http.MethodGet, a.status)
 	a.route(mux, "/healthz", "GET /healthz", http.MethodGet, a.healthz)
 	metrics := promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{})

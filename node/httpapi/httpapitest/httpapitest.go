@@ -2,7 +2,8 @@
 // contract: chat-store's v0 routes byte for byte, the v1 additions, and the
 // JSON error answers of every refusal a request's shape or the validation
 // rules cause. The same table runs against httpapi over a fake Backend and
-// against a real node, so the two cannot drift apart.
+// against a real node, so the two cannot drift apart. Fake is the
+// in-memory Backend the API's and the CLI's tests serve.
 package httpapitest
 
 import (
@@ -33,7 +34,15 @@ var StatusFields = []string{
 // lookup), run on the wall clock with protocol.DefaultPolicy's retention and
 // skew and MLS validation off, and cap bodies at httpapi.DefaultMaxBodyBytes.
 // TestAPI stores records: run it once per server.
-func TestAPI(t *testing.T, base string) {
+//
+// The single-use routes' refusals of a request's shape always run; their
+// behaviour (claims, counts, consumes, the claim limits) runs only with
+// the SingleUse option, which a server passes once it implements them.
+func TestAPI(t *testing.T, base string, opts ...Option) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	c := &client{t: t, base: strings.TrimRight(base, "/"), http: &http.Client{Timeout: 10 * time.Second}}
 	// Each part uses its own keys; the status part counts what the others
 	// stored, so the parts run in this order.
@@ -43,7 +52,29 @@ func TestAPI(t *testing.T, base string) {
 	t.Run("Account", c.account)
 	t.Run("Routes", c.routes)
 	t.Run("Status", c.status)
+	// After Status, which counts what the parts above stored.
+	t.Run("SingleUseRefusals", c.singleUseRefusals)
+	t.Run("SingleUse", func(t *testing.T) {
+		if !o.singleUse {
+			t.Skip("claims, counts and consumes are not checked: the server does not declare them (pass httpapitest.SingleUse() once it implements them)")
+		}
+		// The claim limit part spends the requester's tokens: it runs last.
+		t.Run("Claim", c.claim)
+		t.Run("Count", c.count)
+		t.Run("Consume", c.consume)
+		t.Run("AccountClaim", c.accountClaim)
+		t.Run("ClaimLimit", c.claimLimit)
+	})
 }
+
+// Option declares a capability of the server under test.
+type Option func(*options)
+
+type options struct{ singleUse bool }
+
+// SingleUse declares that the server implements claims, counts and
+// consumes (issue 9), so TestAPI checks them.
+func SingleUse() Option { return func(o *options) { o.singleUse = true } }
 
 // Reply is an answer: code, body and the headers the contract pins.
 type Reply struct {
@@ -231,7 +262,7 @@ func (c *client) keyPackage(t *testing.T) {
 	Expect(t, c.post(t, "/v0/keypackage", BundleJSON(b)), 204, "")
 	ts, _, _ := protocol.SplitBundlePayload(b.Payload)
 	Expect(t, c.do(t, "GET", "/v1/keypackages/"+strings.ToUpper(b.DeviceID.String()), "", ""), 200,
-		fmt.Sprintf(`{"device_id":"%s","bundles":[{"ref":"%s","timestamp_ms":%d,"last_resort":false,"payload":"%s","signature":"%s"}]}`,
+		fmt.Sprintf(`{"device_id":"%s","bundles":[{"ref":"%s","timestamp_ms":%d,"last_resort":false,"claimed":false,"payload":"%s","signature":"%s"}]}`,
 			b.DeviceID, protocol.KeyPackageRef(kp), ts, b64.EncodeToString(b.Payload), b64.EncodeToString(b.Signature[:])))
 	// Unknown fields are ignored, as in chat-store.
 	extra := BundleJSON(b)
