@@ -63,11 +63,11 @@ var (
 	// origin (a claim notice: the claiming node, alone and with the device)
 	// or of its device (a consume notice). Ignore.
 	ErrNoticeRate = errors.New("notice over its rate limit")
-	// ErrNoticeFlood wraps ErrNoticeRate: the claim notice's origin is far
-	// over its limit, which an honest node (it limits its own claims the
-	// same way) never is. Gossip Rejects it when the forwarder is the
-	// origin itself.
-	ErrNoticeFlood = fmt.Errorf("%w: the origin is far over it", ErrNoticeRate)
+	// ErrClaimRate wraps ErrNoticeRate: a claim notice over its origin's
+	// rate for one device, the rate every honest node holds its own claims
+	// to (with room for gossip's jitter). Gossip Rejects it when the
+	// forwarder is the origin itself and keeps doing it.
+	ErrClaimRate = fmt.Errorf("%w: the origin's claims of the device", ErrNoticeRate)
 )
 
 // Verdict is what a record's ingest result means for the peer that sent it.

@@ -436,7 +436,7 @@ func TestVerdictTable(t *testing.T) {
 		{name: "claim on a consumed ref", row: rowNotice, is: storage.ErrConsumed, do: hand(storage.ErrConsumed)},
 		{name: "consume over the device's tombstone quota", row: rowNotice, is: storage.ErrConsumeQuota, do: hand(fmt.Errorf("node: %w", storage.ErrConsumeQuota))},
 		{name: "notice over a rate limit", row: rowNotice, is: ingest.ErrNoticeRate, do: hand(fmt.Errorf("claim: %w", ingest.ErrNoticeRate))},
-		{name: "claim notice, its origin far over its rate (Reject only when the forwarder is the origin: the validator decides)", row: rowNotice, is: ingest.ErrNoticeRate, do: hand(ingest.ErrNoticeFlood)},
+		{name: "claim notice over its origin's rate for the device (Reject only when the origin forwards it and keeps doing it: the validator decides)", row: rowNotice, is: ingest.ErrNoticeRate, do: hand(ingest.ErrClaimRate)},
 		{name: "claim notice, a ref of another device with MLS off (store's error, not a rule)", row: rowLocal, is: storage.ErrForeignRef, do: hand(storage.ErrForeignRef)},
 	}
 	// Every rule has a case: a rule added to protocol or protocol/mls
