@@ -183,4 +183,3 @@ func TestGossipValidatorOriginFlood(t *testing.T) {
 		t.Fatalf("a strike back after a pause: %v, want ignore", got)
 	}
 }
-
