@@ -183,3 +183,89 @@ func TestGossipValidatorOriginFlood(t *testing.T) {
 		t.Fatalf("a strike back after a pause: %v, want ignore", got)
 	}
 }
+
+// On go-libp2p's in-memory network: a claim notice and a consume notice
+// one service publishes reach a holder of the device's shard, which stores
+// both (the claimed ref is marked, the consumed bundle deleted). A peer
+// that then floods forged claim notices is Rejected and loses score, while
+// an honest peer's claims keep being stored.
+func TestServiceCarriesNotices(t *testing.T) {
+	mn, hs := nodetest.Mocknet(t, 3)
+	ctx := t.Context()
+	const shard = 3
+	held, err := protocol.ParseShardSet("3", testShards)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestService(t, ctx, hs[0], held)
+	b := newTestService(t, ctx, hs[1], held)
+	c := newTestService(t, ctx, hs[2], protocol.NoShards(testShards)) // an honest light publisher
+	if err := mn.ConnectAllButSelf(); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.WaitFor(t, "the topics to form", 10*time.Second, func() bool { return a.TopicPeers(shard) == 1 && c.TopicPeers(shard) == 2 })
+
+	dev := devIn(shard)
+	now := time.Now()
+	var refs []protocol.Ref
+	for i := range 6 {
+		bd := protocol.SignBundle(dev, ms(now.Add(-time.Minute)), []byte{'k', 'p', byte(i)})
+		for _, s := range []*testService{a, b} {
+			if _, _, err := s.ing.IngestBundle(ctx, &bd, ingest.SourceHTTP); err != nil {
+				t.Fatal(err)
+			}
+		}
+		info, _ := b.ing.policy.ValidateBundle(&bd, now)
+		refs = append(refs, info.Ref)
+	}
+	aKey, _ := nodeIdentity(t)
+	claim := protocol.SignClaim(aKey, ms(now), pub(dev), refs[0])
+	consume := protocol.SignConsume(dev, ms(now), []protocol.Ref{refs[1]})
+	for _, s := range []*testService{a} { // a stores before publishing, as a node does
+		if _, _, err := s.ing.IngestClaim(ctx, &claim, ingest.SourceHTTP); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.ing.IngestConsume(ctx, &consume, ingest.SourceHTTP); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.PublishClaim(ctx, &claim); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PublishConsume(ctx, &consume); err != nil {
+		t.Fatal(err)
+	}
+	oneTime := func(s *testService) int {
+		counts, err := s.ing.store.ClaimCounts(ctx, pub(dev))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return counts.OneTime
+	}
+	nodetest.WaitFor(t, "b to store the claim and apply the consume notice", 10*time.Second, func() bool {
+		gone, _ := b.ing.store.Consumed(ctx, pub(dev), refs[1])
+		return gone && oneTime(b) == 4
+	})
+
+	// a floods forged claim notices.
+	for i := range 5 {
+		forged := protocol.SignClaim(aKey, ms(now), pub(dev), refs[2+i%4])
+		forged.Signature[i] ^= 1
+		if err := a.PublishClaim(ctx, &forged); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nodetest.WaitFor(t, "b to reject the forged notices and a's score to go negative", 10*time.Second, func() bool {
+		return nodetest.Counter(t, b.reg, "kpnode_gossip_validations_total", "verdict", "reject") >= 3 && b.scores.of(hs[0].ID()) < 0
+	})
+	if got := oneTime(b); got != 4 {
+		t.Fatalf("b has %d one-time bundles unclaimed after the forgeries, want 4", got)
+	}
+	// An honest peer's claim still goes through.
+	cKey, _ := nodeIdentity(t)
+	honest := protocol.SignClaim(cKey, ms(now), pub(dev), refs[2])
+	if err := c.PublishClaim(ctx, &honest); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.WaitFor(t, "b to store the honest claim", 10*time.Second, func() bool { return oneTime(b) == 3 })
+}
