@@ -369,7 +369,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
 		netID: cfg.Constants().NetworkID(cfg.Network), outbox: outbox, outboxWake: make(chan struct{}, 1),
-		limits: newNoticeLimits(nil)}
+		limits: newNoticeLimits(defaultNoticeRates, nil)}
 	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry, cfg.Now)
 	if cfg.Gater != nil {
 		if err := cfg.Gater.bind(n.guard); err != nil {

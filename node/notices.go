@@ -49,11 +49,24 @@ type noticeLimits struct {
 	consumeDevice *bucket.Keyed[protocol.Key]
 }
 
-func newNoticeLimits(now func() time.Time) *noticeLimits {
+// noticeRates are the rates and bursts of the notice limits.
+type noticeRates struct {
+	originDeviceRate, originDeviceBurst float64
+	originRate, originBurst             float64
+	consumeRate, consumeBurst           float64
+}
+
+var defaultNoticeRates = noticeRates{
+	originDeviceRate: claimOriginDeviceRate, originDeviceBurst: claimOriginDeviceBurst,
+	originRate: claimOriginRate, originBurst: claimOriginBurst,
+	consumeRate: consumeDeviceRate, consumeBurst: consumeDeviceBurst,
+}
+
+func newNoticeLimits(r noticeRates, now func() time.Time) *noticeLimits {
 	return &noticeLimits{
-		originDevice:  bucket.New[[2 * protocol.KeySize]byte](noticeLimitKeys, claimOriginDeviceRate, claimOriginDeviceBurst, now),
-		origin:        bucket.New[protocol.Key](noticeLimitKeys, claimOriginRate, claimOriginBurst, now),
-		consumeDevice: bucket.New[protocol.Key](noticeLimitKeys, consumeDeviceRate, consumeDeviceBurst, now),
+		originDevice:  bucket.New[[2 * protocol.KeySize]byte](noticeLimitKeys, r.originDeviceRate, r.originDeviceBurst, now),
+		origin:        bucket.New[protocol.Key](noticeLimitKeys, r.originRate, r.originBurst, now),
+		consumeDevice: bucket.New[protocol.Key](noticeLimitKeys, r.consumeRate, r.consumeBurst, now),
 	}
 }
 

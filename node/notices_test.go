@@ -9,6 +9,7 @@ import (
 
 	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -121,5 +122,99 @@ func TestOutboxDeliversConsumeNotice(t *testing.T) {
 	})
 	if got := nodetest.Counter(t, light.registry, "kpnode_outbox_done_total", "result", "confirmed"); got != 1 {
 		t.Errorf("kpnode_outbox_done_total{result=confirmed} = %v, want 1", got)
+	}
+}
+
+// The notice rate limits of the ingest path: from gossip, a claim notice
+// is charged to its origin for its device (ingest.ErrClaimRate over it)
+// and in all (ingest.ErrNoticeRate), a consume notice to its device; a
+// notice the store already holds gives its tokens back (so replaying an
+// origin's old notices spends nothing of its budget); a forged notice
+// spends nothing; sync and HTTP are not limited here. Each refusal is
+// counted.
+func TestNoticeRateLimits(t *testing.T) {
+	n, _ := testNode(t, func(c *Config) { c.MaxPerDevice = 20 })
+	clock := time.Unix(1e6, 0)
+	n.limits = newNoticeLimits(noticeRates{originDeviceRate: 1, originDeviceBurst: 3, originRate: 1, originBurst: 5,
+		consumeRate: 1, consumeBurst: 2}, func() time.Time { return clock })
+	ctx := context.Background()
+	devKey, dev2Key := nodetest.SeedKey(81), nodetest.SeedKey(82)
+	dev, dev2 := protocol.Key(devKey.Public().(ed25519.PublicKey)), protocol.Key(dev2Key.Public().(ed25519.PublicKey))
+	var refs, refs2 []protocol.Ref
+	for i := range 8 {
+		for _, d := range []struct {
+			key  ed25519.PrivateKey
+			refs *[]protocol.Ref
+		}{{devKey, &refs}, {dev2Key, &refs2}} {
+			b := protocol.SignBundle(d.key, nowMS(), []byte{'k', byte(i)})
+			if err := n.SubmitBundle(ctx, &b); err != nil {
+				t.Fatal(err)
+			}
+			*d.refs = append(*d.refs, refOf(t, n, b))
+		}
+	}
+	origin := nodetest.SeedKey(83)
+	claim := func(dev protocol.Key, ref protocol.Ref) *protocol.ClaimNotice {
+		c := protocol.SignClaim(origin, nowMS(), dev, ref)
+		return &c
+	}
+	expect := func(what string, c *protocol.ClaimNotice, src source, want error) {
+		t.Helper()
+		_, _, err := n.ingestClaim(ctx, c, src)
+		if (want == nil) != (err == nil) || want != nil && !errors.Is(err, want) {
+			t.Fatalf("%s: %v, want %v", what, err, want)
+		}
+	}
+	first := claim(dev, refs[0])
+	expect("claim 1", first, sourceGossip, nil)
+	for range 3 {
+		expect("the same claim replayed (a duplicate gives its token back)", first, sourceGossip, nil)
+	}
+	forged := claim(dev, refs[1])
+	forged.Signature[0] ^= 1
+	for range 3 {
+		_, _, err := n.ingestClaim(ctx, forged, sourceGossip)
+		if protocol.RuleOf(err) != protocol.RuleSignature {
+			t.Fatalf("forged: %v", err)
+		}
+	}
+	expect("claim 2", claim(dev, refs[1]), sourceGossip, nil)
+	expect("claim 3", claim(dev, refs[2]), sourceGossip, nil)
+	expect("claim 4: over the origin's rate for the device", claim(dev, refs[3]), sourceGossip, ingest.ErrClaimRate)
+	expect("claim 4 by sync: not limited here", claim(dev, refs[3]), sourceSync, nil)
+	expect("another device", claim(dev2, refs2[0]), sourceGossip, nil)
+	expect("another device", claim(dev2, refs2[1]), sourceGossip, nil)
+	err := func() error { _, _, err := n.ingestClaim(ctx, claim(dev2, refs2[2]), sourceGossip); return err }()
+	if !errors.Is(err, ingest.ErrNoticeRate) || errors.Is(err, ingest.ErrClaimRate) {
+		t.Fatalf("the origin's sixth claim: %v, want its total rate (not the device's)", err)
+	}
+	clock = clock.Add(time.Second)
+	expect("a second later", claim(dev, refs[4]), sourceGossip, nil)
+
+	consume := func(ref protocol.Ref) error {
+		c := protocol.SignConsume(devKey, nowMS(), []protocol.Ref{ref})
+		_, _, err := n.ingestConsume(ctx, &c, sourceGossip)
+		return err
+	}
+	for i := range 2 {
+		if err := consume(refs[5+i]); err != nil {
+			t.Fatalf("consume %d: %v", i+1, err)
+		}
+	}
+	if err := consume(refs[7]); !errors.Is(err, ingest.ErrNoticeRate) {
+		t.Fatalf("consume 3: %v, want the device's rate", err)
+	}
+	c := protocol.SignConsume(devKey, nowMS(), []protocol.Ref{refs[7]})
+	if err := n.SubmitConsume(ctx, &c); err != nil {
+		t.Fatalf("the same notice over HTTP: %v", err)
+	}
+	for reason, want := range map[string]float64{"rate_origin_device": 1, "rate_origin": 1, "rate_device": 1} {
+		kind := "claim"
+		if reason == "rate_device" {
+			kind = "consume"
+		}
+		if got := nodetest.Counter(t, n.registry, "kpnode_notices_rejected_total", "kind", kind, "source", "gossip", "reason", reason); got != want {
+			t.Errorf("kpnode_notices_rejected_total{kind=%s,reason=%s} = %v, want %v", kind, reason, got, want)
+		}
 	}
 }
