@@ -218,3 +218,49 @@ func TestNoticeRateLimits(t *testing.T) {
 		}
 	}
 }
+
+// A holder that is offline while a consume notice goes round converges on
+// it by sync when it comes back: it deletes the bundle, and the bundle
+// posted to it again is refused.
+func TestConsumeNoticeReachesARejoiningHolderBySync(t *testing.T) {
+	dir := t.TempDir()
+	h1, _ := testNode(t, nil)
+	h1Addrs, err := h1.P2PAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, _ := testNode(t, func(c *Config) { c.DataDir, c.Bootstrap = dir, h1Addrs })
+	devKey := nodetest.SeedKey(73)
+	dev := protocol.Key(devKey.Public().(ed25519.PublicKey))
+	shard := protocol.Shard(dev, protocol.DefaultShardCount)
+	used := protocol.SignBundle(devKey, nowMS(), []byte("a used keypackage"))
+	ctx := context.Background()
+	for _, n := range []*Node{h1, h2} {
+		if err := n.SubmitBundle(ctx, &used); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ref := refOf(t, h1, used)
+	notice := protocol.SignConsume(devKey, nowMS(), []protocol.Ref{ref})
+	if err := h1.SubmitConsume(ctx, &notice); err != nil {
+		t.Fatal(err)
+	}
+
+	h2, _ = testNode(t, func(c *Config) { c.DataDir, c.Bootstrap = dir, h1Addrs })
+	if consumedOn(t, h2, dev, ref) {
+		t.Fatal("the holder that was offline had the notice before syncing")
+	}
+	nodetest.WaitFor(t, "the holders to reconnect", 10*time.Second, func() bool { return h2.TopicPeers(shard) > 0 })
+	if _, err := h2.SyncNow(ctx, h1.PeerID(), shard); err != nil {
+		t.Fatal(err)
+	}
+	if !consumedOn(t, h2, dev, ref) {
+		t.Fatal("after sync, the rejoined holder still has the consumed bundle")
+	}
+	if err := h2.SubmitBundle(ctx, &used); !errors.Is(err, storage.ErrConsumed) {
+		t.Fatalf("the consumed bundle posted to the rejoined holder: %v, want storage.ErrConsumed", err)
+	}
+}
