@@ -1,8 +1,8 @@
-// Package gossip is kpnode's gossipsub layer: a bundle topic and an account
-// topic per shard, validators that put every message through the node's
-// ingest path and map the result with ingest.VerdictOf, peer scoring, and
-// the budgets that bound what a peer can make a node hold (protocol/README.md,
-// "Gossip"). It depends on a libp2p host, an ingest.Ingester and the node's
+// Package gossip is kpnode's gossipsub layer: a bundle topic (bundles, claim
+// and consume notices) and an account topic per shard, validators that put
+// every message through the node's ingest path and map the result with
+// ingest.VerdictOf, peer scoring, and the budgets that bound what a peer
+// can make a node hold and check (protocol/README.md, "Gossip"). It depends on a libp2p host, an ingest.Ingester and the node's
 // peer guard (Guard), never on the node itself.
 package gossip
 
