@@ -9,6 +9,7 @@ import (
 
 	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -262,5 +263,50 @@ func TestConsumeNoticeReachesARejoiningHolderBySync(t *testing.T) {
 	}
 	if err := h2.SubmitBundle(ctx, &used); !errors.Is(err, storage.ErrConsumed) {
 		t.Fatalf("the consumed bundle posted to the rejoined holder: %v, want storage.ErrConsumed", err)
+	}
+}
+
+// Over HTTP on a real node: POST /v1/consume is 204 and deletes the bundle;
+// the bundle posted again is 409 "keypackage consumed"; a consume notice
+// that would take the device over its tombstone quota (4,096) is 429 with
+// a Retry-After of a minute, and changes nothing.
+func TestConsumeOverHTTP(t *testing.T) {
+	n, base := testNode(t, nil)
+	devKey := nodetest.SeedKey(74)
+	dev := protocol.Key(devKey.Public().(ed25519.PublicKey))
+	b := protocol.SignBundle(devKey, nowMS(), []byte("a used keypackage"))
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
+	notice := protocol.SignConsume(devKey, nowMS(), []protocol.Ref{refOf(t, n, b)})
+	httpapitest.Expect(t, postJSON(t, base+"/v1/consume", httpapitest.ConsumeJSON(notice)), 204, "")
+	if !consumedOn(t, n, dev, refOf(t, n, b)) {
+		t.Fatal("the bundle is still held")
+	}
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 409, `{"error":"keypackage consumed"}`)
+
+	quotaKey := nodetest.SeedKey(75)
+	var ref protocol.Ref
+	next := func() protocol.Ref {
+		for i := range ref {
+			if ref[i]++; ref[i] != 0 {
+				break
+			}
+		}
+		return ref
+	}
+	for range storage.DefaultMaxConsumedPerDevice / protocol.MaxConsumeRefs {
+		refs := make([]protocol.Ref, protocol.MaxConsumeRefs)
+		for i := range refs {
+			refs[i] = next()
+		}
+		httpapitest.Expect(t, postJSON(t, base+"/v1/consume", httpapitest.ConsumeJSON(protocol.SignConsume(quotaKey, nowMS(), refs))), 204, "")
+	}
+	over := protocol.SignConsume(quotaKey, nowMS(), []protocol.Ref{next()})
+	r := postJSON(t, base+"/v1/consume", httpapitest.ConsumeJSON(over))
+	httpapitest.Expect(t, r, 429, `{"error":"rate limited"}`)
+	if r.RetryAfter != "60" {
+		t.Errorf("Retry-After %q, want 60", r.RetryAfter)
+	}
+	if gone, err := n.store.Consumed(context.Background(), protocol.Key(quotaKey.Public().(ed25519.PublicKey)), ref); err != nil || gone {
+		t.Errorf("the refused notice's ref is tombstoned: %v, %v", gone, err)
 	}
 }
