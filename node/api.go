@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
@@ -81,6 +82,12 @@ func apiError(err error) error {
 		sentinel = httpapi.ErrStoreFull
 	case errors.Is(err, storage.ErrOutboxFull):
 		sentinel = httpapi.ErrOutboxFull
+	case errors.Is(err, storage.ErrConsumed):
+		sentinel = httpapi.ErrConsumed
+	case errors.Is(err, storage.ErrConsumeQuota):
+		// The device's tombstones expire with the retention; a minute is
+		// a polite pause, not a promise.
+		return &retryError{mappedError{sentinel: httpapi.ErrRateLimited, cause: err}, consumeQuotaRetry}
 	default:
 		return err
 	}
@@ -92,6 +99,19 @@ type mappedError struct{ sentinel, cause error }
 
 func (e *mappedError) Error() string   { return e.cause.Error() }
 func (e *mappedError) Unwrap() []error { return []error{e.sentinel, e.cause} }
+
+// consumeQuotaRetry is the Retry-After of a consume notice refused for the
+// device's tombstone quota.
+const consumeQuotaRetry = 60 * time.Second
+
+// retryError is a mapped error that says when to try again (httpapi reads
+// RetryAfter for a 429).
+type retryError struct {
+	mappedError
+	after time.Duration
+}
+
+func (e *retryError) RetryAfter() time.Duration { return e.after }
 
 func (a apiBackend) Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*httpapi.Claim, error) {
 	return nil, errors.New("node: claims are not wired yet")

@@ -176,6 +176,8 @@ func TestAPIErrorMapping(t *testing.T) {
 		{fmt.Errorf("lookup: %w", ErrUnavailable), httpapi.ErrUnavailable},
 		{fmt.Errorf("budget: %w", storage.ErrStoreFull), httpapi.ErrStoreFull},
 		{fmt.Errorf("node: queue publication: %w", storage.ErrOutboxFull), httpapi.ErrOutboxFull},
+		{fmt.Errorf("put: %w", storage.ErrConsumed), httpapi.ErrConsumed},
+		{fmt.Errorf("node: %w", storage.ErrConsumeQuota), httpapi.ErrRateLimited},
 		{validation, nil},
 		{other, nil},
 		{storage.ErrClosed, nil},
@@ -190,7 +192,7 @@ func TestAPIErrorMapping(t *testing.T) {
 		if !errors.Is(got, tc.want) || !errors.Is(got, tc.err) || got.Error() != tc.err.Error() {
 			t.Errorf("%v: got %v, want %v wrapping the cause", tc.err, got, tc.want)
 		}
-		for _, s := range []error{httpapi.ErrStale, httpapi.ErrNotFound, httpapi.ErrStoreFull, httpapi.ErrOutboxFull} {
+		for _, s := range []error{httpapi.ErrStale, httpapi.ErrNotFound, httpapi.ErrStoreFull, httpapi.ErrOutboxFull, httpapi.ErrConsumed, httpapi.ErrRateLimited} {
 			if s != tc.want && errors.Is(got, s) {
 				t.Errorf("%v: also matches %v", tc.err, s)
 			}
@@ -198,6 +200,12 @@ func TestAPIErrorMapping(t *testing.T) {
 	}
 	if apiError(nil) != nil {
 		t.Error("nil mapped to an error")
+	}
+	// A consume notice over the device's tombstone quota says when to try
+	// again (the API's Retry-After of its 429).
+	var ra interface{ RetryAfter() time.Duration }
+	if err := apiError(storage.ErrConsumeQuota); !errors.As(err, &ra) || ra.RetryAfter() != time.Minute {
+		t.Errorf("consume quota: %v carries no one-minute RetryAfter", err)
 	}
 }
 

@@ -274,6 +274,8 @@ type Node struct {
 	outboxWake chan struct{}
 	// peering paces the searches for holders of a shard (peering.go).
 	peering shardPeering
+	// limits are the notice rate limits on gossip (notices.go).
+	limits *noticeLimits
 
 	// runCtx is the node's lifetime: derived by Start from no caller's
 	// context, cancelled by Close. Every goroutine the node starts runs
@@ -366,7 +368,8 @@ func New(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("node: %w", err)
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger, store: store, registry: prometheus.NewRegistry(), identity: identity,
-		netID: cfg.Constants().NetworkID(cfg.Network), outbox: outbox, outboxWake: make(chan struct{}, 1)}
+		netID: cfg.Constants().NetworkID(cfg.Network), outbox: outbox, outboxWake: make(chan struct{}, 1),
+		limits: newNoticeLimits(defaultNoticeRates, nil)}
 	n.guard = newPeerGuard(cfg.Logger.With("component", "peerguard"), n.registry, cfg.Now)
 	if cfg.Gater != nil {
 		if err := cfg.Gater.bind(n.guard); err != nil {

@@ -196,8 +196,11 @@ func (n *Node) outboxAttempt(ctx context.Context, e *storage.OutboxEntry, holder
 
 // gossipEntry publishes a record on its topic.
 func (n *Node) gossipEntry(ctx context.Context, e *storage.OutboxEntry) error {
-	if e.Kind == storage.OutboxAccount {
+	switch e.Kind {
+	case storage.OutboxAccount:
 		return n.gossip.PublishAccount(ctx, &protocol.AccountBundle{AccountPub: e.Key, Payload: e.Payload, Signature: e.Signature}, e.UpdatedAtMS)
+	case storage.OutboxConsume:
+		return n.gossip.PublishConsume(ctx, &protocol.ConsumeNotice{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature})
 	}
 	return n.gossip.PublishBundle(ctx, &protocol.Bundle{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature})
 }
@@ -207,9 +210,12 @@ func (n *Node) gossipEntry(ctx context.Context, e *storage.OutboxEntry) error {
 // clock window) is kept.
 func (n *Node) outboxValid(e *storage.OutboxEntry) error {
 	var err error
-	if e.Kind == storage.OutboxAccount {
+	switch e.Kind {
+	case storage.OutboxAccount:
 		_, err = n.cfg.Policy.ValidateAccount(&protocol.AccountBundle{AccountPub: e.Key, Payload: e.Payload, Signature: e.Signature})
-	} else {
+	case storage.OutboxConsume:
+		_, err = n.cfg.Policy.ValidateConsume(&protocol.ConsumeNotice{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature}, n.cfg.Now())
+	default:
 		_, err = n.cfg.Policy.ValidateBundle(&protocol.Bundle{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature}, n.cfg.Now())
 	}
 	var ve *protocol.ValidationError
@@ -222,7 +228,11 @@ func (n *Node) outboxValid(e *storage.OutboxEntry) error {
 // outboxHeld asks up to outboxHoldersAsked holders whether they have the
 // entry's record: for a bundle, the same KeyPackage (ref) with the same or
 // a newer signed timestamp among the device's bundles; for an account
-// bundle, the same one or one that supersedes it. A holder that cannot be
+// bundle, the same one or one that supersedes it; for a consume notice,
+// that none of the refs it names is among the device's bundles (fetch
+// cannot ask for a notice: a holder that never had the bundles confirms it
+// too, and then learns the notice from the other holders by sync, or
+// refuses the bundles when it gets the notice). A holder that cannot be
 // asked is skipped.
 func (n *Node) outboxHeld(ctx context.Context, e *storage.OutboxEntry, holders []peer.ID) (bool, error) {
 	var lastErr error = fetch.ErrNoRecord
@@ -256,6 +266,9 @@ func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry)
 		same := a.Signature == e.Signature && string(a.Payload) == string(e.Payload)
 		return same || protocol.AccountSupersedes(a.Lamport, a.Payload, mine, e.Payload), nil
 	}
+	if e.Kind == storage.OutboxConsume {
+		return n.holderConsumed(ctx, p, e)
+	}
 	ts, kp, err := protocol.SplitBundlePayload(e.Payload)
 	if err != nil {
 		return false, err
@@ -274,4 +287,35 @@ func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry)
 		}
 	}
 	return false, nil
+}
+
+// holderConsumed reports whether holder p lists none of the refs a consume
+// entry names among the device's bundles (refs computed as this node's
+// policy computes them; a bundle that does not validate here is skipped).
+func (n *Node) holderConsumed(ctx context.Context, p peer.ID, e *storage.OutboxEntry) (bool, error) {
+	_, refs, err := protocol.DecodeConsumePayload(e.Payload)
+	if err != nil {
+		return false, err
+	}
+	named := make(map[protocol.Ref]bool, len(refs))
+	for _, r := range refs {
+		named[r] = true
+	}
+	resp, err := n.fetchClient.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: e.Key[:]})
+	if errors.Is(err, fetch.ErrNoRecord) {
+		return true, nil
+	} else if err != nil {
+		return false, err
+	}
+	now := n.cfg.Now()
+	for _, m := range resp.Bundles {
+		b, err := pb.ToBundle(m)
+		if err != nil || b.DeviceID != e.Key {
+			continue
+		}
+		if info, err := n.cfg.Policy.ValidateBundle(b, now); err == nil && named[info.Ref] {
+			return false, nil
+		}
+	}
+	return true, nil
 }

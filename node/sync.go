@@ -40,8 +40,8 @@ func startSync(ctx context.Context, n *Node, h host.Host) (*kpsync.Service, erro
 	return s, nil
 }
 
-// SyncNow reconciles shard's bundle and account sets with peer p now and
-// returns how many records it stored (operators' tools and tests).
+// SyncNow reconciles shard's bundle, account and notice sets with peer p
+// now and returns how many records it stored (operators' tools and tests).
 func (n *Node) SyncNow(ctx context.Context, p peer.ID, shard int) (int, error) {
 	return n.sync.SyncNow(ctx, p, shard)
 }

@@ -34,6 +34,10 @@ type OutboxKind byte
 const (
 	OutboxBundle  OutboxKind = 'b'
 	OutboxAccount OutboxKind = 'a'
+	// OutboxConsume: a consume notice (Key is its device_id). Claim
+	// notices are never queued: they are best-effort gossip, and a node
+	// claims only for shards it holds.
+	OutboxConsume OutboxKind = 'c'
 )
 
 // OutboxEntry is one pending publication.
@@ -78,7 +82,7 @@ func decodeOutboxValue(e *OutboxEntry, v []byte) error {
 		return fmt.Errorf("%w: outbox value of %d bytes", errCorrupt, len(v))
 	}
 	e.Kind = OutboxKind(v[1])
-	if e.Kind != OutboxBundle && e.Kind != OutboxAccount {
+	if e.Kind != OutboxBundle && e.Kind != OutboxAccount && e.Kind != OutboxConsume {
 		return fmt.Errorf("%w: outbox kind %d", errCorrupt, v[1])
 	}
 	e.Attempts = binary.BigEndian.Uint32(v[2:])
@@ -191,7 +195,7 @@ func (o *Outbox) Len() int {
 // is not queued again; its existing entry is made due now. A full outbox
 // (entries or bytes) is ErrOutboxFull.
 func (o *Outbox) Add(ctx context.Context, e *OutboxEntry) error {
-	if e.Kind != OutboxBundle && e.Kind != OutboxAccount {
+	if e.Kind != OutboxBundle && e.Kind != OutboxAccount && e.Kind != OutboxConsume {
 		return fmt.Errorf("storage: outbox kind %d", e.Kind)
 	}
 	id := outboxID(e.Kind, e.Key, e.Signature)

@@ -24,6 +24,12 @@ func FuzzGossipMessage(f *testing.F) {
 		AccountPub: make([]byte, 32), Payload: []byte("x"), Signature: make([]byte, 64), UpdatedAtMs: 1}}})
 	f.Add(seed)
 	f.Add([]byte{0xff, 0xff})
+	seed, _ = proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Claim{Claim: &pb.ClaimNotice{
+		NodeKey: make([]byte, 32), Payload: protocol.ClaimPayload(1, protocol.Key{}, protocol.Ref{}), Signature: make([]byte, 64)}}})
+	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.GossipMessage{Body: &pb.GossipMessage_Consume{Consume: &pb.ConsumeNotice{
+		DeviceId: make([]byte, 32), Payload: protocol.ConsumePayload(1, []protocol.Ref{{}}), Signature: make([]byte, 64)}}})
+	f.Add(seed)
 	v := &validator{self: "self", shards: testShards, ing: &fixedIngester{outcome: storage.Stored}, log: discard}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		const shard = 0
@@ -42,8 +48,22 @@ func FuzzGossipMessage(f *testing.F) {
 				t.Fatal("accepted a bundle with wrong sizes")
 			}
 		}
-		if want := err == nil && protocol.Shard(b.DeviceID, testShards) == shard; (bv == ingest.Accept) != want {
-			t.Fatalf("bundle validator: %v, want accept %v", bv, want)
+		want := err == nil && protocol.Shard(b.DeviceID, testShards) == shard
+		if c, err := pb.ToClaim(gm.GetClaim()); err == nil {
+			if len(gm.GetClaim().NodeKey) != 32 || len(gm.GetClaim().Signature) != 64 {
+				t.Fatal("accepted a claim notice with wrong sizes")
+			}
+			_, dev, _, lerr := protocol.DecodeClaimPayload(c.Payload)
+			want = lerr == nil && protocol.Shard(dev, testShards) == shard
+		}
+		if c, err := pb.ToConsume(gm.GetConsume()); err == nil {
+			if len(gm.GetConsume().DeviceId) != 32 || len(gm.GetConsume().Signature) != 64 {
+				t.Fatal("accepted a consume notice with wrong sizes")
+			}
+			want = protocol.Shard(c.DeviceID, testShards) == shard
+		}
+		if (bv == ingest.Accept) != want {
+			t.Fatalf("bundle topic's validator: %v, want accept %v", bv, want)
 		}
 		a, err := pb.ToAccount(gm.GetAccount())
 		if err == nil {

@@ -1,8 +1,8 @@
-// Package gossip is kpnode's gossipsub layer: a bundle topic and an account
-// topic per shard, validators that put every message through the node's
-// ingest path and map the result with ingest.VerdictOf, peer scoring, and
-// the budgets that bound what a peer can make a node hold (protocol/README.md,
-// "Gossip"). It depends on a libp2p host, an ingest.Ingester and the node's
+// Package gossip is kpnode's gossipsub layer: a bundle topic (bundles, claim
+// and consume notices) and an account topic per shard, validators that put
+// every message through the node's ingest path and map the result with
+// ingest.VerdictOf, peer scoring, and the budgets that bound what a peer
+// can make a node hold and check (protocol/README.md, "Gossip"). It depends on a libp2p host, an ingest.Ingester and the node's
 // peer guard (Guard), never on the node itself.
 package gossip
 
@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	keyed "github.com/kpnode/kpnode/node/internal/bucket"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
@@ -71,6 +72,24 @@ const (
 	DefaultMinCharge = 1 << 10
 	// DefaultValidatorTimeout bounds one validation.
 	DefaultValidatorTimeout = 5 * time.Second
+	// DefaultNoticeBurst and DefaultNoticeRate are each forwarding peer's
+	// budget of claim and consume notices (counted before any signature
+	// work): far above what honest claims on the shards two nodes share
+	// produce, far below what the validators can check.
+	DefaultNoticeBurst = 500
+	DefaultNoticeRate  = 100
+)
+
+// The origin flood budget: a claim notice over its origin's claim rate for
+// its device (ingest.ErrClaimRate) forwarded by that origin itself costs it
+// a strike; strikes come back at floodRate a second, up to floodBurst, and
+// a notice that finds none left is Rejected. An honest node holds its
+// claims to that rate itself, so only gossip's jitter ever costs it one.
+const (
+	floodBurst = 40
+	floodRate  = 1
+	// maxNoticePeers bounds the peers whose notice budgets are kept.
+	maxNoticePeers = 4096
 )
 
 // Errors.
@@ -105,6 +124,10 @@ type Config struct {
 	PeerBurst, PeerRate, MinCharge int
 	// ValidatorTimeout bounds one validation.
 	ValidatorTimeout time.Duration
+	// NoticeBurst and NoticeRate are each forwarding peer's budget of
+	// claim and consume notices: NoticeBurst at once, refilled at
+	// NoticeRate a second. A notice over it is Ignored.
+	NoticeBurst, NoticeRate int
 	// Logger receives the service's logs. Default slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the gossip metrics
@@ -123,7 +146,7 @@ type Config struct {
 // Shards are the caller's.
 func DefaultConfig() Config {
 	return Config{PeerBurst: DefaultPeerBurst, PeerRate: DefaultPeerRate, MinCharge: DefaultMinCharge,
-		ValidatorTimeout: DefaultValidatorTimeout}
+		ValidatorTimeout: DefaultValidatorTimeout, NoticeBurst: DefaultNoticeBurst, NoticeRate: DefaultNoticeRate}
 }
 
 func (c *Config) setDefaults() {
@@ -139,6 +162,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.ValidatorTimeout == 0 {
 		c.ValidatorTimeout = d.ValidatorTimeout
+	}
+	if c.NoticeBurst == 0 {
+		c.NoticeBurst = d.NoticeBurst
+	}
+	if c.NoticeRate == 0 {
+		c.NoticeRate = d.NoticeRate
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -162,8 +191,8 @@ func (c Config) Validate() error {
 	if c.PeerBurst < MaxRPC {
 		return fmt.Errorf("gossip: peer burst %d is under one RPC at the size cap (%d bytes)", c.PeerBurst, MaxRPC)
 	}
-	if c.PeerRate <= 0 || c.MinCharge <= 0 || c.ValidatorTimeout <= 0 {
-		return errors.New("gossip: peer rate, minimum charge and validator timeout must be positive")
+	if c.PeerRate <= 0 || c.MinCharge <= 0 || c.ValidatorTimeout <= 0 || c.NoticeBurst <= 0 || c.NoticeRate <= 0 {
+		return errors.New("gossip: peer rate, minimum charge, validator timeout and notice budget must be positive")
 	}
 	return nil
 }
@@ -210,7 +239,9 @@ func New(cfg Config, h host.Host, ing ingest.Ingester, guard Guard) (*Service, e
 	return &Service{
 		cfg: cfg, host: h, guard: guard, log: log, metrics: m,
 		budget: newInboundBudget(cfg.PeerBurst, cfg.PeerRate, cfg.MinCharge, m, cfg.Now),
-		valid:  &validator{self: h.ID(), shards: cfg.Shards.Count(), ing: ing, log: log},
+		valid: &validator{self: h.ID(), shards: cfg.Shards.Count(), ing: ing, log: log, metrics: m,
+			notices: keyed.New[peer.ID](maxNoticePeers, float64(cfg.NoticeRate), float64(cfg.NoticeBurst), cfg.Now),
+			floods:  keyed.New[peer.ID](maxNoticePeers, floodRate, floodBurst, cfg.Now)},
 	}, nil
 }
 
@@ -404,6 +435,37 @@ func (s *Service) PublishAccount(ctx context.Context, a *protocol.AccountBundle,
 		return fmt.Errorf("gossip: encode: %w", err)
 	}
 	return s.accounts[protocol.Shard(a.AccountPub, len(s.accounts))].Publish(ctx, data)
+}
+
+// PublishClaim gossips a claim notice the node has signed and stored, on
+// its device's shard (the bundle topic). Claim notices are best-effort:
+// sync spreads what gossip loses.
+func (s *Service) PublishClaim(ctx context.Context, n *protocol.ClaimNotice) error {
+	if s.bundles == nil {
+		return ErrNotStarted
+	}
+	_, dev, _, err := protocol.DecodeClaimPayload(n.Payload)
+	if err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	return s.publishNotice(ctx, dev, &pb.GossipMessage{Body: &pb.GossipMessage_Claim{Claim: pb.FromClaim(n)}})
+}
+
+// PublishConsume gossips a consume notice the node has validated and
+// applied, on its device's shard (the bundle topic).
+func (s *Service) PublishConsume(ctx context.Context, n *protocol.ConsumeNotice) error {
+	if s.bundles == nil {
+		return ErrNotStarted
+	}
+	return s.publishNotice(ctx, n.DeviceID, &pb.GossipMessage{Body: &pb.GossipMessage_Consume{Consume: pb.FromConsume(n)}})
+}
+
+func (s *Service) publishNotice(ctx context.Context, dev protocol.Key, gm *pb.GossipMessage) error {
+	data, err := proto.Marshal(gm)
+	if err != nil {
+		return fmt.Errorf("gossip: encode: %w", err)
+	}
+	return s.bundles[protocol.Shard(dev, len(s.bundles))].Publish(ctx, data)
 }
 
 // BundleTopic returns shard's bundle topic (nil before Start or for a shard

@@ -16,6 +16,7 @@ type metrics struct {
 	verdicts    *prometheus.CounterVec
 	dropped     *prometheus.CounterVec
 	rpcsRefused *prometheus.CounterVec
+	notices     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -26,8 +27,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Gossip messages or RPCs dropped by a full queue (where: outbound, validation, subscription)."}, []string{"where"}),
 		rpcsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_gossip_rpcs_refused_total",
 			Help: "Inbound gossipsub RPCs refused before decoding, by reason (too_large, malformed); the sender is cut off."}, []string{"reason"}),
+		notices: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_gossip_notices_refused_total",
+			Help: "Claim and consume notices refused by the gossip notice budgets, by reason (peer_budget: Ignored, the forwarding peer over its notice budget; origin_flood: Rejected, a claim notice's origin forwarding its own notices far over its claim rate)."}, []string{"reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.verdicts, m.dropped, m.rpcsRefused} {
+	for _, c := range []prometheus.Collector{m.verdicts, m.dropped, m.rpcsRefused, m.notices} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -41,6 +44,13 @@ func (m *metrics) verdict(v ingest.Verdict) { m.verdicts.WithLabelValues(v.Strin
 
 // rpcRefused counts an inbound RPC refused before decoding, by reason.
 func (m *metrics) rpcRefused(reason string) { m.rpcsRefused.WithLabelValues(reason).Inc() }
+
+// noticeRefused counts a notice refused by a notice budget, by reason.
+func (m *metrics) noticeRefused(reason string) {
+	if m != nil {
+		m.notices.WithLabelValues(reason).Inc()
+	}
+}
 
 // dropTracer counts the drops gossipsub otherwise makes silently.
 type dropTracer struct{ m *metrics }

@@ -138,7 +138,7 @@ func TestConfigValidate(t *testing.T) {
 	}
 	zero := Config{NetworkID: "test/x", Shards: protocol.AllShards(testShards)}
 	zero.setDefaults()
-	if err := zero.Validate(); err != nil || zero.PeerBurst != DefaultPeerBurst || zero.Logger == nil || zero.Registerer == nil || zero.Now == nil {
+	if err := zero.Validate(); err != nil || zero.PeerBurst != DefaultPeerBurst || zero.NoticeBurst != DefaultNoticeBurst || zero.Logger == nil || zero.Registerer == nil || zero.Now == nil {
 		t.Fatalf("defaults: %+v, %v", zero, err)
 	}
 	for name, mutate := range map[string]func(*Config){
@@ -148,6 +148,8 @@ func TestConfigValidate(t *testing.T) {
 		"negative rate":              func(c *Config) { c.PeerRate = -1 },
 		"negative minimum charge":    func(c *Config) { c.MinCharge = -1 },
 		"negative validator timeout": func(c *Config) { c.ValidatorTimeout = -time.Second },
+		"negative notice burst":      func(c *Config) { c.NoticeBurst = -1 },
+		"negative notice rate":       func(c *Config) { c.NoticeRate = -1 },
 	} {
 		c := ok
 		mutate(&c)

@@ -3,14 +3,17 @@ package gossip
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"log/slog"
 
 	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	keyed "github.com/kpnode/kpnode/node/internal/bucket"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -35,32 +38,140 @@ func decode(data []byte) (*pb.GossipMessage, error) {
 
 // validator decides what a message on a shard's topic is worth. It needs
 // no router: the verdict depends on the message's bytes and the ingest
-// path's result only, mapped by ingest.VerdictOf.
+// path's result only, mapped by ingest.VerdictOf, save for the notice
+// budgets (the forwarding peer's, and a claim notice's origin forwarding
+// notices far over its rate).
 type validator struct {
 	self   peer.ID // this node: its own messages were ingested before they were published
 	shards int     // the network's shard count
 	ing    ingest.Ingester
 	log    *slog.Logger
+	// notices is each forwarding peer's budget of notices (nil: none);
+	// floods is each origin's budget of claim notices it forwarded itself
+	// over its claim rate (nil: never Reject for it).
+	notices *keyed.Keyed[peer.ID]
+	floods  *keyed.Keyed[peer.ID]
+	metrics *metrics // nil counts nothing
 }
 
-// bundle validates a message of shard's bundle topic.
+// bundle validates a message of shard's bundle topic: a bundle, a claim
+// notice or a consume notice.
 func (v *validator) bundle(ctx context.Context, shard int, from peer.ID, data []byte) ingest.Verdict {
 	if from == v.self {
 		return ingest.Accept // validated and stored before publishing
 	}
-	outcome, err := v.ingestBundle(ctx, shard, data)
+	gm, err := decode(data)
+	if err != nil {
+		return v.refused(from, shard, "message", ingest.VerdictOf(0, err), err)
+	}
+	var outcome storage.PutOutcome
+	kind := "bundle"
+	switch body := gm.Body.(type) {
+	case *pb.GossipMessage_Claim:
+		return v.claim(ctx, shard, from, body.Claim)
+	case *pb.GossipMessage_Consume:
+		kind = "consume notice"
+		outcome, err = v.ingestConsume(ctx, shard, from, body.Consume)
+	default:
+		outcome, err = v.ingestBundle(ctx, shard, gm)
+	}
 	verdict := ingest.VerdictOf(outcome, err)
 	if err != nil {
-		v.log.Debug("gossip: bundle refused", "from", from, "shard", shard, "verdict", verdict, "err", err)
+		return v.refused(from, shard, kind, verdict, err)
 	}
 	return verdict
 }
 
-func (v *validator) ingestBundle(ctx context.Context, shard int, data []byte) (storage.PutOutcome, error) {
-	gm, err := decode(data)
+// refused logs a refused message and returns its verdict.
+func (v *validator) refused(from peer.ID, shard int, kind string, verdict ingest.Verdict, err error) ingest.Verdict {
+	v.log.Debug("gossip: "+kind+" refused", "from", from, "shard", shard, "verdict", verdict, "err", err)
+	return verdict
+}
+
+// chargeNotice takes one notice from the forwarding peer's budget.
+func (v *validator) chargeNotice(from peer.ID) error {
+	if v.notices == nil || v.notices.Take(from, 1) {
+		return nil
+	}
+	v.metrics.noticeRefused("peer_budget")
+	return fmt.Errorf("gossip: peer %s: %w", from, ingest.ErrNoticeRate)
+}
+
+// claim validates a claim notice. Its device (and so its shard) is read
+// from the payload's layout before any signature work; a notice over the
+// forwarder's budget is Ignored before any either. A notice over its
+// origin's claim rate for the device is Ignored, and Rejected once the
+// origin, forwarding its own notices, has kept going far over it (an
+// honest node holds its claims to that rate itself).
+func (v *validator) claim(ctx context.Context, shard int, from peer.ID, m *pb.ClaimNotice) ingest.Verdict {
+	n, err := pb.ToClaim(m)
+	if err == nil {
+		err = claimShard(n, shard, v.shards)
+	}
+	if err == nil {
+		err = v.chargeNotice(from)
+	}
+	var outcome storage.PutOutcome
+	if err == nil {
+		outcome, _, err = v.ing.IngestClaim(ctx, n, ingest.SourceGossip)
+	}
+	verdict := ingest.VerdictOf(outcome, err)
+	if errors.Is(err, ingest.ErrClaimRate) && v.floods != nil && isOrigin(from, n.NodeKey) && !v.floods.Take(from, 1) {
+		v.metrics.noticeRefused("origin_flood")
+		verdict = ingest.Reject
+	}
+	if err != nil {
+		return v.refused(from, shard, "claim notice", verdict, err)
+	}
+	return verdict
+}
+
+// claimShard checks a claim notice's layout (its length, then the device
+// in it) against the topic's shard, without signature work.
+func claimShard(n *protocol.ClaimNotice, shard, shards int) error {
+	if len(n.Payload) != protocol.ClaimPayloadSize {
+		return &protocol.ValidationError{Rule: protocol.RuleClaimNoticeLength, Field: "payload",
+			Detail: fmt.Sprintf("claim notice payload must be %d bytes, got %d", protocol.ClaimPayloadSize, len(n.Payload))}
+	}
+	_, dev, _, err := protocol.DecodeClaimPayload(n.Payload)
+	if err != nil {
+		return &protocol.ValidationError{Rule: protocol.RuleClaimLayout, Field: "payload", Detail: err.Error(), Err: err}
+	}
+	if got := protocol.Shard(dev, shards); got != shard {
+		return fmt.Errorf("%w: claim notice of device %s, in shard %d, not %d", protocol.ErrMalformed, dev, got, shard)
+	}
+	return nil
+}
+
+// isOrigin reports whether peer p is the node whose identity key is key.
+func isOrigin(p peer.ID, key protocol.Key) bool {
+	pub, err := crypto.UnmarshalEd25519PublicKey(key[:])
+	if err != nil {
+		return false
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	return err == nil && id == p
+}
+
+func (v *validator) ingestConsume(ctx context.Context, shard int, from peer.ID, m *pb.ConsumeNotice) (storage.PutOutcome, error) {
+	n, err := pb.ToConsume(m)
 	if err != nil {
 		return 0, err
 	}
+	if got := protocol.Shard(n.DeviceID, v.shards); got != shard {
+		return 0, fmt.Errorf("%w: consume notice of device %s, in shard %d, not %d", protocol.ErrMalformed, n.DeviceID, got, shard)
+	}
+	if err := v.chargeNotice(from); err != nil {
+		return 0, err
+	}
+	outcome, _, err := v.ing.IngestConsume(ctx, n, ingest.SourceGossip)
+	if err != nil {
+		return 0, fmt.Errorf("device %s: %w", n.DeviceID, err)
+	}
+	return outcome, nil
+}
+
+func (v *validator) ingestBundle(ctx context.Context, shard int, gm *pb.GossipMessage) (storage.PutOutcome, error) {
 	b, err := pb.ToBundle(gm.GetBundle())
 	if err != nil {
 		return 0, err

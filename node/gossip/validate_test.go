@@ -249,6 +249,9 @@ func TestGossipValidatorVerdictIsVerdictOf(t *testing.T) {
 	dev := devIn(shard)
 	b := bundleMsg(protocol.SignBundle(dev, ms(time.Now()), []byte("kp")))
 	a := accountMsg(protocol.SignAccount(dev, protocol.EncodeAccountPayload(1, nil)))
+	_, nodeKey, _ := ed25519.GenerateKey(rand.Reader)
+	claim := claimMsg(protocol.SignClaim(nodeKey, ms(time.Now()), protocol.Key(dev.Public().(ed25519.PublicKey)), protocol.Ref{1}))
+	consume := consumeMsg(protocol.SignConsume(dev, ms(time.Now()), []protocol.Ref{{1}}))
 	for _, tc := range []struct {
 		name    string
 		outcome storage.PutOutcome
@@ -265,17 +268,28 @@ func TestGossipValidatorVerdictIsVerdictOf(t *testing.T) {
 		{"stale", 0, storage.ErrStale, ingest.Ignore},
 		{"store full", 0, fmt.Errorf("put: %w", storage.ErrStoreFull), ingest.Ignore},
 		{"local failure", 0, errors.New("disk on fire"), ingest.Ignore},
+		{"ref not held", 0, storage.ErrRefNotHeld, ingest.Ignore},
+		{"consumed", 0, storage.ErrConsumed, ingest.Ignore},
+		{"tombstone quota", 0, storage.ErrConsumeQuota, ingest.Ignore},
+		{"notice rate", 0, ingest.ErrNoticeRate, ingest.Ignore},
+		{"foreign_ref", 0, ve(protocol.RuleForeignRef), ingest.Reject},
+		{"consume_foreign_ref", 0, ve(protocol.RuleConsumeForeignRef), ingest.Ignore},
 	} {
 		if want := ingest.VerdictOf(tc.outcome, tc.err); want != tc.want {
 			t.Fatalf("%s: VerdictOf says %v, the table %v", tc.name, want, tc.want)
 		}
-		for _, kind := range []string{"bundle", "account"} {
+		for _, kind := range []string{"bundle", "account", "claim", "consume"} {
 			ing := &fixedIngester{outcome: tc.outcome, err: tc.err}
 			v := &validator{self: "self", shards: testShards, ing: ing, log: discard}
 			var got ingest.Verdict
-			if kind == "bundle" {
+			switch kind {
+			case "bundle":
 				got = v.bundle(context.Background(), shard, "other", b)
-			} else {
+			case "claim":
+				got = v.bundle(context.Background(), shard, "other", claim)
+			case "consume":
+				got = v.bundle(context.Background(), shard, "other", consume)
+			default:
 				got = v.account(context.Background(), shard, "other", a)
 				if ing.rule != storage.AccountConverge {
 					t.Errorf("%s, %s: account rule %v, want AccountConverge", tc.name, kind, ing.rule)
@@ -321,20 +335,30 @@ func signed(priv ed25519.PrivateKey, msg []byte) (sig [protocol.SignatureSize]by
 	return sig
 }
 
-func (f *fixedIngester) IngestClaim(context.Context, *protocol.ClaimNotice, ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
+func (f *fixedIngester) IngestClaim(_ context.Context, _ *protocol.ClaimNotice, src ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
+	f.calls++
+	f.src = src
 	return f.outcome, protocol.ClaimInfo{}, f.err
 }
 
-func (f *fixedIngester) IngestConsume(context.Context, *protocol.ConsumeNotice, ingest.Source) (storage.PutOutcome, protocol.ConsumeInfo, error) {
+func (f *fixedIngester) IngestConsume(_ context.Context, _ *protocol.ConsumeNotice, src ingest.Source) (storage.PutOutcome, protocol.ConsumeInfo, error) {
+	f.calls++
+	f.src = src
 	return f.outcome, protocol.ConsumeInfo{}, f.err
 }
 
+// IngestClaim is the node's claim path (node.ingestClaim): the policy,
+// then the store, and under strict MLS a ref held under another device is
+// rule foreign_ref.
 func (i *storeIngester) IngestClaim(ctx context.Context, n *protocol.ClaimNotice, _ ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error) {
 	info, err := i.policy.ValidateClaim(n, time.Now())
 	if err != nil {
 		return 0, info, err
 	}
 	o, err := i.store.PutClaim(ctx, n, info)
+	if errors.Is(err, storage.ErrForeignRef) && i.policy.MLS == protocol.MLSStrict {
+		return 0, info, &protocol.ValidationError{Rule: protocol.RuleForeignRef, Field: "payload", Detail: "ref of another device", Err: err}
+	}
 	return o, info, err
 }
 

@@ -9,6 +9,7 @@ package ingest
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -54,6 +55,21 @@ var (
 	ErrNoRecord = errors.New("no record")
 )
 
+// Notice rate limits of the ingest path (gossip only: sync and fetch are
+// bounded by their own budgets, and a notice Ignored on gossip arrives by
+// sync later).
+var (
+	// ErrNoticeRate: a notice from gossip is over a rate limit of its
+	// origin (a claim notice: the claiming node, alone and with the device)
+	// or of its device (a consume notice). Ignore.
+	ErrNoticeRate = errors.New("notice over its rate limit")
+	// ErrClaimRate wraps ErrNoticeRate: a claim notice over its origin's
+	// rate for one device, the rate every honest node holds its own claims
+	// to (with room for gossip's jitter). Gossip Rejects it when the
+	// forwarder is the origin itself and keeps doing it.
+	ErrClaimRate = fmt.Errorf("%w: the origin's claims of the device", ErrNoticeRate)
+)
+
 // Verdict is what a record's ingest result means for the peer that sent it.
 type Verdict int
 
@@ -87,8 +103,14 @@ func (v Verdict) String() string {
 //   - stored, or refreshed (a newer timestamp for a known ref): Accept;
 //   - malformed (protocol.ErrMalformed) or any validation rule but the transient
 //     ones: Reject;
-//   - a transient validation rule (this node's clock and retention),
-//     duplicate, over quota, stale, store full, any other error: Ignore.
+//   - a transient validation rule (this node's clock and retention, and
+//     for consume notices which devices' bundles it holds), duplicate,
+//     over quota, stale, store full, any other error: Ignore;
+//   - a notice naming a bundle this node does not hold
+//     (storage.ErrRefNotHeld) or a consumed one (storage.ErrConsumed), a
+//     device over its tombstone quota (storage.ErrConsumeQuota), a notice
+//     over a rate limit (ErrNoticeRate): Ignore. These depend on what this
+//     node holds and has seen, never on the notice alone.
 func VerdictOf(outcome storage.PutOutcome, err error) Verdict {
 	var ve *protocol.ValidationError
 	switch {
@@ -99,6 +121,9 @@ func VerdictOf(outcome storage.PutOutcome, err error) Verdict {
 		return Reject
 	case errors.Is(err, protocol.ErrMalformed):
 		return Reject
+	case errors.Is(err, storage.ErrRefNotHeld), errors.Is(err, storage.ErrConsumed),
+		errors.Is(err, storage.ErrConsumeQuota), errors.Is(err, ErrNoticeRate):
+		return Ignore // this node's state, not the notice's fault
 	case err != nil:
 		return Ignore
 	case outcome == storage.Stored || outcome == storage.Refreshed:

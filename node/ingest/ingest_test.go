@@ -39,6 +39,7 @@ const (
 	rowRule             // any validation rule except the four transient ones: Reject
 	rowTransient        // the four rules of this node's clock and retention: Ignore
 	rowLocal            // duplicate, over quota, stale, store full, any local failure: Ignore
+	rowNotice           // a notice on a bundle not held or consumed, a tombstone quota, a notice rate: Ignore
 	tableRows
 )
 
@@ -47,9 +48,10 @@ const (
 var rowPhrase = [tableRows]string{
 	rowStored:    "stored, or a newer timestamp for a known ref",
 	rowMalformed: "undecodable, wrong sizes",
-	rowRule:      "any validation rule except the four below",
+	rowRule:      "any validation rule except the five below",
 	rowTransient: "this node's clock and retention",
 	rowLocal:     "duplicate, over quota",
+	rowNotice:    "a notice naming a bundle not held here",
 }
 
 type tableRow struct {
@@ -390,6 +392,52 @@ func TestVerdictTable(t *testing.T) {
 		}},
 		{name: "deadline", row: rowLocal, do: hand(context.DeadlineExceeded)},
 		{name: "a wrapped local error", row: rowLocal, do: hand(fmt.Errorf("store: write: %w", errors.New("input/output error")))},
+		// Notices: the stateless rules (real protocol.Policy), the rules the
+		// node builds from the store's answer, and the store's refusals.
+		{name: "claim_notice_length (real)", row: rowRule, rule: protocol.RuleClaimNoticeLength, do: func() (storage.PutOutcome, error) {
+			n := protocol.SignClaim(dev, r.ms(0), stored.DeviceID, protocol.Ref{1})
+			n.Payload = n.Payload[:len(n.Payload)-1]
+			_, err := r.off.ValidateClaim(&n, r.now)
+			return 0, err
+		}},
+		{name: "claim_layout (real: a signed payload of the right length, another domain)", row: rowRule, rule: protocol.RuleClaimLayout, do: func() (storage.PutOutcome, error) {
+			p := protocol.ClaimPayload(r.ms(0), stored.DeviceID, protocol.Ref{1})
+			p[0] = 'K'
+			n := protocol.ClaimNotice{NodeKey: stored.DeviceID, Payload: p, Signature: [64]byte(ed25519.Sign(dev, p))}
+			_, err := r.off.ValidateClaim(&n, r.now)
+			return 0, err
+		}},
+		{name: "claim notice, forged signature (real)", row: rowRule, rule: protocol.RuleSignature, do: func() (storage.PutOutcome, error) {
+			n := protocol.SignClaim(dev, r.ms(0), stored.DeviceID, protocol.Ref{1})
+			n.Signature[3] ^= 1
+			_, err := r.off.ValidateClaim(&n, r.now)
+			return 0, err
+		}},
+		{name: "foreign_ref (as the node builds it from storage.ErrForeignRef, strict MLS)", row: rowRule, rule: protocol.RuleForeignRef, do: hand(&protocol.ValidationError{
+			Rule: protocol.RuleForeignRef, Field: "payload", Detail: "ref of another device", Err: storage.ErrForeignRef})},
+		{name: "consume_too_large (real)", row: rowRule, rule: protocol.RuleConsumeTooLarge, do: func() (storage.PutOutcome, error) {
+			n := protocol.SignConsume(dev, r.ms(0), make([]protocol.Ref, protocol.MaxConsumeRefs+1))
+			_, err := r.off.ValidateConsume(&n, r.now)
+			return 0, err
+		}},
+		{name: "consume_layout (real: a ref twice)", row: rowRule, rule: protocol.RuleConsumeLayout, do: func() (storage.PutOutcome, error) {
+			n := protocol.SignConsume(dev, r.ms(0), []protocol.Ref{{1}, {1}})
+			_, err := r.off.ValidateConsume(&n, r.now)
+			return 0, err
+		}},
+		{name: "consume notice, timestamp_future (real)", row: rowTransient, rule: protocol.RuleTimestampFuture, do: func() (storage.PutOutcome, error) {
+			n := protocol.SignConsume(dev, r.ms(time.Hour), []protocol.Ref{{1}})
+			_, err := r.off.ValidateConsume(&n, r.now)
+			return 0, err
+		}},
+		{name: "consume_foreign_ref (as the node builds it from storage.ErrForeignRef)", row: rowTransient, rule: protocol.RuleConsumeForeignRef, do: hand(&protocol.ValidationError{
+			Rule: protocol.RuleConsumeForeignRef, Field: "payload", Detail: "names a keypackage of another device", Err: storage.ErrForeignRef})},
+		{name: "claim on a ref not held", row: rowNotice, is: storage.ErrRefNotHeld, do: hand(fmt.Errorf("device x: %w", storage.ErrRefNotHeld))},
+		{name: "claim on a consumed ref", row: rowNotice, is: storage.ErrConsumed, do: hand(storage.ErrConsumed)},
+		{name: "consume over the device's tombstone quota", row: rowNotice, is: storage.ErrConsumeQuota, do: hand(fmt.Errorf("node: %w", storage.ErrConsumeQuota))},
+		{name: "notice over a rate limit", row: rowNotice, is: ingest.ErrNoticeRate, do: hand(fmt.Errorf("claim: %w", ingest.ErrNoticeRate))},
+		{name: "claim notice over its origin's rate for the device (Reject only when the origin forwards it and keeps doing it: the validator decides)", row: rowNotice, is: ingest.ErrNoticeRate, do: hand(ingest.ErrClaimRate)},
+		{name: "claim notice, a ref of another device with MLS off (store's error, not a rule)", row: rowLocal, is: storage.ErrForeignRef, do: hand(storage.ErrForeignRef)},
 	}
 	// Every rule has a case: a rule added to protocol or protocol/mls
 	// without a case here fails, so its verdict is decided, not defaulted.
@@ -401,8 +449,8 @@ func TestVerdictTable(t *testing.T) {
 	for _, m := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(readme[rowTransient].outcome, -1) {
 		transient[protocol.Rule(m[1])] = true
 	}
-	if len(transient) != 4 {
-		t.Fatalf("README's transient row names %d rules, want 4: %q", len(transient), readme[rowTransient].outcome)
+	if len(transient) != 5 {
+		t.Fatalf("README's transient row names %d rules, want 5: %q", len(transient), readme[rowTransient].outcome)
 	}
 	rules := allRules(t)
 	for _, rule := range rules {
@@ -446,7 +494,7 @@ func TestVerdictTable(t *testing.T) {
 			t.Errorf("%s: %v does not wrap %v", c.name, err, c.is)
 		case c.row == rowMalformed && !errors.Is(err, protocol.ErrMalformed):
 			t.Errorf("%s: %v is not ErrMalformed", c.name, err)
-		case c.row == rowStored && c.outcome == 0, c.row == rowLocal && c.outcome == 0 && err == nil:
+		case c.row == rowStored && c.outcome == 0, (c.row == rowLocal || c.row == rowNotice) && c.outcome == 0 && err == nil:
 			t.Errorf("%s: the case names no outcome or error", c.name)
 		}
 		if got, want := ingest.VerdictOf(outcome, err), readme[c.row].verdict; got != want {

@@ -2,6 +2,8 @@ package sync
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"net"
@@ -10,6 +12,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 )
 
@@ -33,10 +36,13 @@ func FuzzSyncRequest(f *testing.F) {
 	seed, _ = proto.Marshal(&pb.SyncRequest{Ranges: []*pb.SyncRange{{Fingerprint: emptyFingerprint}}})
 	f.Add(seed)
 	f.Add([]byte{0xff, 0xff})
+	seed, _ = proto.Marshal(&pb.SyncRequest{Set: pb.SyncRequest_SET_NOTICES, Ranges: []*pb.SyncRange{{Count: 1, Fingerprint: make([]byte, 16)}}})
+	f.Add(seed)
 	s := newSide(f, time.Second)
 	for range 80 {
 		s.putBundles(f, newBundle(0))
 	}
+	s.putNotices(f, 20)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s.pen.reset()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -94,11 +100,29 @@ func FuzzSyncResponse(f *testing.F) {
 	seed, _ = proto.Marshal(&pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK, Truncated: true})
 	f.Add(seed)
 	f.Add([]byte{0x08})
+	dev := keyIn(0)
+	_, nodeKey, _ := ed25519.GenerateKey(rand.Reader)
+	claim := protocol.SignClaim(nodeKey, uint64(time.Now().UnixMilli()), protocol.Key(dev.Public().(ed25519.PublicKey)), protocol.Ref{1})
+	consume := protocol.SignConsume(dev, uint64(time.Now().UnixMilli()), []protocol.Ref{{1}, {2}})
+	seed, _ = proto.Marshal(&pb.SyncResponse{Status: pb.SyncResponse_STATUS_OK,
+		Listings: []*pb.SyncListing{{Ids: []uint64{noticeID(claimNotice(claim)), noticeID(consumeNotice(consume))}}},
+		Notices:  []*pb.Notice{claimNotice(claim), consumeNotice(consume), {}}})
+	f.Add(seed)
 	s := newSide(f, time.Second)
 	for range 10 {
 		s.putBundles(f, newBundle(0))
 	}
+	s.putNotices(f, 5)
 	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, set := range []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_NOTICES} {
+			fuzzInitiator(t, s, set, data)
+		}
+	})
+}
+
+// fuzzInitiator runs one session of FuzzSyncResponse on set.
+func fuzzInitiator(t *testing.T, s *side, set pb.SyncRequest_Set, data []byte) {
+	{
 		s.pen.reset()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		defer cancel()
@@ -121,7 +145,7 @@ func FuzzSyncResponse(f *testing.F) {
 				}
 			}
 		}()
-		in := NewInitiator(s.local, "fuzz", 0, pb.SyncRequest_SET_BUNDLES)
+		in := NewInitiator(s.local, "fuzz", 0, set)
 		err := in.Run(ctx, a)
 		a.Close()
 		if in.npend > maxPending || len(in.queue) > maxSessionRanges {
@@ -137,7 +161,22 @@ func FuzzSyncResponse(f *testing.F) {
 			}
 		}
 		if p := s.pen.list(); errors.Is(err, ErrViolation) != (len(p) == 1) {
-			t.Fatalf("session ended with %v, penalties %v", err, p)
+			t.Fatalf("%v: session ended with %v, penalties %v", set, err, p)
 		}
-	})
+	}
+}
+
+// putNotices stores, for each of count devices in shard 0, two bundles, a
+// claim notice of the first and a consume notice of the second.
+func (s *side) putNotices(t testing.TB, count int) {
+	_, nodeKey, _ := ed25519.GenerateKey(rand.Reader)
+	now := uint64(time.Now().UnixMilli())
+	for range count {
+		dev := keyIn(0)
+		devKey := protocol.Key(dev.Public().(ed25519.PublicKey))
+		b1, b2 := protocol.SignBundle(dev, now, []byte("kp-1")), protocol.SignBundle(dev, now, []byte("kp-2"))
+		s.putBundles(t, b1, b2)
+		s.putClaim(t, protocol.SignClaim(nodeKey, now, devKey, refOf(t, b1)))
+		s.putConsume(t, protocol.SignConsume(dev, now, []protocol.Ref{refOf(t, b2)}))
+	}
 }

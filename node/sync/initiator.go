@@ -3,6 +3,7 @@ package sync
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -336,10 +337,11 @@ func (in *Initiator) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb.S
 			wanted[id] = l.Prefix
 		}
 	}
-	if len(wanted) == 0 && len(resp.Bundles)+len(resp.Accounts) > 0 {
+	if len(wanted) == 0 && len(resp.Bundles)+len(resp.Accounts)+len(resp.Notices) > 0 {
 		return in.violation("unsolicited_record")
 	}
-	if in.kind == storage.BundleSet && len(resp.Accounts) > 0 || in.kind == storage.AccountSet && len(resp.Bundles) > 0 {
+	if in.kind != storage.BundleSet && len(resp.Bundles) > 0 || in.kind != storage.AccountSet && len(resp.Accounts) > 0 ||
+		in.kind != storage.NoticeSet && len(resp.Notices) > 0 {
 		return in.violation("unsolicited_record")
 	}
 	got := map[uint64]bool{}       // wanted IDs answered
@@ -391,6 +393,24 @@ func (in *Initiator) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb.S
 			return err
 		}
 	}
+	for _, m := range resp.Notices {
+		// The item ID comes from the notice's bytes (its layout), before
+		// any signature work: only a wanted notice is verified.
+		key, item, claim, consume, ok := claimedNoticeItem(m)
+		id, err := accept(key, item, ok)
+		if err != nil {
+			return err
+		}
+		var outcome storage.PutOutcome
+		if claim != nil {
+			outcome, _, err = in.l.Ingester.IngestClaim(ctx, claim, ingest.SourceSync)
+		} else {
+			outcome, _, err = in.l.Ingester.IngestConsume(ctx, consume, ingest.SourceSync)
+		}
+		if err := in.noticeOutcome(id, outcome, err, now); err != nil {
+			return err
+		}
+	}
 	if resp.Truncated {
 		if len(got) == 0 {
 			return in.violation("truncated_empty")
@@ -434,6 +454,71 @@ func (in *Initiator) outcome(id uint64, outcome storage.PutOutcome, err error, n
 		in.l.Refused.add(in.kind, id, now)
 	}
 	return nil
+}
+
+// noticeOutcome handles what ingesting a wanted notice gave. A claim whose
+// bundle is not held here is not remembered: the bundle may come later (by
+// the bundle set's next session), and then the claim is wanted again. A
+// device over its tombstone quota is not either: its tombstones expire.
+func (in *Initiator) noticeOutcome(id uint64, outcome storage.PutOutcome, err error, now time.Time) error {
+	var ve *protocol.ValidationError
+	switch {
+	case errors.As(err, &ve):
+		switch ve.Rule {
+		case protocol.RuleKeyNotPoint, protocol.RuleSignature, protocol.RuleClaimNoticeLength, protocol.RuleClaimLayout,
+			protocol.RuleConsumeTooLarge, protocol.RuleConsumeLayout, protocol.RuleForeignRef:
+			// Not signed by its key, or a forgery no honest node stores
+			// (foreign_ref: a claim naming a ref of another device, under
+			// strict MLS; gossip Rejects it too).
+			return in.violation("invalid_record")
+		case protocol.RuleTimestampFuture:
+			// Valid later: pull it again then.
+		default:
+			in.l.Refused.add(in.kind, id, now)
+		}
+	case errors.Is(err, storage.ErrRefNotHeld), errors.Is(err, storage.ErrConsumeQuota):
+	case errors.Is(err, storage.ErrConsumed), errors.Is(err, storage.ErrForeignRef):
+		in.l.Refused.add(in.kind, id, now)
+	case err != nil:
+		return err
+	case outcome == storage.Stored || outcome == storage.Refreshed:
+		in.pulled++
+	case outcome == storage.OverQuota:
+		// The device's tombstone quota: it frees up as tombstones expire.
+	default: // a winning claim of the ref is held
+		in.l.Refused.add(in.kind, id, now)
+	}
+	return nil
+}
+
+// claimedNoticeItem reads a notice's key (its device) and sync item hash
+// from its bytes, without verifying anything, and converts it. ok is false
+// when the notice is empty or its layout cannot be read.
+func claimedNoticeItem(m *pb.Notice) (key protocol.Key, item [32]byte, claim *protocol.ClaimNotice, consume *protocol.ConsumeNotice, ok bool) {
+	switch body := m.GetBody().(type) {
+	case *pb.Notice_Claim:
+		n, err := pb.ToClaim(body.Claim)
+		if err != nil {
+			return key, item, nil, nil, false
+		}
+		ts, dev, ref, err := protocol.DecodeClaimPayload(n.Payload)
+		if err != nil {
+			return key, item, nil, nil, false
+		}
+		return dev, protocol.ClaimItem(protocol.ClaimInfo{TimestampMS: ts, DeviceID: dev, Ref: ref, Hash: protocol.ClaimHash(n)}), n, nil, true
+	case *pb.Notice_Consume:
+		n, err := pb.ToConsume(body.Consume)
+		if err != nil || len(n.Payload) > protocol.MaxConsumePayloadSize {
+			return key, item, nil, nil, false
+		}
+		ts, refs, err := protocol.DecodeConsumePayload(n.Payload)
+		if err != nil {
+			return key, item, nil, nil, false
+		}
+		info := protocol.ConsumeInfo{TimestampMS: ts, Refs: refs, Hash: sha256.Sum256(n.Payload)}
+		return n.DeviceID, protocol.ConsumeItem(n.DeviceID, info), nil, n, true
+	}
+	return key, item, nil, nil, false
 }
 
 // claimedBundleItem computes a bundle's sync item hash from its bytes,

@@ -11,7 +11,7 @@ import (
 // Session pacing per peer. Each peer has a token bucket of sessions: a
 // session takes a token, a token comes back every peerRefill, and the
 // bucket holds at most peerBurst(shards) tokens: enough for the burst of
-// sessions an honest node runs when it connects (two sets of every shard)
+// sessions an honest node runs when it connects (three sets of every shard)
 // and, sustained, one session every peerRefill — several times what the
 // periodic loop needs at the default interval. The initiator paces itself
 // with the same bucket (less two tokens of slack for network jitter), so an
@@ -31,7 +31,7 @@ const (
 	maxTracked = 4096
 )
 
-func peerBurst(shards int) float64 { return float64(2*shards + 4) }
+func peerBurst(shards int) float64 { return float64(3*shards + 4) }
 
 type peerState struct {
 	active      int

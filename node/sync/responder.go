@@ -128,8 +128,7 @@ func (rs *Responder) Run(ctx context.Context, c Conn) error {
 // checkRequest applies the per-request rules; it returns a reason, or "".
 func (rs *Responder) checkRequest(req *pb.SyncRequest) string {
 	shards := rs.l.Shards.Count()
-	if int(req.Shard) >= shards || len(req.Ranges) > maxRanges || len(req.Want) > maxListings ||
-		(req.Set != pb.SyncRequest_SET_BUNDLES && req.Set != pb.SyncRequest_SET_ACCOUNTS) {
+	if int(req.Shard) >= shards || len(req.Ranges) > maxRanges || len(req.Want) > maxListings || !validSet(req.Set) {
 		return ReasonBadRequest
 	}
 	if rs.rounds > 1 && (int(req.Shard) != rs.shard || req.Set != rs.set) {
@@ -358,6 +357,25 @@ func (rs *Responder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.SyncRe
 		for _, id := range l.Ids {
 			ids[id] = true
 		}
+		if kind == storage.NoticeSet {
+			ns, _ := set.NoticesByID(ctx, shard, l.Prefix, ids)
+			if !rs.charge(uint64(len(ns))) {
+				return workSpent()
+			}
+			for _, rec := range ns {
+				if size > responseLimit {
+					resp.Truncated = true
+					break
+				}
+				m, bytes := noticeMsg(rec)
+				if m == nil {
+					continue
+				}
+				resp.Notices = append(resp.Notices, m)
+				size += bytes
+			}
+			continue
+		}
 		if kind == storage.AccountSet {
 			as, _ := set.AccountsByID(ctx, shard, l.Prefix, ids)
 			if !rs.charge(uint64(len(as))) {
@@ -389,4 +407,16 @@ func (rs *Responder) serve(ctx context.Context, req *pb.SyncRequest) (*pb.SyncRe
 		}
 	}
 	return resp, ""
+}
+
+// noticeMsg is a stored notice's wire form and about how many bytes it
+// takes in a response (nil for an empty record).
+func noticeMsg(n *storage.Notice) (*pb.Notice, int) {
+	switch {
+	case n.Claim != nil:
+		return &pb.Notice{Body: &pb.Notice_Claim{Claim: pb.FromClaim(n.Claim)}}, len(n.Claim.Payload) + 120
+	case n.Consume != nil:
+		return &pb.Notice{Body: &pb.Notice_Consume{Consume: pb.FromConsume(n.Consume)}}, len(n.Consume.Payload) + 120
+	}
+	return nil, 0
 }

@@ -335,7 +335,7 @@ func (s *Service) nextInterval() time.Duration {
 // or the next round will.
 func (s *Service) syncPeer(ctx context.Context, p peer.ID, shards []int, wait bool) {
 	for _, shard := range shards {
-		for _, set := range []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_ACCOUNTS} {
+		for _, set := range sets {
 			if ctx.Err() != nil {
 				return
 			}
@@ -353,12 +353,12 @@ func (s *Service) syncPeer(ctx context.Context, p peer.ID, shards []int, wait bo
 	}
 }
 
-// SyncNow reconciles shard's bundle and account sets with peer p now,
-// waiting for a session already running for the shard or with p, and
+// SyncNow reconciles shard's bundle, account and notice sets with peer p
+// now, waiting for a session already running for the shard or with p, and
 // returns how many records it stored (operators' tools and tests).
 func (s *Service) SyncNow(ctx context.Context, p peer.ID, shard int) (int, error) {
 	total := 0
-	for _, set := range []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_ACCOUNTS} {
+	for _, set := range sets {
 		pulled, err := s.syncShard(ctx, p, shard, set, true)
 		total += pulled
 		if err != nil {

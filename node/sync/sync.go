@@ -1,6 +1,6 @@
 // Package sync is kpnode's anti-entropy: range-based set reconciliation of
-// a shard's bundle or account set with one peer (protocol/README.md,
-// "Sync").
+// a shard's bundle, account or notice set with one peer
+// (protocol/README.md, "Sync").
 //
 // A session is an Initiator and a Responder exchanging SyncRequest and
 // SyncResponse messages over a Conn (any byte stream with a deadline: a
@@ -117,6 +117,7 @@ type Set interface {
 	PrefixItems(ctx context.Context, kind storage.SetKind, shard int, prefix []byte) ([][32]byte, error)
 	BundlesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*storage.Bundle, error)
 	AccountsByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*storage.Account, error)
+	NoticesByID(ctx context.Context, shard int, prefix []byte, ids map[uint64]bool) ([]*storage.Notice, error)
 }
 
 var _ Set = (*storage.Store)(nil)
@@ -239,10 +240,23 @@ func (m *Metrics) refused(reason string) {
 }
 
 func setKind(set pb.SyncRequest_Set) storage.SetKind {
-	if set == pb.SyncRequest_SET_ACCOUNTS {
+	switch set {
+	case pb.SyncRequest_SET_ACCOUNTS:
 		return storage.AccountSet
+	case pb.SyncRequest_SET_NOTICES:
+		return storage.NoticeSet
 	}
 	return storage.BundleSet
+}
+
+// sets are the sets a shard's sessions reconcile, in order: notices name
+// bundles (a claim is kept only for a bundle held), so the bundle set goes
+// first.
+var sets = []pb.SyncRequest_Set{pb.SyncRequest_SET_BUNDLES, pb.SyncRequest_SET_ACCOUNTS, pb.SyncRequest_SET_NOTICES}
+
+// validSet reports whether set is one of the three.
+func validSet(set pb.SyncRequest_Set) bool {
+	return set == pb.SyncRequest_SET_BUNDLES || set == pb.SyncRequest_SET_ACCOUNTS || set == pb.SyncRequest_SET_NOTICES
 }
 
 // malformedMsg reports whether a read failed on the message itself (over
