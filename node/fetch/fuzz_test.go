@@ -32,7 +32,7 @@ func FuzzFetchRequest(f *testing.F) {
 		if proto.Unmarshal(data, &req) != nil {
 			return
 		}
-		resp, release := r.srv.serve(t.Context(), &req)
+		resp, release := r.srv.serve(t.Context(), clientID, &req)
 		release()
 		if len(req.Key) != 32 && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
 			t.Fatalf("key of %d bytes answered %v", len(req.Key), resp.Status)
