@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/kpnode/kpnode/node/claim"
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -76,8 +77,10 @@ func apiError(err error) error {
 		sentinel = httpapi.ErrStale
 	case errors.Is(err, storage.ErrNotFound):
 		sentinel = httpapi.ErrNotFound
-	case errors.Is(err, ErrUnavailable):
+	case errors.Is(err, ErrUnavailable), errors.Is(err, claim.ErrUnavailable), errors.Is(err, errNoClaims):
 		sentinel = httpapi.ErrUnavailable
+	case errors.Is(err, claim.ErrRateLimited):
+		sentinel = httpapi.ErrRateLimited
 	case errors.Is(err, storage.ErrStoreFull):
 		sentinel = httpapi.ErrStoreFull
 	case errors.Is(err, storage.ErrOutboxFull):
@@ -114,11 +117,15 @@ type retryError struct {
 func (e *retryError) RetryAfter() time.Duration { return e.after }
 
 func (a apiBackend) Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*httpapi.Claim, error) {
-	return nil, errors.New("node: claims are not wired yet")
+	r, err := a.n.Claim(ctx, requester, device, suite)
+	if err != nil {
+		return nil, apiError(err)
+	}
+	return &httpapi.Claim{Bundle: httpapi.Bundle{Bundle: r.Bundle.Bundle, BundleInfo: r.Bundle.BundleInfo, Claimed: true}, LastResort: r.LastResort}, nil
 }
 
 func (a apiBackend) Count(ctx context.Context, device protocol.Key) (httpapi.ClaimCounts, error) {
-	c, err := a.n.store.ClaimCounts(ctx, device)
+	c, err := a.n.ClaimCounts(ctx, device)
 	if err != nil {
 		return httpapi.ClaimCounts{}, apiError(err)
 	}
