@@ -373,12 +373,18 @@ func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
 		return Result{}, fmt.Errorf("claim: no owned keypackage: %w", storage.ErrNotFound)
 	}
 	if len(others) > 0 {
-		if r, ok := s.askOwners(ctx, req, holders, others); ok {
+		r, ok, empty := s.askOwners(ctx, req, holders, others)
+		if ok {
 			return r, nil
 		}
 		// Every owner asked failed: claim one of theirs here. Two nodes
-		// may then hand out one ref; the store keeps one claim of it.
+		// may then hand out one ref; the store keeps one claim of it. An
+		// owner that answered it owns nothing unclaimed is alive and
+		// knows its refs better: its refs are not taken over.
 		for _, b := range others {
+			if empty[Owner(holders, b.Ref)] {
+				continue
+			}
 			r, won, err := s.claimLocal(ctx, req, b)
 			if err != nil {
 				return Result{}, err
@@ -422,9 +428,12 @@ func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle
 }
 
 // askOwners asks the owners of cands, one distinct owner at a time in the
-// candidates' order, at most MaxOwnersAsked, for a bundle each owns.
-func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (Result, bool) {
+// candidates' order, at most MaxOwnersAsked, for a bundle each owns. It
+// also returns the owners that answered they own nothing unclaimed
+// (NOT_FOUND).
+func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (Result, bool, map[peer.ID]bool) {
 	asked := map[peer.ID]bool{}
+	empty := map[peer.ID]bool{}
 	for _, b := range cands {
 		o := Owner(holders, b.Ref)
 		if asked[o] {
@@ -437,6 +446,10 @@ func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID,
 		octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
 		got, lastResort, n, err := s.cfg.Client.Claim(octx, o, req.Device, req.Suite, true)
 		cancel()
+		if errors.Is(err, ingest.ErrNoRecord) {
+			empty[o] = true
+			continue
+		}
 		if err != nil {
 			s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
 			continue
@@ -452,9 +465,9 @@ func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID,
 			continue
 		}
 		s.observePool(ctx, req.Device)
-		return Result{Bundle: got, Notice: n}, true
+		return Result{Bundle: got, Notice: n}, true, empty
 	}
-	return Result{}, false
+	return Result{}, false, empty
 }
 
 // lastResort hands out the device's latest last-resort bundle, recording
