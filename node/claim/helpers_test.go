@@ -43,7 +43,7 @@ func newClock() *clock {
 	return c
 }
 
-func (c *clock) Now() time.Time           { return time.UnixMilli(c.ms.Add(1)) }
+func (c *clock) Now() time.Time          { return time.UnixMilli(c.ms.Add(1)) }
 func (c *clock) Advance(d time.Duration) { c.ms.Add(d.Milliseconds()) }
 
 // nodeIdentity returns an Ed25519 identity key and its peer ID.
