@@ -1,0 +1,112 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kpnode/kpnode/internal/nodetest"
+	"github.com/kpnode/kpnode/node/claim"
+	"github.com/kpnode/kpnode/node/httpapi"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// Two holders whose gossip topics show each other and a light node beside
+// them: concurrent claims of one device at all three hand out every
+// one-time bundle exactly once (the holders' views agree, so they claim
+// disjoint refs, and the light node's claims run at a holder), and once the
+// pool is used up every node answers not found (the device has no
+// last-resort bundle: opaque key_packages carry none).
+func TestNodeClaimsAcrossHoldersAndLightNode(t *testing.T) {
+	light, _ := lightNode(t, nil)
+	addrs, err := light.P2PAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, h2 := fullNodes(t, addrs)
+	dev := nodetest.SeedKey(70)
+	var device protocol.Key
+	const pool = 24
+	for i := range pool {
+		b := protocol.SignBundle(dev, uint64(time.Now().UnixMilli())-uint64(pool-i), fmt.Appendf(nil, "one-time %d", i))
+		device = b.DeviceID
+		for _, n := range []*Node{h1, h2} {
+			if err := n.SubmitBundle(context.Background(), &b); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	shard := protocol.Shard(device, h1.cfg.Shards.Count())
+	nodetest.WaitFor(t, "the holders' views agree and the light node finds them", 30*time.Second, func() bool {
+		v1, v2 := holderView{h1}.ShardHolders(shard), holderView{h2}.ShardHolders(shard)
+		return len(v1) == 2 && len(v2) == 2 && slices.Contains(v1, h2.PeerID()) && slices.Contains(v2, h1.PeerID()) &&
+			h1.Provided() && h2.Provided() && light.DHTPeers() > 0
+	})
+
+	var mu sync.Mutex
+	handed := map[protocol.Ref]string{}
+	var wg sync.WaitGroup
+	for w, n := range []*Node{h1, h2, light, h1, h2, light} {
+		wg.Go(func() {
+			for i := range pool / 6 {
+				r, err := n.Claim(context.Background(), fmt.Sprintf("client-%d", w), device, 0)
+				if err != nil {
+					t.Errorf("worker %d claim %d: %v", w, i, err)
+					return
+				}
+				mu.Lock()
+				if prev, dup := handed[r.Bundle.Ref]; dup {
+					t.Errorf("ref %s handed out to %s and to worker %d", r.Bundle.Ref, prev, w)
+				}
+				handed[r.Bundle.Ref] = fmt.Sprintf("worker %d", w)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(handed) != pool {
+		t.Fatalf("%d distinct refs handed out, want %d", len(handed), pool)
+	}
+	for _, n := range []*Node{h1, h2, light} {
+		if _, err := n.Claim(context.Background(), "late", device, 0); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("claim at %s after the pool ran out: %v; want not found", n.PeerID(), err)
+		}
+	}
+	for _, n := range []*Node{h1, h2} {
+		if f := nodetest.Scrape(t, n.Handler(), "kpnode_claim_owner_fallbacks_total"); f != 0 {
+			t.Errorf("%s fell back to another owner's refs %v times with both up", n.PeerID(), f)
+		}
+	}
+	// A light node's count comes from a holder.
+	c, err := light.ClaimCounts(context.Background(), device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want1, _ := h1.store.ClaimCounts(context.Background(), device)
+	want2, _ := h2.store.ClaimCounts(context.Background(), device)
+	if c != want1 && c != want2 {
+		t.Fatalf("light node count %+v; want a holder's (%+v or %+v)", c, want1, want2)
+	}
+}
+
+// The API maps the claim service's errors to its sentinels: a rate limit
+// is a 429 that still says when to retry, no holder reachable a 503, a
+// device with nothing usable a 404.
+func TestClaimErrorsMapToTheAPI(t *testing.T) {
+	err := apiError(fmt.Errorf("wrapped: %w", &claim.RateLimitError{Scope: "device", After: 1500 * time.Millisecond}))
+	var ra interface{ RetryAfter() time.Duration }
+	if !errors.Is(err, httpapi.ErrRateLimited) || !errors.As(err, &ra) || ra.RetryAfter() != 1500*time.Millisecond {
+		t.Fatalf("rate limit maps to %v; want httpapi.ErrRateLimited with its RetryAfter", err)
+	}
+	if err := apiError(fmt.Errorf("%w (3 asked)", claim.ErrUnavailable)); !errors.Is(err, httpapi.ErrUnavailable) {
+		t.Fatalf("no holder reachable maps to %v; want httpapi.ErrUnavailable", err)
+	}
+	if err := apiError(fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)); !errors.Is(err, httpapi.ErrNotFound) {
+		t.Fatalf("nothing usable maps to %v; want httpapi.ErrNotFound", err)
+	}
+}
