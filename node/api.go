@@ -5,7 +5,6 @@ import (
 	"errors"
 	"time"
 
-	"github.com/kpnode/kpnode/node/claim"
 	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -77,10 +76,8 @@ func apiError(err error) error {
 		sentinel = httpapi.ErrStale
 	case errors.Is(err, storage.ErrNotFound):
 		sentinel = httpapi.ErrNotFound
-	case errors.Is(err, ErrUnavailable), errors.Is(err, claim.ErrUnavailable), errors.Is(err, errNoClaims):
+	case errors.Is(err, ErrUnavailable):
 		sentinel = httpapi.ErrUnavailable
-	case errors.Is(err, claim.ErrRateLimited):
-		sentinel = httpapi.ErrRateLimited
 	case errors.Is(err, storage.ErrStoreFull):
 		sentinel = httpapi.ErrStoreFull
 	case errors.Is(err, storage.ErrOutboxFull):
@@ -119,7 +116,7 @@ func (e *retryError) RetryAfter() time.Duration { return e.after }
 func (a apiBackend) Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*httpapi.Claim, error) {
 	r, err := a.n.Claim(ctx, requester, device, suite)
 	if err != nil {
-		return nil, apiError(err)
+		return nil, claimAPIError(err)
 	}
 	return &httpapi.Claim{Bundle: httpapi.Bundle{Bundle: r.Bundle.Bundle, BundleInfo: r.Bundle.BundleInfo, Claimed: true}, LastResort: r.LastResort}, nil
 }
@@ -127,7 +124,7 @@ func (a apiBackend) Claim(ctx context.Context, requester string, device protocol
 func (a apiBackend) Count(ctx context.Context, device protocol.Key) (httpapi.ClaimCounts, error) {
 	c, err := a.n.ClaimCounts(ctx, device)
 	if err != nil {
-		return httpapi.ClaimCounts{}, apiError(err)
+		return httpapi.ClaimCounts{}, claimAPIError(err)
 	}
 	return httpapi.ClaimCounts{OneTime: c.OneTime, LastResort: c.LastResort, LastResortHandedOut: c.LastResortHandedOut}, nil
 }

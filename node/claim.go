@@ -12,6 +12,7 @@ import (
 
 	"github.com/kpnode/kpnode/node/claim"
 	"github.com/kpnode/kpnode/node/fetch"
+	"github.com/kpnode/kpnode/node/httpapi"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
 )
@@ -154,4 +155,18 @@ func (n *Node) ClaimCounts(ctx context.Context, device protocol.Key) (storage.Cl
 		return storage.ClaimCounts{}, errNoClaims
 	}
 	return s.Count(ctx, device)
+}
+
+// claimAPIError maps an error of a claim or a count to the httpapi
+// sentinel the API answers by: over a limit is 429 (the cause keeps its
+// RetryAfter), no holder reachable (or no claim service) 503; anything else
+// as apiError.
+func claimAPIError(err error) error {
+	switch {
+	case errors.Is(err, claim.ErrRateLimited):
+		return &mappedError{sentinel: httpapi.ErrRateLimited, cause: err}
+	case errors.Is(err, claim.ErrUnavailable), errors.Is(err, errNoClaims):
+		return &mappedError{sentinel: httpapi.ErrUnavailable, cause: err}
+	}
+	return apiError(err)
 }

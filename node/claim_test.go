@@ -98,15 +98,15 @@ func TestNodeClaimsAcrossHoldersAndLightNode(t *testing.T) {
 // is a 429 that still says when to retry, no holder reachable a 503, a
 // device with nothing usable a 404.
 func TestClaimErrorsMapToTheAPI(t *testing.T) {
-	err := apiError(fmt.Errorf("wrapped: %w", &claim.RateLimitError{Scope: "device", After: 1500 * time.Millisecond}))
+	err := claimAPIError(fmt.Errorf("wrapped: %w", &claim.RateLimitError{Scope: "device", After: 1500 * time.Millisecond}))
 	var ra interface{ RetryAfter() time.Duration }
 	if !errors.Is(err, httpapi.ErrRateLimited) || !errors.As(err, &ra) || ra.RetryAfter() != 1500*time.Millisecond {
 		t.Fatalf("rate limit maps to %v; want httpapi.ErrRateLimited with its RetryAfter", err)
 	}
-	if err := apiError(fmt.Errorf("%w (3 asked)", claim.ErrUnavailable)); !errors.Is(err, httpapi.ErrUnavailable) {
+	if err := claimAPIError(fmt.Errorf("%w (3 asked)", claim.ErrUnavailable)); !errors.Is(err, httpapi.ErrUnavailable) {
 		t.Fatalf("no holder reachable maps to %v; want httpapi.ErrUnavailable", err)
 	}
-	if err := apiError(fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)); !errors.Is(err, httpapi.ErrNotFound) {
+	if err := claimAPIError(fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)); !errors.Is(err, httpapi.ErrNotFound) {
 		t.Fatalf("nothing usable maps to %v; want httpapi.ErrNotFound", err)
 	}
 }
