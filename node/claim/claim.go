@@ -355,19 +355,31 @@ func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
 		return Result{}, fmt.Errorf("claim: candidates: %w", err)
 	}
 	holders := s.holders(shard)
+	// left says how many one-time bundles the device has after a claim,
+	// for kpnode_claim_pool_one_time: the candidates read, less the one
+	// handed out and those found taken meanwhile, when they were all of
+	// them (fewer than the limit, any suite); else the store counts.
+	gone := 0
+	left := func() int {
+		if req.Suite != 0 || len(cands) >= MaxCandidates {
+			return -1
+		}
+		return len(cands) - 1 - gone
+	}
 	var others []*storage.Bundle
 	for _, b := range cands {
 		if Owner(holders, b.Ref) != s.cfg.Self {
 			others = append(others, b)
 			continue
 		}
-		r, won, err := s.claimLocal(ctx, req, b)
+		r, won, err := s.claimLocal(ctx, req, b, left())
 		if err != nil {
 			return Result{}, err
 		}
 		if won {
 			return r, nil
 		}
+		gone++
 	}
 	if req.OwnedOnly {
 		return Result{}, fmt.Errorf("claim: no owned keypackage: %w", storage.ErrNotFound)
@@ -385,7 +397,7 @@ func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
 			if empty[Owner(holders, b.Ref)] {
 				continue
 			}
-			r, won, err := s.claimLocal(ctx, req, b)
+			r, won, err := s.claimLocal(ctx, req, b, -1)
 			if err != nil {
 				return Result{}, err
 			}
@@ -410,8 +422,9 @@ func (s *Service) holders(shard int) []peer.ID {
 }
 
 // claimLocal signs and records a claim notice of b: won when the store
-// had no claim of it (Stored). The notice is then gossiped.
-func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle) (Result, bool, error) {
+// had no claim of it (Stored). The notice is then gossiped, and left (the
+// one-time bundles left, or -1: ask the store) observed.
+func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle, left int) (Result, bool, error) {
 	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
 	outcome, _, err := s.cfg.Ingester.IngestClaim(ctx, &n, req.Source)
 	switch {
@@ -423,7 +436,11 @@ func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle
 		return Result{}, false, nil // another claim holds it
 	}
 	s.publish(ctx, &n)
-	s.observePool(ctx, req.Device)
+	if left >= 0 {
+		s.pool.Observe(float64(left))
+	} else {
+		s.observePool(ctx, req.Device)
+	}
 	return Result{Bundle: b, Notice: &n}, true, nil
 }
 
