@@ -124,3 +124,20 @@ func TestClaimErrorsMapToTheAPI(t *testing.T) {
 		t.Fatalf("nothing usable maps to %v; want httpapi.ErrNotFound", err)
 	}
 }
+
+// The claim limits are Config fields: zero takes the defaults, a negative
+// one is refused.
+func TestConfigClaimLimits(t *testing.T) {
+	cfg := DefaultConfig()
+	if cfg.ClaimRequesterRate != claim.DefaultRequesterRate || cfg.ClaimDeviceBurst != claim.DefaultDeviceBurst {
+		t.Fatalf("defaults: %v/s, burst %d", cfg.ClaimRequesterRate, cfg.ClaimDeviceBurst)
+	}
+	cfg.ClaimRequesterRate, cfg.ClaimDeviceBurst = 0, 0
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("zero limits (the defaults): %v", err)
+	}
+	cfg.ClaimDeviceRate = -1
+	if err := cfg.Validate(); err == nil {
+		t.Fatal("a negative claim rate was accepted")
+	}
+}

@@ -441,3 +441,37 @@ func TestConcurrentClaimsNeverShareARef(t *testing.T) {
 		}
 	}
 }
+
+// Config: defaults fill zero limits and timeouts; missing parts, a key of
+// the wrong size, negative rates and empty limiters are refused.
+func TestConfigValidate(t *testing.T) {
+	c := newCluster(t)
+	n := c.add(1, false, nil)
+	good := n.svc.cfg
+	good.RequesterRate, good.RequesterBurst, good.DeviceRate, good.DeviceBurst = 0, 0, 0, 0
+	good.OwnerTimeout, good.HolderTimeout, good.MaxRequesters, good.MaxDevices = 0, 0, 0, 0
+	if err := good.Validate(); err != nil {
+		t.Fatalf("zero limits take the defaults: %v", err)
+	}
+	d := good.withDefaults()
+	if d.RequesterRate != DefaultRequesterRate || d.RequesterBurst != DefaultRequesterBurst || d.DeviceRate != DefaultDeviceRate ||
+		d.DeviceBurst != DefaultDeviceBurst || d.OwnerTimeout != DefaultOwnerTimeout || d.HolderTimeout != DefaultHolderTimeout {
+		t.Fatalf("defaults %+v", d)
+	}
+	for name, mutate := range map[string]func(*Config){
+		"no store":      func(c *Config) { c.Store = nil },
+		"no client":     func(c *Config) { c.Client = nil },
+		"no publisher":  func(c *Config) { c.Publisher = nil },
+		"no self":       func(c *Config) { c.Self = "" },
+		"short key":     func(c *Config) { c.Key = c.Key[:32] },
+		"negative rate": func(c *Config) { c.DeviceRate = -1 },
+		"negative size": func(c *Config) { c.MaxDevices = -1 },
+		"no shards":     func(c *Config) { c.Shards = protocol.ShardSet{} },
+	} {
+		bad := good
+		mutate(&bad)
+		if err := bad.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
