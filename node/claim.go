@@ -47,7 +47,7 @@ func (n *Node) startClaim(h host.Host) error {
 		Ingester:       nodeIngester{n},
 		View:           holderView{n},
 		Client:         n.fetchClient,
-		Publisher:      claimPublisher{n},
+		Publisher:      n, // Node.PublishClaim: gossip on the device's shard
 		Finder:         n.dht,
 		AddrBook:       h.Peerstore(),
 		Self:           h.ID(),
@@ -97,20 +97,6 @@ func (v holderView) ShardHolders(shard int) []peer.ID {
 		out = append(out, v.n.host.ID())
 	}
 	return out
-}
-
-// claimPublisher gossips claim notices through gossip's PublishClaim.
-//
-// TODO(lead): the notices work package adds gossip.Service.PublishClaim;
-// until it lands this adapter finds it by interface and publishes nothing
-// without it. Once it lands, call n.gossip.PublishClaim directly.
-type claimPublisher struct{ n *Node }
-
-func (p claimPublisher) PublishClaim(ctx context.Context, c *protocol.ClaimNotice) error {
-	if g, ok := any(p.n.gossip).(claim.Publisher); ok && p.n.gossip != nil {
-		return g.PublishClaim(ctx, c)
-	}
-	return nil
 }
 
 // fetchClaimer is the claim service as the fetch server sees it.
