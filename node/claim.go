@@ -57,9 +57,12 @@ func (n *Node) startClaim(h host.Host) error {
 		RequesterBurst: n.cfg.ClaimRequesterBurst,
 		DeviceRate:     n.cfg.ClaimDeviceRate,
 		DeviceBurst:    n.cfg.ClaimDeviceBurst,
-		Now:            n.cfg.Now,
-		Logger:         n.log.With("component", "claim"),
-		Registerer:     n.registry,
+		// Sign no more claim notices than peers accept from one origin.
+		SignRate:   claimOriginRate,
+		SignBurst:  claimOriginBurst,
+		Now:        n.cfg.Now,
+		Logger:     n.log.With("component", "claim"),
+		Registerer: n.registry,
 	})
 	if err != nil {
 		return fmt.Errorf("claim: %w", err)

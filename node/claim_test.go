@@ -136,4 +136,8 @@ func TestConfigClaimLimits(t *testing.T) {
 	if err := cfg.Validate(); err == nil {
 		t.Fatal("a negative claim rate was accepted")
 	}
+	cfg.ClaimDeviceRate = claimOriginDeviceRate + 1
+	if err := cfg.Validate(); err == nil {
+		t.Fatal("a device claim rate over what peers accept of one node's notices was accepted")
+	}
 }

@@ -117,7 +117,9 @@ type Config struct {
 	// ClaimRequesterRate and ClaimRequesterBurst limit the claims of one
 	// requester (API client address, fetch peer), ClaimDeviceRate and
 	// ClaimDeviceBurst those of one target device: token buckets, claims
-	// per second and burst. Zero: the defaults (20/s, burst 40).
+	// per second and burst. Zero: the defaults (20/s, burst 40). The device
+	// limit may not exceed what peers accept of one node's claim notices of
+	// a device on gossip (20/s, burst 60).
 	ClaimRequesterRate, ClaimDeviceRate   float64
 	ClaimRequesterBurst, ClaimDeviceBurst int
 	// PruneInterval is how often expired records are pruned.
@@ -251,6 +253,13 @@ func (c Config) Validate() error {
 	if c.ClaimRequesterRate < 0 || c.ClaimDeviceRate < 0 || c.ClaimRequesterBurst < 0 || c.ClaimDeviceBurst < 0 {
 		return fmt.Errorf("claim limits must not be negative (requester %v/s burst %d, device %v/s burst %d)",
 			c.ClaimRequesterRate, c.ClaimRequesterBurst, c.ClaimDeviceRate, c.ClaimDeviceBurst)
+	}
+	// Peers accept a node's claim notices of one device at most at the
+	// network's rate (claimOriginDeviceRate): a node allowed to claim
+	// faster would see its notices Ignored, and be Rejected far over.
+	if c.ClaimDeviceRate > claimOriginDeviceRate || c.ClaimDeviceBurst > claimOriginDeviceBurst {
+		return fmt.Errorf("the per-device claim limit (%v/s, burst %d) must stay within what peers accept of one node's claim notices of a device (%d/s, burst %d)",
+			c.ClaimDeviceRate, c.ClaimDeviceBurst, claimOriginDeviceRate, claimOriginDeviceBurst)
 	}
 	if err := c.Policy.Validate(); err != nil {
 		return err

@@ -110,4 +110,5 @@ func BenchmarkClaimThroughHolder(b *testing.B) {
 func unlimited(cfg *Config) {
 	cfg.RequesterRate, cfg.RequesterBurst = 1e9, 1e9
 	cfg.DeviceRate, cfg.DeviceBurst = 1e9, 1e9
+	cfg.SignRate, cfg.SignBurst = 1e9, 1e9
 }

@@ -44,6 +44,12 @@ const (
 	// target device, whoever asks.
 	DefaultDeviceRate  = 20
 	DefaultDeviceBurst = 40
+	// DefaultSignRate and DefaultSignBurst limit the claim notices this node
+	// signs, over all devices: the per-origin limit peers apply to a node's
+	// claim notices on gossip (node/notices.go), which an honest node keeps
+	// to so that it is never Rejected for flooding.
+	DefaultSignRate  = 1000
+	DefaultSignBurst = 4000
 	// DefaultMaxRequesters and DefaultMaxDevices bound the rate limiters'
 	// memory: the requesters and devices remembered (LRU).
 	DefaultMaxRequesters = 10_000
@@ -79,8 +85,9 @@ var (
 
 // RateLimitError is a claim refused by a rate limit.
 type RateLimitError struct {
-	// Scope is what was over its limit: "requester", "device", or "holder"
-	// (a holder asked on the requester's behalf refused).
+	// Scope is what was over its limit: "requester", "device", "node"
+	// (the claim notices this node signs), or "holder" (a holder asked on
+	// the requester's behalf refused).
 	Scope string
 	After time.Duration
 }
@@ -162,6 +169,10 @@ type Config struct {
 	// Per requester and per device token buckets: rate per second, burst.
 	RequesterRate, DeviceRate   float64
 	RequesterBurst, DeviceBurst int
+	// SignRate and SignBurst bound the claim notices this node signs, all
+	// devices together; a claim over it is rate limited (scope "node").
+	SignRate  float64
+	SignBurst int
 	// MaxRequesters and MaxDevices bound the keys the limiters remember.
 	MaxRequesters, MaxDevices int
 	// OwnerTimeout bounds one owner-only request, HolderTimeout one request
@@ -197,6 +208,8 @@ func (c Config) withDefaults() Config {
 	setF(&c.DeviceRate, DefaultDeviceRate)
 	setI(&c.RequesterBurst, DefaultRequesterBurst)
 	setI(&c.DeviceBurst, DefaultDeviceBurst)
+	setF(&c.SignRate, DefaultSignRate)
+	setI(&c.SignBurst, DefaultSignBurst)
 	setI(&c.MaxRequesters, DefaultMaxRequesters)
 	setI(&c.MaxDevices, DefaultMaxDevices)
 	setD(&c.OwnerTimeout, DefaultOwnerTimeout)
@@ -222,7 +235,7 @@ func (c Config) Validate() error {
 		return errors.New("claim: the node's Ed25519 identity key is required")
 	case c.Shards.Count() < 1:
 		return protocol.ErrShardCount
-	case c.RequesterRate < 0 || c.DeviceRate < 0 || c.RequesterBurst < 1 || c.DeviceBurst < 1:
+	case c.RequesterRate < 0 || c.DeviceRate < 0 || c.SignRate < 0 || c.RequesterBurst < 1 || c.DeviceBurst < 1 || c.SignBurst < 1:
 		return fmt.Errorf("claim: rate limits must be positive with a burst of at least 1 (requester %v/s burst %d, device %v/s burst %d)",
 			c.RequesterRate, c.RequesterBurst, c.DeviceRate, c.DeviceBurst)
 	case c.MaxRequesters < 1 || c.MaxDevices < 1:
@@ -252,6 +265,7 @@ type Service struct {
 	log        *slog.Logger
 	requesters *limiter[string]
 	devices    *limiter[protocol.Key]
+	signs      *limiter[struct{}]
 
 	claims    *prometheus.CounterVec
 	fallbacks prometheus.Counter
@@ -267,6 +281,7 @@ func New(cfg Config) (*Service, error) {
 	s := &Service{cfg: cfg, log: cfg.Logger,
 		requesters: newLimiter[string](cfg.RequesterRate, cfg.RequesterBurst, cfg.MaxRequesters),
 		devices:    newLimiter[protocol.Key](cfg.DeviceRate, cfg.DeviceBurst, cfg.MaxDevices),
+		signs:      newLimiter[struct{}](cfg.SignRate, cfg.SignBurst, 1),
 		claims: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_claims_total",
 			Help: "Claims served, by outcome (one_time, last_resort, none: nothing usable, limited: over a rate limit)."}, []string{"outcome"}),
 		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_claim_owner_fallbacks_total",
@@ -343,6 +358,14 @@ func (s *Service) limit(requester string, dev protocol.Key) error {
 	}
 	if ok, after := s.devices.allow(dev, now); !ok {
 		return &RateLimitError{Scope: "device", After: after}
+	}
+	return nil
+}
+
+// signBudget takes a token of the node's claim notice budget.
+func (s *Service) signBudget() error {
+	if ok, after := s.signs.allow(struct{}{}, s.cfg.Now()); !ok {
+		return &RateLimitError{Scope: "node", After: after}
 	}
 	return nil
 }
@@ -425,6 +448,9 @@ func (s *Service) holders(shard int) []peer.ID {
 // had no claim of it (Stored). The notice is then gossiped, and left (the
 // one-time bundles left, or -1: ask the store) observed.
 func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle, left int) (Result, bool, error) {
+	if err := s.signBudget(); err != nil {
+		return Result{}, false, err
+	}
 	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
 	outcome, _, err := s.cfg.Ingester.IngestClaim(ctx, &n, req.Source)
 	switch {
@@ -495,6 +521,9 @@ func (s *Service) lastResort(ctx context.Context, req Request) (Result, error) {
 		return Result{}, fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)
 	} else if err != nil {
 		return Result{}, fmt.Errorf("claim: last resort: %w", err)
+	}
+	if err := s.signBudget(); err != nil {
+		return Result{}, err
 	}
 	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
 	outcome, _, err := s.cfg.Ingester.IngestClaim(ctx, &n, req.Source)

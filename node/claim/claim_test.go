@@ -354,6 +354,33 @@ func TestRateLimits(t *testing.T) {
 	}
 }
 
+// A node signs no more claim notices than its sign budget, all devices
+// together (what peers accept from one origin on gossip): past it a claim
+// is rate limited with scope node, and no notice is signed.
+func TestSignBudget(t *testing.T) {
+	c := newCluster(t)
+	a := c.add(1, false, func(cfg *Config) { cfg.SignRate, cfg.SignBurst = 1, 4 })
+	c.agree()
+	var devs []*pool
+	for i := range 5 {
+		p := newPool(t, c.clock, byte(80+i), 1)
+		p.storeIn(t, a)
+		devs = append(devs, p)
+	}
+	for _, p := range devs[:4] {
+		if _, err := claimAt(t, a, "client", p.dev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var rl *RateLimitError
+	if _, err := claimAt(t, a, "client", devs[4].dev); !errors.As(err, &rl) || rl.Scope != "node" {
+		t.Fatalf("5th claim over a sign burst of 4: %v; want a node RateLimitError", err)
+	}
+	if got := a.gossip.published.Load(); got != 4 {
+		t.Fatalf("published %d claim notices, want 4", got)
+	}
+}
+
 // A light node (holding no shard) claims through holders it finds: the
 // holder runs the claim, the light node validates the bundle; counts come
 // from the holder; with no holder reachable the claim is unavailable.
@@ -465,6 +492,7 @@ func TestConfigValidate(t *testing.T) {
 		"no self":       func(c *Config) { c.Self = "" },
 		"short key":     func(c *Config) { c.Key = c.Key[:32] },
 		"negative rate": func(c *Config) { c.DeviceRate = -1 },
+		"negative sign": func(c *Config) { c.SignRate = -1 },
 		"negative size": func(c *Config) { c.MaxDevices = -1 },
 		"no shards":     func(c *Config) { c.Shards = protocol.ShardSet{} },
 	} {
