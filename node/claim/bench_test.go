@@ -71,6 +71,9 @@ func BenchmarkClaimThroughHolder(b *testing.B) {
 	ps := fill(b, c, h, seed, devices, per)
 	ctx := context.Background()
 	b.Run("claim", func(b *testing.B) {
+		// Fresh pools for every run of this sub-benchmark (-count).
+		seed += devices
+		ps = fill(b, c, h, seed, devices, per)
 		var lat []time.Duration
 		i := 0
 		for b.Loop() {
