@@ -141,3 +141,76 @@ func TestConfigClaimLimits(t *testing.T) {
 		t.Fatal("a device claim rate over what peers accept of one node's notices was accepted")
 	}
 }
+
+// Concurrent claims from several requesters on three holders, 10 claims/s
+// per device until each pool of 99 one-time bundles is used up: the share
+// of hand-outs that repeat a ref handed out before stays under 1 % (the
+// issue's bar), and every pool is handed out whole.
+func TestClaimDoubleHandOutRate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a 10 s load")
+	}
+	h1, h2 := fullNodes(t, nil)
+	addrs, _ := h1.P2PAddrs()
+	h3, _ := testNode(t, func(c *Config) { c.Bootstrap = addrs })
+	nodes := []*Node{h1, h2, h3}
+	const devices, per, rate = 4, 99, 10
+	var devs []protocol.Key
+	for d := range devices {
+		key := nodetest.SeedKey(byte(90 + d))
+		for i := range per {
+			b := protocol.SignBundle(key, uint64(time.Now().UnixMilli())-uint64(per-i), fmt.Appendf(nil, "load %d %d", d, i))
+			if i == 0 {
+				devs = append(devs, b.DeviceID)
+			}
+			for _, n := range nodes {
+				if err := n.SubmitBundle(context.Background(), &b); err != nil && !errors.Is(err, storage.ErrConsumed) {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	nodetest.WaitFor(t, "every holder seeing the other two in every device's shard", 30*time.Second, func() bool {
+		for _, n := range nodes {
+			for _, d := range devs {
+				if len(holderView{n}.ShardHolders(protocol.Shard(d, n.cfg.Shards.Count()))) != 3 {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	var mu sync.Mutex
+	handed := map[protocol.Ref]int{}
+	total, failed := 0, 0
+	var wg sync.WaitGroup
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	for k := range per {
+		<-tick.C
+		for d, dev := range devs {
+			n := nodes[(k+d)%3]
+			wg.Go(func() {
+				r, err := n.Claim(context.Background(), fmt.Sprintf("requester-%d", (k+d)%5), dev, 0)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					failed++
+					return
+				}
+				total++
+				handed[r.Bundle.Ref]++
+			})
+		}
+	}
+	wg.Wait()
+	dups := total - len(handed)
+	t.Logf("%d claims over %d devices at %d/s each on 3 holders: %d distinct refs, %d double hand-outs (%.2f %%), %d failed",
+		total+failed, devices, rate, len(handed), dups, 100*float64(dups)/float64(max(total, 1)), failed)
+	if float64(dups) >= 0.01*float64(total) {
+		t.Fatalf("%d of %d hand-outs repeat a ref: over 1 %%", dups, total)
+	}
+	if len(handed) != devices*per || failed != 0 {
+		t.Fatalf("%d distinct refs of %d, %d claims failed; want every pool handed out whole", len(handed), devices*per, failed)
+	}
+}
