@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	dto "github.com/prometheus/client_model/go"
 
@@ -501,5 +502,40 @@ func TestConfigValidate(t *testing.T) {
 		if err := bad.Validate(); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// An owner that takes the request and never answers costs the claim one
+// owner timeout, then the holder falls back.
+func TestStallingOwnerCostsOneTimeout(t *testing.T) {
+	const timeout = 100 * time.Millisecond
+	c := newCluster(t)
+	a, b := c.add(1, false, func(cfg *Config) { cfg.OwnerTimeout = timeout }), c.add(2, false, nil)
+	hs := c.agree()
+	p := newPool(t, c.clock, 61, 12)
+	p.storeIn(t, a)
+	// a's own refs go first; claim them.
+	for _, bd := range p.oneTime {
+		if Owner(hs, bd.Ref) == a.id {
+			mustClaim(t, a, p.dev)
+		}
+	}
+	release := make(chan struct{})
+	defer close(release)
+	a.pipes.Handle(b.id, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		<-release
+	})
+	start := time.Now()
+	r := mustClaim(t, a, p.dev)
+	d := time.Since(start)
+	if Owner(hs, r.Bundle.Ref) != b.id || r.LastResort {
+		t.Fatalf("handed out %s (last_resort=%v); want one of b's, by fallback", r.Bundle.Ref, r.LastResort)
+	}
+	if d < timeout || d > 10*timeout {
+		t.Fatalf("the claim took %v; want about the %v owner timeout", d, timeout)
+	}
+	if got := counter(t, a, "kpnode_claim_owner_fallbacks_total"); got != 1 {
+		t.Fatalf("fallbacks %v, want 1", got)
 	}
 }
