@@ -59,7 +59,7 @@ func (a apiBackend) Account(ctx context.Context, account protocol.Key) (*httpapi
 func (a apiBackend) Status(ctx context.Context) httpapi.Status { return a.n.Status(ctx) }
 
 func apiBundle(b *storage.Bundle) *httpapi.Bundle {
-	return &httpapi.Bundle{Bundle: b.Bundle, BundleInfo: b.BundleInfo}
+	return &httpapi.Bundle{Bundle: b.Bundle, BundleInfo: b.BundleInfo, Claimed: b.Claimed}
 }
 
 // apiError maps an error of the node to the httpapi sentinel the API

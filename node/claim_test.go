@@ -72,6 +72,20 @@ func TestNodeClaimsAcrossHoldersAndLightNode(t *testing.T) {
 	if len(handed) != pool {
 		t.Fatalf("%d distinct refs handed out, want %d", len(handed), pool)
 	}
+	// The API's listing marks what a node handed out as claimed.
+	listed, err := apiBackend{h1}.Bundles(context.Background(), device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	claimed := 0
+	for _, b := range listed {
+		if b.Claimed {
+			claimed++
+		}
+	}
+	if claimed == 0 {
+		t.Fatalf("none of %d bundles listed as claimed after h1 handed some out", len(listed))
+	}
 	for _, n := range []*Node{h1, h2, light} {
 		if _, err := n.Claim(context.Background(), "late", device, 0); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("claim at %s after the pool ran out: %v; want not found", n.PeerID(), err)
