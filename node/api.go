@@ -59,7 +59,7 @@ func (a apiBackend) Account(ctx context.Context, account protocol.Key) (*httpapi
 func (a apiBackend) Status(ctx context.Context) httpapi.Status { return a.n.Status(ctx) }
 
 func apiBundle(b *storage.Bundle) *httpapi.Bundle {
-	return &httpapi.Bundle{Bundle: b.Bundle, BundleInfo: b.BundleInfo}
+	return &httpapi.Bundle{Bundle: b.Bundle, BundleInfo: b.BundleInfo, Claimed: b.Claimed}
 }
 
 // apiError maps an error of the node to the httpapi sentinel the API
@@ -114,13 +114,17 @@ type retryError struct {
 func (e *retryError) RetryAfter() time.Duration { return e.after }
 
 func (a apiBackend) Claim(ctx context.Context, requester string, device protocol.Key, suite uint16) (*httpapi.Claim, error) {
-	return nil, errors.New("node: claims are not wired yet")
+	r, err := a.n.Claim(ctx, requester, device, suite)
+	if err != nil {
+		return nil, claimAPIError(err)
+	}
+	return &httpapi.Claim{Bundle: httpapi.Bundle{Bundle: r.Bundle.Bundle, BundleInfo: r.Bundle.BundleInfo, Claimed: true}, LastResort: r.LastResort}, nil
 }
 
 func (a apiBackend) Count(ctx context.Context, device protocol.Key) (httpapi.ClaimCounts, error) {
-	c, err := a.n.store.ClaimCounts(ctx, device)
+	c, err := a.n.ClaimCounts(ctx, device)
 	if err != nil {
-		return httpapi.ClaimCounts{}, apiError(err)
+		return httpapi.ClaimCounts{}, claimAPIError(err)
 	}
 	return httpapi.ClaimCounts{OneTime: c.OneTime, LastResort: c.LastResort, LastResortHandedOut: c.LastResortHandedOut}, nil
 }

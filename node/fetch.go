@@ -26,6 +26,7 @@ func (n *Node) startFetch(ctx context.Context, h host.Host) error {
 		Protocol:      pid,
 		Store:         n.store,
 		Holds:         n.cfg.Shards.HasKey,
+		Claimer:       fetchClaimer{n},
 		Handlers:      h,
 		StreamTimeout: n.cfg.StreamTimeout,
 		Logger:        n.log.With("component", "fetch"),

@@ -53,6 +53,9 @@ func (n *Node) startNetwork(ctx context.Context) error {
 	if err := n.startLookup(ctx); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
+	if err := n.startClaim(h); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
 	if n.sync, err = startSync(ctx, n, h); err != nil {
 		return fmt.Errorf("node: %w", err)
 	}

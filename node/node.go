@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -25,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/kpnode/kpnode/node/claim"
 	"github.com/kpnode/kpnode/node/discovery"
 	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/gossip"
@@ -112,6 +114,14 @@ type Config struct {
 	OutboxMax int
 	// Policy is the validation policy (retention, clock skew, MLS mode).
 	Policy protocol.Policy
+	// ClaimRequesterRate and ClaimRequesterBurst limit the claims of one
+	// requester (API client address, fetch peer), ClaimDeviceRate and
+	// ClaimDeviceBurst those of one target device: token buckets, claims
+	// per second and burst. Zero: the defaults (20/s, burst 40). The device
+	// limit may not exceed what peers accept of one node's claim notices of
+	// a device on gossip (20/s, burst 60).
+	ClaimRequesterRate, ClaimDeviceRate   float64
+	ClaimRequesterBurst, ClaimDeviceBurst int
 	// PruneInterval is how often expired records are pruned.
 	PruneInterval time.Duration
 	// NoSync turns off fsync per acknowledged write (tests and benchmarks only).
@@ -161,6 +171,11 @@ func DefaultConfig() Config {
 		Policy:        protocol.DefaultPolicy(),
 		PruneInterval: storage.DefaultPruneInterval,
 		Version:       "dev",
+
+		ClaimRequesterRate:  DefaultClaimRequesterRate,
+		ClaimRequesterBurst: DefaultClaimRequesterBurst,
+		ClaimDeviceRate:     DefaultClaimDeviceRate,
+		ClaimDeviceBurst:    DefaultClaimDeviceBurst,
 	}
 }
 
@@ -235,6 +250,17 @@ func (c Config) Validate() error {
 	if c.PruneInterval <= 0 {
 		return fmt.Errorf("prune interval must be positive, got %v", c.PruneInterval)
 	}
+	if c.ClaimRequesterRate < 0 || c.ClaimDeviceRate < 0 || c.ClaimRequesterBurst < 0 || c.ClaimDeviceBurst < 0 {
+		return fmt.Errorf("claim limits must not be negative (requester %v/s burst %d, device %v/s burst %d)",
+			c.ClaimRequesterRate, c.ClaimRequesterBurst, c.ClaimDeviceRate, c.ClaimDeviceBurst)
+	}
+	// Peers accept a node's claim notices of one device at most at the
+	// network's rate (claimOriginDeviceRate): a node allowed to claim
+	// faster would see its notices Ignored, and be Rejected far over.
+	if c.ClaimDeviceRate > claimOriginDeviceRate || c.ClaimDeviceBurst > claimOriginDeviceBurst {
+		return fmt.Errorf("the per-device claim limit (%v/s, burst %d) must stay within what peers accept of one node's claim notices of a device (%d/s, burst %d)",
+			c.ClaimDeviceRate, c.ClaimDeviceBurst, claimOriginDeviceRate, claimOriginDeviceBurst)
+	}
 	if err := c.Policy.Validate(); err != nil {
 		return err
 	}
@@ -267,6 +293,9 @@ type Node struct {
 	sync        *kpsync.Service
 	dht         *discovery.Service
 	lookup      *lookup.Lookup
+	// claims is the claim service (nil until Start wires it, and when the
+	// host has no Ed25519 key); the fetch server reads it concurrently.
+	claims atomic.Pointer[claim.Service]
 
 	// outbox holds acknowledged publications for shards the node does not
 	// hold until a holder has them; outboxWake nudges its worker.

@@ -66,7 +66,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 // Request sends one request to p and reads its response, within ctx and
 // the client's timeout; it reads at most MaxResponse bytes. Only an OK
 // answer is returned; NOT_FOUND is ErrNoRecord, NOT_HOLDER ErrNotHeld, BUSY
-// ErrBusy (wrapped), anything else an error naming the status. The records
+// ErrBusy (wrapped), RATE_LIMITED a *RateLimitError (ErrRateLimited),
+// anything else an error naming the status. The records
 // in an OK answer are not verified: FetchLatest and FetchAccount do that.
 func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (*pb.FetchResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
@@ -104,6 +105,9 @@ func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (
 		return nil, ErrNotHeld
 	case pb.FetchResponse_STATUS_BUSY:
 		return nil, fmt.Errorf("%w: %s", ErrBusy, p)
+	case pb.FetchResponse_STATUS_RATE_LIMITED:
+		after := min(time.Duration(resp.RetryAfterMs)*time.Millisecond, MaxRetryAfter)
+		return nil, &RateLimitError{Peer: p, After: max(after, time.Millisecond)}
 	}
 	return nil, fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
 }
@@ -153,4 +157,66 @@ func (c *Client) FetchAccount(ctx context.Context, p peer.ID, account protocol.K
 		return nil, fmt.Errorf("account bundle from %s: %w", p, err)
 	}
 	return &storage.Account{AccountBundle: *a, Lamport: lamport, UpdatedAtMS: resp.Account.UpdatedAtMs}, nil
+}
+
+// Claim asks p to hand out one bundle of dev (KIND_CLAIM): of cipher suite
+// suite (0: any); with ownedOnly only one p owns (a holder asking an
+// owner). It validates the bundle fully, checks its suite when the
+// key_package names one, and checks that the claim notice p answered with
+// names that bundle (its signature is the ingest path's to verify).
+// NOT_FOUND is ErrNoRecord; RATE_LIMITED a *RateLimitError.
+func (c *Client) Claim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
+	resp, err := c.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], CipherSuite: uint32(suite), OwnedOnly: ownedOnly})
+	if err != nil {
+		return nil, false, nil, err
+	}
+	if len(resp.Bundles) != 1 {
+		return nil, false, nil, fmt.Errorf("%w: %d bundles for a claim", protocol.ErrMalformed, len(resp.Bundles))
+	}
+	b, err := pb.ToBundle(resp.Bundles[0])
+	if err != nil {
+		return nil, false, nil, err
+	}
+	if b.DeviceID != dev {
+		return nil, false, nil, fmt.Errorf("%w: claimed for %s, got %s", protocol.ErrMalformed, dev, b.DeviceID)
+	}
+	info, err := c.cfg.Validator.ValidateBundle(b)
+	if err != nil {
+		return nil, false, nil, fmt.Errorf("claimed bundle from %s: %w", p, err)
+	}
+	if suite != 0 {
+		if _, kp, err := protocol.SplitBundlePayload(b.Payload); err == nil {
+			if got, ok := protocol.KeyPackageCipherSuite(kp); ok && got != suite {
+				return nil, false, nil, fmt.Errorf("%w: claimed cipher suite %d, got %d", protocol.ErrMalformed, suite, got)
+			}
+		}
+	}
+	if resp.Claim == nil {
+		return nil, false, nil, fmt.Errorf("%w: a claim answer without its claim notice", protocol.ErrMalformed)
+	}
+	n, err := pb.ToClaim(resp.Claim)
+	if err != nil {
+		return nil, false, nil, err
+	}
+	_, ndev, ref, err := protocol.DecodeClaimPayload(n.Payload)
+	if err != nil {
+		return nil, false, nil, err
+	}
+	if ndev != dev || ref != info.Ref {
+		return nil, false, nil, fmt.Errorf("%w: the claim notice names another bundle", protocol.ErrMalformed)
+	}
+	return &storage.Bundle{Bundle: *b, BundleInfo: info}, resp.LastResort, n, nil
+}
+
+// Count asks p for dev's claim counts (KIND_COUNT).
+func (c *Client) Count(ctx context.Context, p peer.ID, dev protocol.Key) (storage.ClaimCounts, error) {
+	resp, err := c.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_COUNT, Key: dev[:]})
+	if err != nil {
+		return storage.ClaimCounts{}, err
+	}
+	if resp.Counts == nil {
+		return storage.ClaimCounts{}, fmt.Errorf("%w: a count answer without counts", protocol.ErrMalformed)
+	}
+	return storage.ClaimCounts{OneTime: int(resp.Counts.OneTime), LastResort: int(resp.Counts.LastResort),
+		LastResortHandedOut: int64(min(resp.Counts.LastResortHandedOut, 1<<63-1))}, nil
 }

@@ -10,6 +10,7 @@ package fetch
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"time"
 
@@ -50,7 +51,42 @@ var (
 	ErrNoRecord = ingest.ErrNoRecord
 	// ErrBusy: the peer's fetch budget is spent (BUSY); retry later.
 	ErrBusy = errors.New("peer is busy")
+	// ErrRateLimited: a claim is over the peer's per-requester or
+	// per-device limit (RATE_LIMITED); the error is a *RateLimitError.
+	ErrRateLimited = errors.New("rate limited")
 )
+
+// MaxRetryAfter caps the retry_after_ms a client believes, so a peer cannot
+// make its caller wait for long.
+const MaxRetryAfter = time.Minute
+
+// RateLimitError is a RATE_LIMITED answer: when to ask again.
+type RateLimitError struct {
+	Peer  peer.ID
+	After time.Duration
+}
+
+func (e *RateLimitError) Error() string {
+	return fmt.Sprintf("peer %s: rate limited; retry after %v", e.Peer, e.After)
+}
+
+// Is matches ErrRateLimited.
+func (e *RateLimitError) Is(target error) bool { return target == ErrRateLimited }
+
+// RetryAfter says when to ask again.
+func (e *RateLimitError) RetryAfter() time.Duration { return e.After }
+
+// Claimer serves KIND_CLAIM and KIND_COUNT (the node's claim service).
+// ServeClaim hands out one bundle of dev to requester ("peer:<id>"): with
+// ownedOnly only a bundle this node owns, else the whole claim algorithm.
+// It returns the bundle, whether it is the last-resort fallback and the
+// claim notice recorded for it. Errors: storage.ErrNotFound (NOT_FOUND),
+// ingest.ErrNotHeld (NOT_HOLDER), an error with a RetryAfter()
+// time.Duration method (RATE_LIMITED).
+type Claimer interface {
+	ServeClaim(ctx context.Context, requester string, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error)
+	Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error)
+}
 
 // Stream is the transport of one exchange: a libp2p stream, or one end of
 // net.Pipe in tests. A Stream that also has Reset (libp2p streams) is reset

@@ -56,6 +56,9 @@ type ServerConfig struct {
 	// Holds reports whether this node holds a key's shard: a miss is then
 	// NOT_FOUND, else NOT_HOLDER. Nil: no shard is held.
 	Holds func(protocol.Key) bool
+	// Claimer serves KIND_CLAIM and KIND_COUNT for keys of held shards.
+	// Nil: both are answered as unknown kinds (BAD_REQUEST).
+	Claimer Claimer
 	// Handlers, if set, gets the stream handler from Start to Close
 	// (host.Host). Without it, streams are handed to Handle directly.
 	Handlers StreamHandlers
@@ -228,7 +231,7 @@ func (s *Server) Handle(st Stream, from peer.ID) {
 		abort(st)
 		return
 	}
-	resp, release := s.serve(ctx, &req)
+	resp, release := s.serve(ctx, from, &req)
 	defer release()
 	s.served.WithLabelValues(statusLabel(resp.Status)).Inc()
 	if err := pbio.NewDelimitedWriter(st).WriteMsg(resp); err != nil {
@@ -271,6 +274,8 @@ func statusLabel(st pb.FetchResponse_Status) string {
 		return "not_holder"
 	case pb.FetchResponse_STATUS_BUSY:
 		return "busy"
+	case pb.FetchResponse_STATUS_RATE_LIMITED:
+		return "rate_limited"
 	}
 	return "internal"
 }
@@ -278,18 +283,28 @@ func statusLabel(st pb.FetchResponse_Status) string {
 // busyText is the error of a BUSY answer.
 const busyText = "fetch budget exhausted; retry later"
 
-// serve answers from the store alone, within the response budgets. It
-// checks, in order: the kind (KIND_UNSPECIFIED or unknown: BAD_REQUEST),
-// the key's length (BAD_REQUEST), that it is an Ed25519 point (else
-// NOT_FOUND or NOT_HOLDER at once), then the budget (BUSY). release
-// returns the budget once the answer is written.
-func (s *Server) serve(ctx context.Context, req *pb.FetchRequest) (resp *pb.FetchResponse, release func()) {
+// serve answers from the store alone (KIND_CLAIM and KIND_COUNT: from the
+// Claimer), within the response budgets. It checks, in order: the kind
+// (KIND_UNSPECIFIED or unknown: BAD_REQUEST), the key's length
+// (BAD_REQUEST), that it is an Ed25519 point (else NOT_FOUND or NOT_HOLDER
+// at once), for a claim or count that the shard is held (else NOT_HOLDER:
+// a node never claims on another's behalf for a shard it does not hold),
+// then the budget (BUSY). release returns the budget once the answer is
+// written. from names the requester of a claim ("peer:<id>").
+func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) (resp *pb.FetchResponse, release func()) {
 	release = func() {}
 	badRequest := func(msg string) (*pb.FetchResponse, func()) {
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_BAD_REQUEST, Error: msg}, release
 	}
 	switch req.Kind {
 	case pb.FetchRequest_KIND_LATEST, pb.FetchRequest_KIND_ALL, pb.FetchRequest_KIND_ACCOUNT:
+	case pb.FetchRequest_KIND_CLAIM, pb.FetchRequest_KIND_COUNT:
+		if s.cfg.Claimer == nil {
+			return badRequest("unknown request kind")
+		}
+		if req.CipherSuite > 0xffff {
+			return badRequest("cipher_suite must fit 16 bits")
+		}
 	default:
 		return badRequest("unknown request kind")
 	}
@@ -312,6 +327,10 @@ func (s *Server) serve(ctx context.Context, req *pb.FetchRequest) (resp *pb.Fetc
 	internal := func(err error) *pb.FetchResponse {
 		s.log.Warn("fetch: store failed", "err", err)
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
+	}
+	claimKind := req.Kind == pb.FetchRequest_KIND_CLAIM || req.Kind == pb.FetchRequest_KIND_COUNT
+	if claimKind && !s.cfg.Holds(key) {
+		return notFound(), release
 	}
 	sem, weight := s.point, int64(PointWeight)
 	if req.Kind == pb.FetchRequest_KIND_ALL {
@@ -339,6 +358,15 @@ func (s *Server) serve(ctx context.Context, req *pb.FetchRequest) (resp *pb.Fetc
 			return notFound(), release
 		}
 		return allResponse(bs, cut), release
+	case pb.FetchRequest_KIND_CLAIM:
+		return s.serveClaim(ctx, from, key, req), release
+	case pb.FetchRequest_KIND_COUNT:
+		c, err := s.cfg.Claimer.Count(ctx, key)
+		if err != nil {
+			return internal(err), release
+		}
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Counts: &pb.ClaimCounts{
+			OneTime: clampU32(c.OneTime), LastResort: clampU32(c.LastResort), LastResortHandedOut: uint64(max(c.LastResortHandedOut, 0))}}, release
 	default: // KIND_ACCOUNT
 		a, err := s.cfg.Store.Account(ctx, key)
 		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(a.Payload) > protocol.MaxPayloadSize) {
@@ -378,3 +406,30 @@ func allResponse(bs []*storage.Bundle, cut bool) *pb.FetchResponse {
 	}
 	return resp
 }
+
+// serveClaim answers KIND_CLAIM for a key of a held shard: the bundle the
+// Claimer hands out with its claim notice, or what its error means.
+func (s *Server) serveClaim(ctx context.Context, from peer.ID, key protocol.Key, req *pb.FetchRequest) *pb.FetchResponse {
+	b, lastResort, n, err := s.cfg.Claimer.ServeClaim(ctx, "peer:"+from.String(), key, uint16(req.CipherSuite), req.OwnedOnly)
+	var ra interface{ RetryAfter() time.Duration }
+	switch {
+	case err == nil && n != nil && len(b.Payload) <= protocol.MaxPayloadSize:
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)},
+			LastResort: lastResort, Claim: pb.FromClaim(n)}
+	case err == nil:
+		s.log.Warn("fetch: claimer answered no claim notice or an oversized bundle", "device", key)
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
+	case errors.As(err, &ra):
+		ms := max(ra.RetryAfter().Milliseconds(), 1)
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_RATE_LIMITED, Error: "rate limited",
+			RetryAfterMs: uint32(min(ms, int64(MaxRetryAfter/time.Millisecond)))}
+	case errors.Is(err, storage.ErrNotFound), errors.Is(err, ErrNoRecord):
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND}
+	case errors.Is(err, ErrNotHeld):
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_HOLDER}
+	}
+	s.log.Warn("fetch: claim failed", "peer", from, "device", key, "err", err)
+	return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
+}
+
+func clampU32(n int) uint32 { return uint32(min(max(n, 0), 1<<32-1)) }

@@ -1,0 +1,652 @@
+// Package claim hands out single-use KeyPackages across the network
+// (protocol/README.md, "Single use"): a claim gets one one-time bundle of a
+// device that no node is known to have handed out, else the device's
+// latest last-resort bundle.
+//
+// A node that holds the device's shard claims at home: among the device's
+// unclaimed candidates it takes one it owns (rendezvous hashing of the ref
+// over the shard's holders), records a signed claim notice in its store
+// (the store keeps one claim per ref, so a lost race is seen at once) and
+// gossips it. When it owns none it asks the owners over fetch
+// (KIND_CLAIM, owned_only), and when every owner asked fails it falls back
+// to claiming one itself. A node that does not hold the shard asks holders
+// found through the DHT. Claims are rate-limited per requester and per
+// device before any of this.
+//
+// The Service depends on small interfaces it declares (store, ingester,
+// holders view, fetch client, publisher, holder finder), never on the node.
+package claim
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// Defaults of Config.
+const (
+	// DefaultRequesterRate and DefaultRequesterBurst limit the claims of one
+	// requester (an API client's address, a fetch peer).
+	DefaultRequesterRate  = 20
+	DefaultRequesterBurst = 40
+	// DefaultDeviceRate and DefaultDeviceBurst limit the claims of one
+	// target device, whoever asks.
+	DefaultDeviceRate  = 20
+	DefaultDeviceBurst = 40
+	// DefaultSignRate and DefaultSignBurst limit the claim notices this node
+	// signs, over all devices: the per-origin limit peers apply to a node's
+	// claim notices on gossip (node/notices.go), which an honest node keeps
+	// to so that it is never Rejected for flooding.
+	DefaultSignRate  = 1000
+	DefaultSignBurst = 4000
+	// DefaultMaxRequesters and DefaultMaxDevices bound the rate limiters'
+	// memory: the requesters and devices remembered (LRU).
+	DefaultMaxRequesters = 10_000
+	DefaultMaxDevices    = 100_000
+	// DefaultOwnerTimeout bounds one request to an owner.
+	DefaultOwnerTimeout = time.Second
+	// DefaultHolderTimeout bounds one request to a holder by a node that
+	// does not hold the shard (the holder may itself ask owners).
+	DefaultHolderTimeout = 5 * time.Second
+)
+
+// Bounds of one claim.
+const (
+	// MaxCandidates: the one-time bundles a claim considers.
+	MaxCandidates = 64
+	// MaxOwnersAsked: the distinct owners a holder asks before it falls back.
+	MaxOwnersAsked = 3
+	// MaxHoldersAsked: the holders a node that does not hold the shard asks.
+	MaxHoldersAsked = 3
+	// addrTTL is how long a holder's addresses the finder reported are kept.
+	addrTTL = time.Minute
+)
+
+// Sentinels of a claim's outcome. A miss is storage.ErrNotFound (the
+// device has nothing usable, or an owner-only request found nothing owned).
+var (
+	// ErrRateLimited: the requester or the device is over its limit; the
+	// error is a *RateLimitError saying when to ask again.
+	ErrRateLimited = errors.New("claim: rate limited")
+	// ErrUnavailable: no holder of the device's shard could be reached.
+	ErrUnavailable = errors.New("claim: no holder reachable")
+)
+
+// RateLimitError is a claim refused by a rate limit.
+type RateLimitError struct {
+	// Scope is what was over its limit: "requester", "device", "node"
+	// (the claim notices this node signs), or "holder" (a holder asked on
+	// the requester's behalf refused).
+	Scope string
+	After time.Duration
+}
+
+func (e *RateLimitError) Error() string {
+	return fmt.Sprintf("claim: rate limited (%s); retry after %v", e.Scope, e.After)
+}
+
+// Is matches ErrRateLimited.
+func (e *RateLimitError) Is(target error) bool { return target == ErrRateLimited }
+
+// RetryAfter says when to ask again (httpapi's Retry-After, fetch's
+// retry_after_ms).
+func (e *RateLimitError) RetryAfter() time.Duration { return e.After }
+
+// Store is what a claim reads: the methods of *storage.Store it uses.
+type Store interface {
+	ClaimCandidates(ctx context.Context, dev protocol.Key, suite uint16, limit int) ([]*storage.Bundle, error)
+	LastResortBundle(ctx context.Context, dev protocol.Key, suite uint16) (*storage.Bundle, error)
+	ClaimCounts(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error)
+}
+
+// Ingester records claim notices: the node's ingest path (validate, then
+// storage.PutClaim).
+type Ingester interface {
+	IngestClaim(ctx context.Context, n *protocol.ClaimNotice, src ingest.Source) (storage.PutOutcome, protocol.ClaimInfo, error)
+}
+
+// HolderView names the holders of a shard as this node sees them: itself
+// when it holds the shard, plus the peers in the shard's gossip topic.
+type HolderView interface {
+	ShardHolders(shard int) []peer.ID
+}
+
+// Client asks a peer over fetch (the fetch client). Claim returns a
+// validated bundle of dev, whether it is the last-resort fallback, and the
+// claim notice the peer recorded for it (layout checked; the caller
+// ingests it). A peer that has nothing answers ingest.ErrNoRecord, one
+// that does not hold the shard ingest.ErrNotHeld, one over its limits an
+// error with a RetryAfter() time.Duration method.
+type Client interface {
+	Claim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error)
+	Count(ctx context.Context, p peer.ID, dev protocol.Key) (storage.ClaimCounts, error)
+}
+
+// Publisher gossips a claim notice on the device's shard.
+type Publisher interface {
+	PublishClaim(ctx context.Context, n *protocol.ClaimNotice) error
+}
+
+// HolderFinder streams the peers that hold a shard (the DHT); the channel
+// closes when the query ends, at the latest when ctx does.
+type HolderFinder interface {
+	Holders(ctx context.Context, shard int) <-chan peer.AddrInfo
+}
+
+// AddrBook learns the addresses the finder reports (a libp2p peerstore).
+type AddrBook interface {
+	AddAddrs(p peer.ID, addrs []ma.Multiaddr, ttl time.Duration)
+}
+
+// Config configures a Service. Zero limits and timeouts take the defaults.
+type Config struct {
+	Store     Store
+	Ingester  Ingester
+	View      HolderView
+	Client    Client
+	Publisher Publisher
+	Finder    HolderFinder
+	// AddrBook, if set, learns holders' addresses from the finder.
+	AddrBook AddrBook
+	// Self is this node's peer ID; Key its Ed25519 identity key, which
+	// signs its claim notices.
+	Self peer.ID
+	Key  ed25519.PrivateKey
+	// Shards are the shards this node holds (a light node: none).
+	Shards protocol.ShardSet
+
+	// Per requester and per device token buckets: rate per second, burst.
+	RequesterRate, DeviceRate   float64
+	RequesterBurst, DeviceBurst int
+	// SignRate and SignBurst bound the claim notices this node signs, all
+	// devices together; a claim over it is rate limited (scope "node").
+	SignRate  float64
+	SignBurst int
+	// MaxRequesters and MaxDevices bound the keys the limiters remember.
+	MaxRequesters, MaxDevices int
+	// OwnerTimeout bounds one owner-only request, HolderTimeout one request
+	// to a holder by a node that does not hold the shard.
+	OwnerTimeout, HolderTimeout time.Duration
+
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+	// Registerer gets kpnode_claims_total, kpnode_claim_owner_fallbacks_total
+	// and kpnode_claim_pool_one_time. Nil: not exported.
+	Registerer prometheus.Registerer
+}
+
+func (c Config) withDefaults() Config {
+	setF := func(v *float64, d float64) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	setI := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	setD := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	setF(&c.RequesterRate, DefaultRequesterRate)
+	setF(&c.DeviceRate, DefaultDeviceRate)
+	setI(&c.RequesterBurst, DefaultRequesterBurst)
+	setI(&c.DeviceBurst, DefaultDeviceBurst)
+	setF(&c.SignRate, DefaultSignRate)
+	setI(&c.SignBurst, DefaultSignBurst)
+	setI(&c.MaxRequesters, DefaultMaxRequesters)
+	setI(&c.MaxDevices, DefaultMaxDevices)
+	setD(&c.OwnerTimeout, DefaultOwnerTimeout)
+	setD(&c.HolderTimeout, DefaultHolderTimeout)
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}
+
+// Validate reports whether c (with its defaults) is usable.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	switch {
+	case c.Store == nil || c.Ingester == nil || c.View == nil || c.Client == nil || c.Publisher == nil || c.Finder == nil:
+		return errors.New("claim: store, ingester, holder view, client, publisher and holder finder are required")
+	case c.Self == "":
+		return errors.New("claim: self peer ID is required")
+	case len(c.Key) != ed25519.PrivateKeySize:
+		return errors.New("claim: the node's Ed25519 identity key is required")
+	case c.Shards.Count() < 1:
+		return protocol.ErrShardCount
+	case c.RequesterRate < 0 || c.DeviceRate < 0 || c.SignRate < 0 || c.RequesterBurst < 1 || c.DeviceBurst < 1 || c.SignBurst < 1:
+		return fmt.Errorf("claim: rate limits must be positive with a burst of at least 1 (requester %v/s burst %d, device %v/s burst %d)",
+			c.RequesterRate, c.RequesterBurst, c.DeviceRate, c.DeviceBurst)
+	case c.MaxRequesters < 1 || c.MaxDevices < 1:
+		return errors.New("claim: the limiters' sizes must be positive")
+	case c.OwnerTimeout < 0 || c.HolderTimeout < 0:
+		return errors.New("claim: timeouts must be positive")
+	}
+	return nil
+}
+
+// Result is one bundle handed out.
+type Result struct {
+	Bundle *storage.Bundle
+	// LastResort: no one-time bundle was left; this is the device's latest
+	// last-resort bundle, which may be handed out again.
+	LastResort bool
+	// Notice is the claim notice recorded for the hand-out (nil when a
+	// holder handed it out for a node that does not hold the shard and
+	// did not say).
+	Notice *protocol.ClaimNotice
+}
+
+// Service hands out bundles. It starts no goroutine: every claim runs in
+// its caller's, bounded by the timeouts above.
+type Service struct {
+	cfg        Config
+	log        *slog.Logger
+	requesters *limiter[string]
+	devices    *limiter[protocol.Key]
+	signs      *limiter[struct{}]
+
+	claims    *prometheus.CounterVec
+	fallbacks prometheus.Counter
+	pool      prometheus.Histogram
+}
+
+// New builds a Service and registers its metrics.
+func New(cfg Config) (*Service, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	s := &Service{cfg: cfg, log: cfg.Logger,
+		requesters: newLimiter[string](cfg.RequesterRate, cfg.RequesterBurst, cfg.MaxRequesters),
+		devices:    newLimiter[protocol.Key](cfg.DeviceRate, cfg.DeviceBurst, cfg.MaxDevices),
+		signs:      newLimiter[struct{}](cfg.SignRate, cfg.SignBurst, 1),
+		claims: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_claims_total",
+			Help: "Claims served, by outcome (one_time, last_resort, none: nothing usable, limited: over a rate limit)."}, []string{"outcome"}),
+		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_claim_owner_fallbacks_total",
+			Help: "One-time bundles this node claimed although another holder owns them, because every owner asked failed."}),
+		pool: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "kpnode_claim_pool_one_time",
+			Help:    "One-time bundles left for the device after each claim this node served from its store.",
+			Buckets: []float64{0, 1, 2, 5, 10, 20, 50, 100}}),
+	}
+	for _, o := range []string{"one_time", "last_resort", "none", "limited"} {
+		s.claims.WithLabelValues(o)
+	}
+	if reg := cfg.Registerer; reg != nil {
+		for _, c := range []prometheus.Collector{s.claims, s.fallbacks, s.pool} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("claim: metrics: %w", err)
+			}
+		}
+	}
+	return s, nil
+}
+
+// Request is one claim.
+type Request struct {
+	// Requester names who asks, for the per-requester limit: an API
+	// client's address, or "peer:<id>" for a fetch peer.
+	Requester string
+	Device    protocol.Key
+	// Suite selects bundles of one MLS cipher suite; 0: any.
+	Suite uint16
+	// OwnedOnly: a holder asks this node, the owner, for a bundle it owns
+	// (fetch KIND_CLAIM owned_only): no owner requests, no fallback, no
+	// last resort; storage.ErrNotFound when it owns none.
+	OwnedOnly bool
+	// Source labels the notices this claim records (http, fetch).
+	Source ingest.Source
+}
+
+// Claim hands out one bundle of req.Device: the whole algorithm at a node
+// that holds the device's shard, else a request to holders of it. Errors:
+// *RateLimitError (ErrRateLimited), storage.ErrNotFound when the device
+// has nothing usable, ErrUnavailable when no holder answered.
+func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
+	if err := s.limit(req.Requester, req.Device); err != nil {
+		s.claims.WithLabelValues("limited").Inc()
+		return Result{}, err
+	}
+	var r Result
+	var err error
+	if s.cfg.Shards.HasKey(req.Device) {
+		r, err = s.claimHeld(ctx, req)
+	} else if req.OwnedOnly {
+		err = fmt.Errorf("claim: %w", ingest.ErrNotHeld)
+	} else {
+		r, err = s.claimRemote(ctx, req)
+	}
+	switch {
+	case err == nil && r.LastResort:
+		s.claims.WithLabelValues("last_resort").Inc()
+	case err == nil:
+		s.claims.WithLabelValues("one_time").Inc()
+	case errors.Is(err, ErrRateLimited):
+		s.claims.WithLabelValues("limited").Inc()
+	case errors.Is(err, storage.ErrNotFound):
+		s.claims.WithLabelValues("none").Inc()
+	}
+	return r, err
+}
+
+// limit takes a token of the requester's bucket, then of the device's.
+func (s *Service) limit(requester string, dev protocol.Key) error {
+	now := s.cfg.Now()
+	if ok, after := s.requesters.allow(requester, now); !ok {
+		return &RateLimitError{Scope: "requester", After: after}
+	}
+	if ok, after := s.devices.allow(dev, now); !ok {
+		return &RateLimitError{Scope: "device", After: after}
+	}
+	return nil
+}
+
+// signBudget takes a token of the node's claim notice budget.
+func (s *Service) signBudget() error {
+	if ok, after := s.signs.allow(struct{}{}, s.cfg.Now()); !ok {
+		return &RateLimitError{Scope: "node", After: after}
+	}
+	return nil
+}
+
+// claimHeld is the claim at a holder of the device's shard.
+func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
+	shard := protocol.Shard(req.Device, s.cfg.Shards.Count())
+	cands, err := s.cfg.Store.ClaimCandidates(ctx, req.Device, req.Suite, MaxCandidates)
+	if err != nil {
+		return Result{}, fmt.Errorf("claim: candidates: %w", err)
+	}
+	holders := s.holders(shard)
+	// left says how many one-time bundles the device has after a claim,
+	// for kpnode_claim_pool_one_time: the candidates read, less the one
+	// handed out and those found taken meanwhile, when they were all of
+	// them (fewer than the limit, any suite); else the store counts.
+	gone := 0
+	left := func() int {
+		if req.Suite != 0 || len(cands) >= MaxCandidates {
+			return -1
+		}
+		return len(cands) - 1 - gone
+	}
+	var others []*storage.Bundle
+	for _, b := range cands {
+		if Owner(holders, b.Ref) != s.cfg.Self {
+			others = append(others, b)
+			continue
+		}
+		r, won, err := s.claimLocal(ctx, req, b, left())
+		if err != nil {
+			return Result{}, err
+		}
+		if won {
+			return r, nil
+		}
+		gone++
+	}
+	if req.OwnedOnly {
+		return Result{}, fmt.Errorf("claim: no owned keypackage: %w", storage.ErrNotFound)
+	}
+	if len(others) > 0 {
+		r, ok, empty := s.askOwners(ctx, req, holders, others)
+		if ok {
+			return r, nil
+		}
+		// Every owner asked failed: claim one of theirs here. Two nodes
+		// may then hand out one ref; the store keeps one claim of it. An
+		// owner that answered it owns nothing unclaimed is alive and
+		// knows its refs better: its refs are not taken over.
+		for _, b := range others {
+			if empty[Owner(holders, b.Ref)] {
+				continue
+			}
+			r, won, err := s.claimLocal(ctx, req, b, -1)
+			if err != nil {
+				return Result{}, err
+			}
+			if won {
+				s.fallbacks.Inc()
+				return r, nil
+			}
+		}
+	}
+	return s.lastResort(ctx, req)
+}
+
+// holders returns the shard's holders as this node sees them, with itself.
+func (s *Service) holders(shard int) []peer.ID {
+	hs := s.cfg.View.ShardHolders(shard)
+	for _, h := range hs {
+		if h == s.cfg.Self {
+			return hs
+		}
+	}
+	return append(hs, s.cfg.Self)
+}
+
+// claimLocal signs and records a claim notice of b: won when the store
+// had no claim of it (Stored). The notice is then gossiped, and left (the
+// one-time bundles left, or -1: ask the store) observed.
+func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle, left int) (Result, bool, error) {
+	if err := s.signBudget(); err != nil {
+		return Result{}, false, err
+	}
+	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
+	outcome, _, err := s.cfg.Ingester.IngestClaim(ctx, &n, req.Source)
+	switch {
+	case errors.Is(err, storage.ErrRefNotHeld), errors.Is(err, storage.ErrConsumed):
+		return Result{}, false, nil // gone since the candidates were read
+	case err != nil:
+		return Result{}, false, fmt.Errorf("claim: record claim of %s: %w", b.Ref, err)
+	case outcome != storage.Stored:
+		return Result{}, false, nil // another claim holds it
+	}
+	s.publish(ctx, &n)
+	if left >= 0 {
+		s.pool.Observe(float64(left))
+	} else {
+		s.observePool(ctx, req.Device)
+	}
+	return Result{Bundle: b, Notice: &n}, true, nil
+}
+
+// askOwners asks the owners of cands, one distinct owner at a time in the
+// candidates' order, at most MaxOwnersAsked, for a bundle each owns. It
+// also returns the owners that answered they own nothing unclaimed
+// (NOT_FOUND).
+func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (Result, bool, map[peer.ID]bool) {
+	asked := map[peer.ID]bool{}
+	empty := map[peer.ID]bool{}
+	for _, b := range cands {
+		o := Owner(holders, b.Ref)
+		if asked[o] {
+			continue
+		}
+		if len(asked) == MaxOwnersAsked || ctx.Err() != nil {
+			break
+		}
+		asked[o] = true
+		octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
+		got, lastResort, n, err := s.cfg.Client.Claim(octx, o, req.Device, req.Suite, true)
+		cancel()
+		if errors.Is(err, ingest.ErrNoRecord) {
+			empty[o] = true
+			continue
+		}
+		if err != nil {
+			s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
+			continue
+		}
+		if lastResort || n == nil {
+			s.log.Debug("claim: owner answered an owner-only request out of turn", "owner", o, "device", req.Device)
+			continue
+		}
+		// Record the owner's claim before gossip brings it, so this node
+		// does not hand the ref out again meanwhile.
+		if _, _, err := s.cfg.Ingester.IngestClaim(ctx, n, ingest.SourceFetch); err != nil && !errors.Is(err, storage.ErrRefNotHeld) {
+			s.log.Debug("claim: owner's claim notice refused", "owner", o, "device", req.Device, "err", err)
+			continue
+		}
+		s.observePool(ctx, req.Device)
+		return Result{Bundle: got, Notice: n}, true, empty
+	}
+	return Result{}, false, empty
+}
+
+// lastResort hands out the device's latest last-resort bundle, recording
+// a claim notice of it (the store counts its hand-outs).
+func (s *Service) lastResort(ctx context.Context, req Request) (Result, error) {
+	b, err := s.cfg.Store.LastResortBundle(ctx, req.Device, req.Suite)
+	if errors.Is(err, storage.ErrNotFound) {
+		return Result{}, fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)
+	} else if err != nil {
+		return Result{}, fmt.Errorf("claim: last resort: %w", err)
+	}
+	if err := s.signBudget(); err != nil {
+		return Result{}, err
+	}
+	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
+	outcome, _, err := s.cfg.Ingester.IngestClaim(ctx, &n, req.Source)
+	if err != nil {
+		// The bundle is still the right answer: a last-resort bundle may
+		// be handed out again; only its count misses this one.
+		s.log.Warn("claim: record last-resort hand-out", "device", req.Device, "ref", b.Ref, "err", err)
+	} else if outcome == storage.Stored || outcome == storage.Refreshed {
+		s.publish(ctx, &n)
+	}
+	s.pool.Observe(0)
+	return Result{Bundle: b, LastResort: true, Notice: &n}, nil
+}
+
+func (s *Service) publish(ctx context.Context, n *protocol.ClaimNotice) {
+	if err := s.cfg.Publisher.PublishClaim(ctx, n); err != nil {
+		s.log.Debug("claim: publish claim notice", "err", err)
+	}
+}
+
+// observePool records the one-time bundles left for dev.
+func (s *Service) observePool(ctx context.Context, dev protocol.Key) {
+	if c, err := s.cfg.Store.ClaimCounts(ctx, dev); err == nil {
+		s.pool.Observe(float64(c.OneTime))
+	}
+}
+
+// claimRemote asks up to MaxHoldersAsked holders of the device's shard,
+// found through the finder, in turn: the first bundle wins; a holder over
+// its limits ends the claim (rate limited); storage.ErrNotFound when at
+// least one holder had nothing and none had a bundle; ErrUnavailable when
+// none answered.
+func (s *Service) claimRemote(ctx context.Context, req Request) (Result, error) {
+	var res Result
+	var final error
+	notFound := false
+	asked := s.eachHolder(ctx, req.Device, func(p peer.ID) bool {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HolderTimeout)
+		b, lastResort, n, err := s.cfg.Client.Claim(hctx, p, req.Device, req.Suite, false)
+		cancel()
+		var ra interface{ RetryAfter() time.Duration }
+		switch {
+		case err == nil:
+			res = Result{Bundle: b, LastResort: lastResort, Notice: n}
+			return true
+		case errors.As(err, &ra):
+			final = &RateLimitError{Scope: "holder", After: ra.RetryAfter()}
+			return true
+		case errors.Is(err, ingest.ErrNoRecord):
+			notFound = true
+		}
+		s.log.Debug("claim: holder failed", "holder", p, "device", req.Device, "err", err)
+		return false
+	})
+	switch {
+	case res.Bundle != nil:
+		return res, nil
+	case final != nil:
+		return Result{}, final
+	case notFound:
+		return Result{}, fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)
+	case ctx.Err() != nil:
+		return Result{}, fmt.Errorf("claim: %w", ctx.Err())
+	}
+	return Result{}, fmt.Errorf("%w (%d asked)", ErrUnavailable, asked)
+}
+
+// eachHolder calls f with holders of dev's shard (never this node) found
+// through the finder, until f returns true or MaxHoldersAsked were
+// called; it returns how many were.
+func (s *Service) eachHolder(ctx context.Context, dev protocol.Key, f func(peer.ID) bool) int {
+	shard := protocol.Shard(dev, s.cfg.Shards.Count())
+	qctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	asked := 0
+	seen := map[peer.ID]bool{}
+	for ai := range s.cfg.Finder.Holders(qctx, shard) {
+		if ai.ID == s.cfg.Self || seen[ai.ID] {
+			continue
+		}
+		seen[ai.ID] = true
+		if s.cfg.AddrBook != nil && len(ai.Addrs) > 0 {
+			s.cfg.AddrBook.AddAddrs(ai.ID, ai.Addrs, addrTTL)
+		}
+		asked++
+		if f(ai.ID) || asked == MaxHoldersAsked {
+			break
+		}
+	}
+	return asked
+}
+
+// Count counts dev's bundles: from the store when this node holds the
+// shard, else from the first holder that answers (fetch KIND_COUNT).
+// Holders that answer NOT_FOUND count as zero counts; ErrUnavailable when
+// none answered.
+func (s *Service) Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error) {
+	if s.cfg.Shards.HasKey(dev) {
+		return s.cfg.Store.ClaimCounts(ctx, dev)
+	}
+	var out storage.ClaimCounts
+	found, notFound := false, false
+	asked := s.eachHolder(ctx, dev, func(p peer.ID) bool {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HolderTimeout)
+		c, err := s.cfg.Client.Count(hctx, p, dev)
+		cancel()
+		switch {
+		case err == nil:
+			out, found = c, true
+			return true
+		case errors.Is(err, ingest.ErrNoRecord):
+			notFound = true
+		}
+		s.log.Debug("claim: count from holder failed", "holder", p, "device", dev, "err", err)
+		return false
+	})
+	switch {
+	case found:
+		return out, nil
+	case notFound:
+		return storage.ClaimCounts{}, nil
+	case ctx.Err() != nil:
+		return storage.ClaimCounts{}, fmt.Errorf("claim: %w", ctx.Err())
+	}
+	return storage.ClaimCounts{}, fmt.Errorf("%w (%d asked)", ErrUnavailable, asked)
+}

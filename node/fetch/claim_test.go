@@ -1,0 +1,236 @@
+package fetch
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kpnode/kpnode/internal/nodetest"
+	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/storage"
+)
+
+// retryErr is a Claimer's rate-limit refusal.
+type retryErr time.Duration
+
+func (e retryErr) Error() string             { return "over the limit" }
+func (e retryErr) RetryAfter() time.Duration { return time.Duration(e) }
+
+// fakeClaimer answers claims with what a test sets, and records requests.
+type fakeClaimer struct {
+	mu         sync.Mutex
+	bundle     *storage.Bundle
+	lastResort bool
+	notice     *protocol.ClaimNotice
+	err        error
+	counts     storage.ClaimCounts
+	calls      []string // requester, ownedOnly, suite
+}
+
+func (f *fakeClaimer) ServeClaim(_ context.Context, requester string, _ protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, requester)
+	if ownedOnly {
+		f.calls = append(f.calls, "owned")
+	}
+	if suite != 0 {
+		f.calls = append(f.calls, "suite")
+	}
+	return f.bundle, f.lastResort, f.notice, f.err
+}
+
+func (f *fakeClaimer) Count(context.Context, protocol.Key) (storage.ClaimCounts, error) {
+	return f.counts, f.err
+}
+
+// claimed returns a signed bundle (key_package with an MLS header of
+// suite) and a node's claim notice of it.
+func claimed(t testing.TB, seed byte, suite uint16) (*storage.Bundle, *protocol.ClaimNotice) {
+	t.Helper()
+	kp := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, 1), suite)
+	b := protocol.SignBundle(nodetest.SeedKey(seed), nowMS(), append(kp, 'k', 'p', seed))
+	info, err := testPolicy().ValidateBundle(&b, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := protocol.SignClaim(nodetest.SeedKey(99), nowMS(), b.DeviceID, info.Ref)
+	return &storage.Bundle{Bundle: b, BundleInfo: info}, &n
+}
+
+// KIND_CLAIM and KIND_COUNT over the real server and client: the bundle
+// with its notice, the last-resort flag, the owner-only flag and the suite
+// reach the Claimer; NOT_FOUND, RATE_LIMITED (with retry_after_ms) and
+// NOT_HOLDER come back as the client's errors; a server without a Claimer
+// does not know the kinds.
+func TestFetchClaimAndCount(t *testing.T) {
+	fc := &fakeClaimer{}
+	held := true
+	r := newRig(t, func(sc *ServerConfig, _ *ClientConfig) {
+		sc.Claimer = fc
+		sc.Holds = func(protocol.Key) bool { return held }
+	})
+	ctx := t.Context()
+	b, n := claimed(t, 1, 3)
+	fc.bundle, fc.notice, fc.lastResort = b, n, true
+	got, lastResort, gn, err := r.cli.Claim(ctx, holderID, b.DeviceID, 3, true)
+	if err != nil || got.Ref != b.Ref || !lastResort || gn == nil || string(gn.Payload) != string(n.Payload) {
+		t.Fatalf("claim: %v, %v, %v; want the bundle, flagged, with its notice", got, lastResort, err)
+	}
+	if want := []string{"peer:" + clientID.String(), "owned", "suite"}; len(fc.calls) != 3 || fc.calls[0] != want[0] || fc.calls[1] != want[1] || fc.calls[2] != want[2] {
+		t.Fatalf("the claimer saw %q; want %q", fc.calls, want)
+	}
+
+	fc.counts = storage.ClaimCounts{OneTime: 7, LastResort: 1, LastResortHandedOut: 3}
+	if c, err := r.cli.Count(ctx, holderID, b.DeviceID); err != nil || c != fc.counts {
+		t.Fatalf("count: %+v, %v; want %+v", c, err, fc.counts)
+	}
+
+	fc.err = storage.ErrNotFound
+	if _, _, _, err := r.cli.Claim(ctx, holderID, b.DeviceID, 0, false); !errors.Is(err, ErrNoRecord) {
+		t.Fatalf("claim of nothing: %v; want ErrNoRecord", err)
+	}
+	fc.err = retryErr(1500 * time.Millisecond)
+	_, _, _, err = r.cli.Claim(ctx, holderID, b.DeviceID, 0, false)
+	var rl *RateLimitError
+	if !errors.As(err, &rl) || !errors.Is(err, ErrRateLimited) || rl.RetryAfter() != 1500*time.Millisecond {
+		t.Fatalf("limited claim: %v; want a RateLimitError retrying after 1.5 s", err)
+	}
+	fc.err = retryErr(time.Hour) // capped
+	if _, _, _, err = r.cli.Claim(ctx, holderID, b.DeviceID, 0, false); !errors.As(err, &rl) || rl.RetryAfter() != MaxRetryAfter {
+		t.Fatalf("limited claim for an hour: %v; want the retry capped at %v", err, MaxRetryAfter)
+	}
+	if r.servedCount("rate_limited") != 2 {
+		t.Fatalf("served rate_limited %v times, want 2", r.servedCount("rate_limited"))
+	}
+	fc.err = errors.New("store on fire")
+	if _, _, _, err := r.cli.Claim(ctx, holderID, b.DeviceID, 0, false); err == nil || errors.Is(err, ErrNoRecord) {
+		t.Fatalf("failing claimer: %v; want an INTERNAL error", err)
+	}
+	fc.err = nil
+	held = false
+	calls := len(fc.calls)
+	for _, kind := range []pb.FetchRequest_Kind{pb.FetchRequest_KIND_CLAIM, pb.FetchRequest_KIND_COUNT} {
+		if _, err := r.cli.Request(ctx, holderID, &pb.FetchRequest{Kind: kind, Key: b.DeviceID[:]}); !errors.Is(err, ErrNotHeld) {
+			t.Fatalf("%v for a shard not held: %v; want NOT_HOLDER", kind, err)
+		}
+	}
+	if len(fc.calls) != calls {
+		t.Fatal("a claim for a shard not held reached the claimer (a node claims only for shards it holds)")
+	}
+	held = true
+	if _, err := r.cli.Request(ctx, holderID, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_CLAIM, Key: b.DeviceID[:], CipherSuite: 1 << 16}); err == nil {
+		t.Fatal("a cipher suite over 16 bits was served")
+	}
+
+	plain := newRig(t, nil)
+	if _, _, _, err := plain.cli.Claim(ctx, holderID, b.DeviceID, 0, false); err == nil || plain.servedCount("bad_request") != 1 {
+		t.Fatalf("claim at a server without a claimer: %v; want BAD_REQUEST", err)
+	}
+}
+
+// The client refuses a claim answer whose bundle or notice does not fit
+// the request: another device's bundle, a bundle of another suite, no
+// notice, a notice naming another ref or device, two bundles.
+func TestFetchClaimClientRefusesMismatches(t *testing.T) {
+	b, n := claimed(t, 2, 3)
+	other, otherN := claimed(t, 3, 3)
+	wrongRef := protocol.SignClaim(nodetest.SeedKey(99), nowMS(), b.DeviceID, other.Ref)
+	for _, tc := range []struct {
+		name  string
+		resp  *pb.FetchResponse
+		suite uint16
+	}{
+		{"another device's bundle", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&other.Bundle)}, Claim: pb.FromClaim(otherN)}, 0},
+		{"another suite", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}, Claim: pb.FromClaim(n)}, 4},
+		{"no notice", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}}, 0},
+		{"a notice of another ref", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}, Claim: pb.FromClaim(&wrongRef)}, 0},
+		{"a notice of another device", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}, Claim: pb.FromClaim(otherN)}, 0},
+		{"two bundles", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle), pb.FromBundle(&b.Bundle)}, Claim: pb.FromClaim(n)}, 0},
+		{"a forged bundle", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{forged(&b.Bundle)}, Claim: pb.FromClaim(n)}, 0},
+	} {
+		c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
+			defer s.Close()
+			readRequest(s)
+			_, _ = s.Write(delimited(t, tc.resp))
+		})
+		if got, _, _, err := c.Claim(t.Context(), holderID, b.DeviceID, tc.suite, false); err == nil {
+			t.Errorf("%s: accepted %v", tc.name, got.Ref)
+		}
+	}
+	// The honest answer passes (the rig is right).
+	c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		readRequest(s)
+		_, _ = s.Write(delimited(t, &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}, Claim: pb.FromClaim(n)}))
+	})
+	if _, _, _, err := c.Claim(t.Context(), holderID, b.DeviceID, 3, false); err != nil {
+		t.Fatalf("honest answer: %v", err)
+	}
+}
+
+func forged(b *protocol.Bundle) *pb.Bundle {
+	m := pb.FromBundle(b)
+	m.Signature = append([]byte(nil), m.Signature...)
+	m.Signature[0] ^= 1
+	return m
+}
+
+// Mutations of a valid claim answer (bytes changed, cut, appended) never
+// stall the client and never make it return a claim that does not fit
+// the request.
+func TestFetchClaimClientMutatedAnswers(t *testing.T) {
+	b, n := claimed(t, 24, 1)
+	ok, _ := proto.Marshal(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}, LastResort: true, Claim: pb.FromClaim(n)})
+	seed := append(binary.AppendUvarint(nil, uint64(len(ok))), ok...)
+	var answer atomic.Pointer[[]byte]
+	c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		readRequest(s)
+		_, _ = s.Write(*answer.Load())
+	})
+	policy := testPolicy()
+	rng := rand.New(rand.NewPCG(1, 2))
+	accepted := 0
+	for i := range 3000 {
+		data := append([]byte(nil), seed...)
+		for range 1 + rng.IntN(3) {
+			switch rng.IntN(3) {
+			case 0:
+				data[rng.IntN(len(data))] = byte(rng.IntN(256))
+			case 1:
+				data = data[:rng.IntN(len(data))+1]
+			case 2:
+				data = append(data, byte(rng.IntN(256)))
+			}
+		}
+		answer.Store(&data)
+		start := time.Now()
+		got, _, notice, err := c.Claim(t.Context(), holderID, b.DeviceID, 0, false)
+		if err == nil {
+			accepted++
+			info, verr := policy.ValidateBundle(&got.Bundle, time.Now())
+			_, dev, ref, nerr := protocol.DecodeClaimPayload(notice.Payload)
+			if verr != nil || got.DeviceID != b.DeviceID || nerr != nil || dev != b.DeviceID || ref != info.Ref {
+				t.Fatalf("input %d: returned a claim that does not fit the request: %v, %v", i, verr, nerr)
+			}
+		}
+		_, _ = c.Count(t.Context(), holderID, b.DeviceID)
+		if d := time.Since(start); d > 900*time.Millisecond {
+			t.Fatalf("input %d (%x) took %v", i, data, d)
+		}
+	}
+	if accepted == 0 {
+		t.Fatal("no mutation was accepted: the seed is not a valid answer")
+	}
+}
