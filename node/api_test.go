@@ -158,7 +158,7 @@ func TestStatusHealthAndMetrics(t *testing.T) {
 // Badger, the real ingest path and validation, the adapter's mapping.
 func TestAPIContract(t *testing.T) {
 	_, base := testNode(t, nil)
-	httpapitest.TestAPI(t, base)
+	httpapitest.TestAPI(t, base, httpapitest.SingleUse())
 }
 
 // The adapter maps each storage and lookup error to the httpapi sentinel

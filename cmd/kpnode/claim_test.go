@@ -21,11 +21,6 @@ import (
 	"github.com/kpnode/kpnode/protocol"
 )
 
-// nodeImplementsSingleUse turns on the single-use CLI test against the real
-// binary; the lead sets it once the node's claims and consumes land (the
-// in-process tests below run the same commands against httpapitest.Fake).
-const nodeImplementsSingleUse = false
-
 // cli runs kpnode's main in process.
 func cli(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
@@ -181,9 +176,6 @@ func TestCLISingleUse(t *testing.T) {
 // two, claim both, the third claim is a miss, count, consume, the consumed
 // KeyPackage refused on re-publish.
 func TestBinarySingleUseCLI(t *testing.T) {
-	if !nodeImplementsSingleUse {
-		t.Skip("the node's claims and consumes have not landed (set nodeImplementsSingleUse)")
-	}
 	p := startNode(t, t.TempDir(), "--mls-validation", "off")
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "device.key")
