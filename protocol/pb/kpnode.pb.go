@@ -721,7 +721,10 @@ type FetchRequest struct {
 	// KIND_CLAIM: the requester is a holder of the shard asking the owner of
 	// a bundle (rendezvous hashing) to hand out one it owns; no last-resort
 	// fallback, NOT_FOUND when it owns none.
-	OwnedOnly     bool `protobuf:"varint,4,opt,name=owned_only,json=ownedOnly,proto3" json:"owned_only,omitempty"`
+	OwnedOnly bool `protobuf:"varint,4,opt,name=owned_only,json=ownedOnly,proto3" json:"owned_only,omitempty"`
+	// KIND_CLAIM with owned_only: the refs (32 bytes each, at most 16) the
+	// requester believes the responder owns, in the order to try them.
+	Refs          [][]byte `protobuf:"bytes,5,rep,name=refs,proto3" json:"refs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -784,6 +787,13 @@ func (x *FetchRequest) GetOwnedOnly() bool {
 	return false
 }
 
+func (x *FetchRequest) GetRefs() [][]byte {
+	if x != nil {
+		return x.Refs
+	}
+	return nil
+}
+
 // FetchResponse answers a FetchRequest.
 type FetchResponse struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -795,8 +805,15 @@ type FetchResponse struct {
 	RetryAfterMs uint32                 `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"` // STATUS_RATE_LIMITED, STATUS_BUSY: when to ask again
 	// KIND_CLAIM: the responder's claim notice for the bundle it handed out,
 	// so the requester records the claim before gossip brings it.
-	Claim         *ClaimNotice `protobuf:"bytes,7,opt,name=claim,proto3" json:"claim,omitempty"`
-	Counts        *ClaimCounts `protobuf:"bytes,8,opt,name=counts,proto3" json:"counts,omitempty"` // KIND_COUNT
+	Claim  *ClaimNotice `protobuf:"bytes,7,opt,name=claim,proto3" json:"claim,omitempty"`
+	Counts *ClaimCounts `protobuf:"bytes,8,opt,name=counts,proto3" json:"counts,omitempty"` // KIND_COUNT
+	// KIND_CLAIM with owned_only: the claim notices that hold the named refs
+	// the responder could not hand out (proof they are taken).
+	Taken []*ClaimNotice `protobuf:"bytes,9,rep,name=taken,proto3" json:"taken,omitempty"`
+	// KIND_LATEST, KIND_ALL, KIND_CLAIM: the device's consume notices the
+	// responder holds (at most 16, newest first), so a requester that
+	// remembers a consumed bundle drops it.
+	Consumed      []*ConsumeNotice `protobuf:"bytes,10,rep,name=consumed,proto3" json:"consumed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -883,6 +900,20 @@ func (x *FetchResponse) GetClaim() *ClaimNotice {
 func (x *FetchResponse) GetCounts() *ClaimCounts {
 	if x != nil {
 		return x.Counts
+	}
+	return nil
+}
+
+func (x *FetchResponse) GetTaken() []*ClaimNotice {
+	if x != nil {
+		return x.Taken
+	}
+	return nil
+}
+
+func (x *FetchResponse) GetConsumed() []*ConsumeNotice {
+	if x != nil {
+		return x.Consumed
 	}
 	return nil
 }
@@ -1264,13 +1295,14 @@ const file_kpnode_proto_rawDesc = "" +
 	"\x06Notice\x12.\n" +
 	"\x05claim\x18\x01 \x01(\v2\x16.kpnode.v1.ClaimNoticeH\x00R\x05claim\x124\n" +
 	"\aconsume\x18\x02 \x01(\v2\x18.kpnode.v1.ConsumeNoticeH\x00R\aconsumeB\x06\n" +
-	"\x04body\"\x83\x02\n" +
+	"\x04body\"\x97\x02\n" +
 	"\fFetchRequest\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.kpnode.v1.FetchRequest.KindR\x04kind\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12!\n" +
 	"\fcipher_suite\x18\x03 \x01(\rR\vcipherSuite\x12\x1d\n" +
 	"\n" +
-	"owned_only\x18\x04 \x01(\bR\townedOnly\"m\n" +
+	"owned_only\x18\x04 \x01(\bR\townedOnly\x12\x12\n" +
+	"\x04refs\x18\x05 \x03(\fR\x04refs\"m\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vKIND_LATEST\x10\x01\x12\f\n" +
@@ -1279,7 +1311,7 @@ const file_kpnode_proto_rawDesc = "" +
 	"\n" +
 	"KIND_CLAIM\x10\x04\x12\x0e\n" +
 	"\n" +
-	"KIND_COUNT\x10\x05\"\x9a\x04\n" +
+	"KIND_COUNT\x10\x05\"\xfe\x04\n" +
 	"\rFetchResponse\x127\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x1f.kpnode.v1.FetchResponse.StatusR\x06status\x12+\n" +
 	"\abundles\x18\x02 \x03(\v2\x11.kpnode.v1.BundleR\abundles\x122\n" +
@@ -1289,7 +1321,10 @@ const file_kpnode_proto_rawDesc = "" +
 	"lastResort\x12$\n" +
 	"\x0eretry_after_ms\x18\x06 \x01(\rR\fretryAfterMs\x12,\n" +
 	"\x05claim\x18\a \x01(\v2\x16.kpnode.v1.ClaimNoticeR\x05claim\x12.\n" +
-	"\x06counts\x18\b \x01(\v2\x16.kpnode.v1.ClaimCountsR\x06counts\"\xb3\x01\n" +
+	"\x06counts\x18\b \x01(\v2\x16.kpnode.v1.ClaimCountsR\x06counts\x12,\n" +
+	"\x05taken\x18\t \x03(\v2\x16.kpnode.v1.ClaimNoticeR\x05taken\x124\n" +
+	"\bconsumed\x18\n" +
+	" \x03(\v2\x18.kpnode.v1.ConsumeNoticeR\bconsumed\"\xb3\x01\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tSTATUS_OK\x10\x01\x12\x14\n" +
@@ -1380,20 +1415,22 @@ var file_kpnode_proto_depIdxs = []int32{
 	5,  // 9: kpnode.v1.FetchResponse.account:type_name -> kpnode.v1.AccountBundle
 	7,  // 10: kpnode.v1.FetchResponse.claim:type_name -> kpnode.v1.ClaimNotice
 	12, // 11: kpnode.v1.FetchResponse.counts:type_name -> kpnode.v1.ClaimCounts
-	2,  // 12: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
-	13, // 13: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
-	14, // 14: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
-	3,  // 15: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
-	13, // 16: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
-	14, // 17: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
-	4,  // 18: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
-	5,  // 19: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
-	9,  // 20: kpnode.v1.SyncResponse.notices:type_name -> kpnode.v1.Notice
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	7,  // 12: kpnode.v1.FetchResponse.taken:type_name -> kpnode.v1.ClaimNotice
+	6,  // 13: kpnode.v1.FetchResponse.consumed:type_name -> kpnode.v1.ConsumeNotice
+	2,  // 14: kpnode.v1.SyncRequest.set:type_name -> kpnode.v1.SyncRequest.Set
+	13, // 15: kpnode.v1.SyncRequest.ranges:type_name -> kpnode.v1.SyncRange
+	14, // 16: kpnode.v1.SyncRequest.want:type_name -> kpnode.v1.SyncListing
+	3,  // 17: kpnode.v1.SyncResponse.status:type_name -> kpnode.v1.SyncResponse.Status
+	13, // 18: kpnode.v1.SyncResponse.ranges:type_name -> kpnode.v1.SyncRange
+	14, // 19: kpnode.v1.SyncResponse.listings:type_name -> kpnode.v1.SyncListing
+	4,  // 20: kpnode.v1.SyncResponse.bundles:type_name -> kpnode.v1.Bundle
+	5,  // 21: kpnode.v1.SyncResponse.accounts:type_name -> kpnode.v1.AccountBundle
+	9,  // 22: kpnode.v1.SyncResponse.notices:type_name -> kpnode.v1.Notice
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_kpnode_proto_init() }
