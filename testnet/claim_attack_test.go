@@ -167,28 +167,51 @@ func TestHostileNoticeFlood(t *testing.T) {
 	floodSent := time.Since(floodStart)
 	waitCutOff(t, ctx, board, victim, att1.id, "the sender of excessive claim notices")
 
-	// Phase 2: forgeries from a second peer.
+	// Phase 2: forgeries from a second peer, sent over and over until it is
+	// cut off and the honest client has been served 20 claims meanwhile.
 	h2 := rawHost(t)
 	att2 := newGossipAttacker(t, ctx, h2, victim, shard, pubsub.WithPeerOutboundQueueSize(4096))
 	forger, thief := newKey(t), newKey(t)
-	for i, ref := range a.refs {
-		ts := uint64(time.Now().UnixMilli())
-		badSig := protocol.SignClaim(forger, ts, a.id, ref)
-		badSig.Signature[i%64] ^= 0x01
-		foreign := protocol.SignClaim(forger, ts, a.id, b.refs[i%len(b.refs)])
-		badConsume := protocol.SignConsume(a.dev, ts, []protocol.Ref{ref})
-		badConsume.Signature[(i+7)%64] ^= 0x80
-		stolen := protocol.SignConsume(thief, ts, []protocol.Ref{ref})
-		for _, data := range [][]byte{
-			noticeData(t, &badSig, nil), noticeData(t, &foreign, nil),
-			noticeData(t, nil, &badConsume), noticeData(t, nil, &stolen),
-		} {
-			if err := att2.topic.Publish(ctx, data); err != nil {
-				t.Fatal(err)
+	floodCtx, stopFlood := context.WithCancel(ctx)
+	defer stopFlood()
+	forgeries := 0
+	flooded := make(chan error, 1)
+	go func() {
+		for i := 0; floodCtx.Err() == nil; i++ {
+			ref := a.refs[i%len(a.refs)]
+			ts := uint64(time.Now().UnixMilli())
+			badSig := protocol.SignClaim(forger, ts, a.id, ref)
+			badSig.Signature[i%64] ^= 0x01
+			foreign := protocol.SignClaim(forger, ts, a.id, b.refs[i%len(b.refs)])
+			badConsume := protocol.SignConsume(a.dev, ts, []protocol.Ref{ref})
+			badConsume.Signature[(i+7)%64] ^= 0x80
+			stolen := protocol.SignConsume(thief, ts, []protocol.Ref{ref})
+			for _, data := range [][]byte{
+				noticeData(t, &badSig, nil), noticeData(t, &foreign, nil),
+				noticeData(t, nil, &badConsume), noticeData(t, nil, &stolen),
+			} {
+				if err := att2.topic.Publish(floodCtx, data); err != nil {
+					if floodCtx.Err() == nil {
+						flooded <- err
+					}
+					close(flooded)
+					return
+				}
+				forgeries++
+			}
+			if i%50 == 49 {
+				time.Sleep(5 * time.Millisecond) // a steady flood, not one burst the queue drops
 			}
 		}
-	}
+		close(flooded)
+	}()
 	waitCutOff(t, ctx, board, victim, att2.id, "the sender of forged notices")
+	served := func() int { honestMu.Lock(); defer honestMu.Unlock(); return honestServed + len(honestFailures) }
+	nodetest.WaitFor(t, "20 honest claims during the flood", 10*time.Second, func() bool { return served() >= 20 })
+	stopFlood()
+	if err := <-flooded; err != nil {
+		t.Fatalf("forger: %v", err)
+	}
 	floodTime := time.Since(floodStart)
 	close(honestStop)
 	honestWG.Wait()
@@ -196,9 +219,6 @@ func TestHostileNoticeFlood(t *testing.T) {
 	honestMu.Lock()
 	if len(honestFailures) > 0 {
 		t.Fatalf("%d honest claims refused during the flood (%d served), first: %s", len(honestFailures), honestServed, honestFailures[0])
-	}
-	if honestServed < 5 {
-		t.Fatalf("only %d honest claims during the flood", honestServed)
 	}
 	honestMu.Unlock()
 
@@ -235,7 +255,7 @@ func TestHostileNoticeFlood(t *testing.T) {
 	s1, _ := board.min(att1.id)
 	s2, _ := board.min(att2.id)
 	t.Logf("flood of %d notices over %v (phase 1 sent in %v); victim: %.0f notices rejected, %.0f peer penalties; lowest scores: excessive sender %.0f, forger %.0f; %d honest claims served meanwhile",
-		4*poolSize+2*poolSize, floodTime.Round(time.Millisecond), floodSent.Round(time.Millisecond), rejected, penalties, s1, s2, honestServed)
+		2*poolSize+forgeries, floodTime.Round(time.Millisecond), floodSent.Round(time.Millisecond), rejected, penalties, s1, s2, honestServed)
 	if rejected == 0 {
 		t.Fatal("the victim rejected no notice")
 	}
