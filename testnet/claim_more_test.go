@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -153,37 +154,57 @@ func TestClaimRateLimits(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	n := c.Nodes[0]
-	// Two devices, each with only a last-resort bundle (every claim is
-	// served, nothing runs out), so only the requester's limit can refuse.
-	devs := []*pool{newPool(t, nil, 0, true), newPool(t, nil, 0, true)}
-	for _, p := range devs {
-		p.submit(t, ctx, n)
+	// Six devices, each with only a last-resort bundle (every claim is
+	// served, nothing runs out) and claimed 25 times, under the per-device
+	// burst: only the requester's limit can refuse. 150 claims from one
+	// client, 8 at a time.
+	devs := make([]*pool, 6)
+	for i := range devs {
+		devs[i] = newPool(t, nil, 0, true)
+		devs[i].submit(t, ctx, n)
 	}
 	greedy := newAPIFrom(t, n, "127.0.0.41")
-	start := time.Now()
+	var mu sync.Mutex
 	ok, limited := 0, 0
 	var retryAfter string
-	for k := 0; k < 60; k++ {
-		code, raw, hdr, err := greedy.do(ctx, http.MethodPost, "/v1/keypackages/"+devs[k%2].id.String()+"/claim", nil)
-		switch {
-		case err != nil:
-			t.Fatal(err)
-		case code == http.StatusOK:
-			ok++
-		case code == http.StatusTooManyRequests:
-			if errorText(raw) != "rate limited" {
-				t.Fatalf("429 body %s, want rate limited", raw)
+	var failure error
+	var wg sync.WaitGroup
+	next := make(chan int)
+	start := time.Now()
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range next {
+				code, raw, hdr, err := greedy.do(ctx, http.MethodPost, "/v1/keypackages/"+devs[k%len(devs)].id.String()+"/claim", nil)
+				mu.Lock()
+				switch {
+				case err != nil:
+					failure = err
+				case code == http.StatusOK:
+					ok++
+				case code == http.StatusTooManyRequests && errorText(raw) == "rate limited":
+					limited++
+					retryAfter = hdr.Get("Retry-After")
+				default:
+					failure = fmt.Errorf("claim %d: http %d %s", k, code, raw)
+				}
+				mu.Unlock()
 			}
-			limited++
-			retryAfter = hdr.Get("Retry-After")
-		default:
-			t.Fatalf("claim %d: http %d %s", k, code, raw)
-		}
+		}()
+	}
+	for k := 0; k < 150; k++ {
+		next <- k
+	}
+	close(next)
+	wg.Wait()
+	if failure != nil {
+		t.Fatal(failure)
 	}
 	elapsed := time.Since(start)
-	t.Logf("60 claims from one client in %v: %d served, %d limited, Retry-After %q", elapsed.Round(time.Millisecond), ok, limited, retryAfter)
+	t.Logf("150 claims from one client in %v: %d served, %d limited, Retry-After %q", elapsed.Round(time.Millisecond), ok, limited, retryAfter)
 	if allowed := 40 + int(20*elapsed.Seconds()) + 1; ok > allowed || limited == 0 {
-		t.Fatalf("%d of 60 claims served in %v, want at most %d (burst 40, 20/s) and some refused", ok, elapsed, allowed)
+		t.Fatalf("%d of 150 claims served in %v, want at most %d (burst 40, 20/s) and some refused", ok, elapsed, allowed)
 	}
 	if s, err := strconv.Atoi(retryAfter); err != nil || s < 1 {
 		t.Fatalf("Retry-After %q, want whole seconds ≥ 1", retryAfter)
