@@ -6,6 +6,8 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -288,6 +290,20 @@ func waitCutOff(t *testing.T, ctx context.Context, board *scoreBoard, victim *no
 		return true
 	}); err != nil {
 		s, _ := board.score(attacker)
-		t.Fatalf("%s was neither graylisted nor cut off: score %v", who, s)
+		t.Fatalf("%s was neither graylisted nor cut off: score %v; victim's notice metrics:\n%s", who, s, noticeMetrics(victim))
 	}
+}
+
+// noticeMetrics returns the victim's notice metric lines, for a failure's
+// message.
+func noticeMetrics(n *node.Node) string {
+	rec := httptest.NewRecorder()
+	n.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	var out []string
+	for _, line := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(line, "kpnode_notices_") || strings.HasPrefix(line, "kpnode_gossip_notices_") || strings.HasPrefix(line, "kpnode_peer_penalties") {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
 }
