@@ -10,11 +10,10 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
@@ -23,23 +22,19 @@ import (
 	"github.com/kpnode/kpnode/node"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
+	"github.com/kpnode/kpnode/testnet/simnet"
 )
 
-// hostWithKey is a bare libp2p host on loopback whose identity is the
-// Ed25519 key priv, so that it can sign claim notices as the node key of
-// its own peer ID (the forwarder is the origin).
-func hostWithKey(t *testing.T, priv ed25519.PrivateKey) host.Host {
+// hostKey returns the Ed25519 identity key of host h, so that a test can
+// sign claim notices as the node key of h's own peer ID (the forwarder is
+// the origin).
+func hostKey(t *testing.T, h host.Host) ed25519.PrivateKey {
 	t.Helper()
-	sk, err := crypto.UnmarshalEd25519PrivateKey(priv)
-	if err != nil {
-		t.Fatal(err)
+	raw, err := h.Peerstore().PrivKey(h.ID()).Raw()
+	if err != nil || len(raw) != ed25519.PrivateKeySize {
+		t.Fatalf("host key: %d bytes, %v", len(raw), err)
 	}
-	h, err := libp2p.New(libp2p.Identity(sk), libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableMetrics())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	return h
+	return ed25519.PrivateKey(raw)
 }
 
 func newKey(t *testing.T) ed25519.PrivateKey {
@@ -93,17 +88,27 @@ const (
 // Meanwhile a chat client's claims of another device through the victim's
 // HTTP API keep being served, and afterwards the flooded device's pool still
 // hands out one-time bundles on every node.
+//
+// The network is simulated, in virtual time: the flood arrives as fast as
+// the attackers send it, however loaded the machine running the test is, so
+// the limits it is held to do not depend on the machine's speed.
 func TestHostileNoticeFlood(t *testing.T) {
+	synctest.Test(t, hostileNoticeFlood)
+}
+
+func hostileNoticeFlood(t *testing.T) {
 	const poolSize = 200
 	board := newScoreBoard()
-	c := startCluster(t, 2, func(i int, cfg *node.Config) {
+	nw := startSim(t, simnet.Options{Full: 2, ShardCount: protocol.DefaultShardCount, NodeConfig: func(i int, cfg *node.Config) {
+		cfg.Shards = protocol.AllShards(protocol.DefaultShardCount)
 		cfg.MaxPerDevice = poolSize + 50
 		if i == 0 {
 			cfg.PeerScoreInspect = board.inspect
 		}
-	})
-	victim := c.Nodes[0]
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	}})
+	nodes := []*node.Node{nw.Nodes[0].Node, nw.Nodes[1].Node}
+	victim := nodes[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
 	// A: the flooded device; B: another device, whose refs the forgeries
@@ -115,7 +120,7 @@ func TestHostileNoticeFlood(t *testing.T) {
 		p.submit(t, ctx, victim)
 	}
 	for _, p := range []*pool{a, b, hp} {
-		p.waitHeld(t, ctx, c.Nodes)
+		p.waitHeld(t, ctx, nodes)
 	}
 	shard := protocol.Shard(a.id, protocol.DefaultShardCount)
 
@@ -130,7 +135,7 @@ func TestHostileNoticeFlood(t *testing.T) {
 	honestWG.Add(1)
 	go func() {
 		defer honestWG.Done()
-		api := newAPIFrom(t, victim, "127.0.0.9")
+		api := handlerAPI(victim, "192.0.2.9:4000")
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
 		for {
@@ -152,9 +157,9 @@ func TestHostileNoticeFlood(t *testing.T) {
 
 	// Phase 1: valid but excessive claim notices for all of A's pool, signed
 	// by the sender's own identity key and by a minted node key.
-	floodKey := newKey(t)
+	h1 := simHost(t, nw)
+	floodKey := hostKey(t, h1)
 	minted := newKey(t)
-	h1 := hostWithKey(t, floodKey)
 	att1 := newGossipAttacker(t, ctx, h1, victim, shard, pubsub.WithPeerOutboundQueueSize(4096))
 	floodStart := time.Now()
 	for i, ref := range a.refs {
@@ -174,7 +179,7 @@ func TestHostileNoticeFlood(t *testing.T) {
 
 	// Phase 2: forgeries from a second peer, sent over and over until it is
 	// cut off and the honest client has been served 20 claims meanwhile.
-	h2 := rawHost(t)
+	h2 := simHost(t, nw)
 	att2 := newGossipAttacker(t, ctx, h2, victim, shard, pubsub.WithPeerOutboundQueueSize(4096))
 	forger, thief := newKey(t), newKey(t)
 	floodCtx, stopFlood := context.WithCancel(ctx)
@@ -204,9 +209,7 @@ func TestHostileNoticeFlood(t *testing.T) {
 				}
 				forgeries++
 			}
-			if i%50 == 49 {
-				time.Sleep(5 * time.Millisecond) // a steady flood, not one burst the queue drops
-			}
+			time.Sleep(10 * time.Millisecond) // 400 notices a second, steadily (virtual time)
 		}
 		close(flooded)
 	}()
@@ -231,8 +234,8 @@ func TestHostileNoticeFlood(t *testing.T) {
 	// most at the per-origin limits of the two origin keys over the phase-1
 	// flood; nothing of A or B deleted; B's refs not marked under A.
 	bound := 2 * (originClaimBurst + int(originClaimRate*phase1.Seconds()+0.999))
-	for i, n := range c.Nodes {
-		api := newAPI(t, n)
+	for i, n := range nodes {
+		api := handlerAPI(n, "192.0.2.10:4000")
 		got, err := api.count(ctx, a.id)
 		if err != nil {
 			t.Fatal(err)

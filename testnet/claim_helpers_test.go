@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -75,6 +76,27 @@ func newAPIFrom(t testing.TB, n *node.Node, source string) *apiClient {
 	}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &apiClient{base: "http://" + addr.String(), hc: &http.Client{Transport: tr, Timeout: 10 * time.Second}}
+}
+
+// handlerAPI returns a requester that calls n's API handler in process, as
+// a client at remote (host:port) would: for simulated nodes, which have no
+// HTTP listener (a socket's accept loop would stop synctest's clock).
+func handlerAPI(n *node.Node, remote string) *apiClient {
+	return &apiClient{base: "http://node", hc: &http.Client{Transport: remoteTransport{h: n.Handler(), remote: remote}}}
+}
+
+// remoteTransport serves every request with h, in process, from remote.
+type remoteTransport struct {
+	h      http.Handler
+	remote string
+}
+
+func (t remoteTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	r := req.Clone(req.Context())
+	r.RemoteAddr, r.RequestURI = t.remote, req.URL.RequestURI()
+	rec := httptest.NewRecorder()
+	t.h.ServeHTTP(rec, r)
+	return rec.Result(), nil
 }
 
 // do sends one request and returns the status, the body (at most 1 MiB)
