@@ -260,12 +260,7 @@ func pct(sorted []time.Duration, p int) time.Duration {
 // meanwhile, once it has rejoined and synced (and it no longer holds the
 // bundle); a forged consume notice is 400 and changes nothing.
 func TestConsumeRemovesEverywhere(t *testing.T) {
-	// Node 2 syncs every 1-1.2 s, so its catch-up after the restart is quick.
-	c := startCluster(t, 3, func(i int, cfg *node.Config) {
-		if i == 2 {
-			cfg.SyncInterval = time.Second
-		}
-	})
+	c := startCluster(t, 3, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	p := newPool(t, nil, 4, true)
@@ -328,33 +323,30 @@ func TestConsumeRemovesEverywhere(t *testing.T) {
 		checkConsumed(i, n)
 	}
 
-	// Node 2 comes back with the consumed bundles in its store. The live
-	// nodes sync with it at once, while it may still hold them: they must
-	// not take them back. Then it learns the notice by its own sync and
-	// deletes them.
+	// Node 2 comes back with the consumed bundles in its store. Nodes sync
+	// with a peer when they connect: it learns the notice and deletes them,
+	// and the live nodes, which may pull from it before it did, do not
+	// take them back. A sync of each live node with it afterwards changes
+	// nothing either.
 	n2, err := c.Restart(ctx, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	restarted := time.Now()
+	stale := !holdsNone(ctx, n2, p.id, consumed)
+	nodetest.WaitFor(t, "the restarted node to drop the consumed bundles by sync", 20*time.Second, func() bool {
+		return holdsNone(ctx, n2, p.id, consumed)
+	})
+	t.Logf("restarted node (holding the consumed bundles at start: %v) dropped them %v after its restart", stale, time.Since(restarted).Round(time.Millisecond))
 	nodetest.WaitFor(t, "the restarted node to rejoin", 20*time.Second, func() bool {
 		return Ready(n2, c.heldElsewhere(2)) && len(n2.ConnectedPeers()) >= 2
 	})
-	stale := !holdsNone(ctx, n2, p.id, consumed)
 	shard := protocol.Shard(p.id, protocol.DefaultShardCount)
 	for i, n := range live {
 		if _, err := n.SyncNow(ctx, n2.PeerID(), shard); err != nil {
 			t.Fatalf("node %d: sync with the restarted node: %v", i, err)
 		}
-		if !holdsNone(ctx, n, p.id, consumed) {
-			t.Fatalf("node %d took a consumed bundle back by sync from the restarted node (which still held it: %v)", i, stale)
-		}
 	}
-	t.Logf("live nodes synced with the restarted node while it still held the consumed bundles: %v", stale)
-	nodetest.WaitFor(t, "the restarted node to drop the consumed bundles by sync", 20*time.Second, func() bool {
-		return holdsNone(ctx, n2, p.id, consumed)
-	})
-	t.Logf("restarted node dropped the consumed bundles %v after its restart", time.Since(restarted).Round(time.Millisecond))
 	for i, n := range c.Nodes {
 		if !holdsNone(ctx, n, p.id, consumed) {
 			t.Fatalf("node %d holds a consumed bundle again", i)
