@@ -487,6 +487,7 @@ func claimDouble(duration time.Duration, devices int) error {
 
 	type rec struct {
 		dev        int
+		node       int
 		code       int
 		ref        string
 		lastResort bool
@@ -514,7 +515,7 @@ func claimDouble(duration time.Duration, devices int) error {
 					failures = append(failures, fmt.Sprintf("http %d %s %v", a.code, a.body, err))
 					return
 				}
-				recs = append(recs, rec{dev: di, code: a.code, ref: a.ref, lastResort: a.lastResort, lat: time.Since(t0)})
+				recs = append(recs, rec{dev: di, node: r % 3, code: a.code, ref: a.ref, lastResort: a.lastResort, lat: time.Since(t0)})
 				if !a.lastResort {
 					if ref, err := protocol.ParseRef(a.ref); err == nil {
 						d.mu.Lock()
@@ -539,6 +540,7 @@ func claimDouble(duration time.Duration, devices int) error {
 		ref string
 	}
 	times := map[key]int{}
+	by := map[key][]int{} // the nodes that handed each ref out
 	oneTime, lastResort := 0, 0
 	lat := make([]time.Duration, 0, len(recs))
 	for _, r := range recs {
@@ -549,6 +551,7 @@ func claimDouble(duration time.Duration, devices int) error {
 		}
 		oneTime++
 		times[key{r.dev, r.ref}]++
+		by[key{r.dev, r.ref}] = append(by[key{r.dev, r.ref}], r.node)
 	}
 	twice, extra := 0, 0
 	for _, k := range times {
@@ -571,6 +574,13 @@ func claimDouble(duration time.Duration, devices int) error {
 		twice, extra, fallbacks, 100*rate)
 	if len(failures) > 0 {
 		fmt.Printf("first failure: %s\n", failures[0])
+	}
+	shown := 0
+	for k, nodes := range by {
+		if len(nodes) > 1 && shown < 5 {
+			fmt.Printf("  ref %.16s… of device %d handed out by nodes %v\n", k.ref, k.dev, nodes)
+			shown++
+		}
 	}
 	return nil
 }
