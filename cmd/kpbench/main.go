@@ -34,6 +34,12 @@
 //	    a paced publish to random live nodes while a random non-bootstrap
 //	    node is SIGKILLed and restarted every 15-20 s: acknowledged bundles
 //	    lost (must be 0) and time to converge.
+//	kpbench claim [-only throughput|light|double] [-devices 200] [-pool 20] [-runs 200] [-duration 60s]
+//	    single-use KeyPackages: claims/s of one node over HTTP against GET
+//	    /v0/keypackage of the same devices; p50/p99 of a claim through a
+//	    light node against a fetch round trip from it to the holder; the
+//	    double hand-out rate of 10 claims/s per device for 60 s, pools of
+//	    100 kept topped up, requesters on 3 nodes (target < 1 %).
 //	kpbench attack -scenario sync-responder|sync-initiator|big-bundle|fetch-all|rollback
 //	    one real kpnode under a hostile libp2p host while an honest client
 //	    GETs: RSS growth, CPU per hostile vs honest request, time until the
@@ -62,7 +68,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|lookup|memory|get|ingest|burst|partition|chaos|attack [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kpbench propagation|fetch|catchup|lookup|memory|get|ingest|burst|partition|chaos|attack|claim [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -89,6 +95,8 @@ func main() {
 		err = chaos(os.Args[2:])
 	case "attack":
 		err = attack(os.Args[2:])
+	case "claim":
+		err = claimBench(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}

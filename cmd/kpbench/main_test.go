@@ -52,3 +52,13 @@ func TestQuantile(t *testing.T) {
 		t.Fatalf("empty %v", q)
 	}
 }
+
+// The claim scenario runs end to end on a small scale.
+func TestClaimBenchRuns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts nodes")
+	}
+	if err := claimBench([]string{"-devices", "5", "-pool", "4", "-requesters", "10", "-runs", "5", "-duration", "2s", "-double-devices", "2"}); err != nil {
+		t.Fatal(err)
+	}
+}
