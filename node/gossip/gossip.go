@@ -86,6 +86,12 @@ const (
 	// burst 40, at each claiming node).
 	DefaultPeerDeviceBurst = 60
 	DefaultPeerDeviceRate  = 20
+	// DefaultConsumeByteBurst and DefaultConsumeByteRate are each
+	// forwarding peer's budget of consume notice payload bytes: 32 notices
+	// of 256 refs at once, a thousand refs' worth (32 KiB) a second. Honest
+	// devices consume a few refs at a time.
+	DefaultConsumeByteBurst = 256 << 10
+	DefaultConsumeByteRate  = 32 << 10
 )
 
 // The origin flood budget: a claim notice over its origin's claim rate for
@@ -147,6 +153,11 @@ type Config struct {
 	// PeerDeviceBurst at once, refilled at PeerDeviceRate a second. A
 	// claim notice over it is Ignored.
 	PeerDeviceBurst, PeerDeviceRate int
+	// ConsumeByteBurst and ConsumeByteRate are each forwarding peer's
+	// budget of consume notice payload bytes: ConsumeByteBurst at once,
+	// refilled at ConsumeByteRate a second. A consume notice over it is
+	// Ignored.
+	ConsumeByteBurst, ConsumeByteRate int
 	// Logger receives the service's logs. Default slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the gossip metrics
@@ -166,7 +177,8 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{PeerBurst: DefaultPeerBurst, PeerRate: DefaultPeerRate, MinCharge: DefaultMinCharge,
 		ValidatorTimeout: DefaultValidatorTimeout, NoticeBurst: DefaultNoticeBurst, NoticeRate: DefaultNoticeRate,
-		PeerDeviceBurst: DefaultPeerDeviceBurst, PeerDeviceRate: DefaultPeerDeviceRate}
+		PeerDeviceBurst: DefaultPeerDeviceBurst, PeerDeviceRate: DefaultPeerDeviceRate,
+		ConsumeByteBurst: DefaultConsumeByteBurst, ConsumeByteRate: DefaultConsumeByteRate}
 }
 
 func (c *Config) setDefaults() {
@@ -195,6 +207,12 @@ func (c *Config) setDefaults() {
 	if c.PeerDeviceRate == 0 {
 		c.PeerDeviceRate = d.PeerDeviceRate
 	}
+	if c.ConsumeByteBurst == 0 {
+		c.ConsumeByteBurst = d.ConsumeByteBurst
+	}
+	if c.ConsumeByteRate == 0 {
+		c.ConsumeByteRate = d.ConsumeByteRate
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -218,8 +236,11 @@ func (c Config) Validate() error {
 		return fmt.Errorf("gossip: peer burst %d is under one RPC at the size cap (%d bytes)", c.PeerBurst, MaxRPC)
 	}
 	if c.PeerRate <= 0 || c.MinCharge <= 0 || c.ValidatorTimeout <= 0 || c.NoticeBurst <= 0 || c.NoticeRate <= 0 ||
-		c.PeerDeviceBurst <= 0 || c.PeerDeviceRate <= 0 {
-		return errors.New("gossip: peer rate, minimum charge, validator timeout and notice budget must be positive")
+		c.PeerDeviceBurst <= 0 || c.PeerDeviceRate <= 0 || c.ConsumeByteRate <= 0 {
+		return errors.New("gossip: peer rate, minimum charge, validator timeout and notice budgets must be positive")
+	}
+	if c.ConsumeByteBurst < protocol.MaxConsumePayloadSize {
+		return fmt.Errorf("gossip: consume byte burst %d is under one consume notice at the size cap (%d bytes)", c.ConsumeByteBurst, protocol.MaxConsumePayloadSize)
 	}
 	return nil
 }
@@ -270,7 +291,9 @@ func New(cfg Config, h host.Host, ing ingest.Ingester, guard Guard) (*Service, e
 			notices: keyed.New[peer.ID](maxNoticePeers, float64(cfg.NoticeRate), float64(cfg.NoticeBurst), cfg.Now),
 			floods:  keyed.New[peer.ID](maxNoticePeers, floodRate, floodBurst, cfg.Now),
 			peerDevices: keyed.New[peerDevice](maxPeerDevices, float64(cfg.PeerDeviceRate),
-				float64(cfg.PeerDeviceBurst), cfg.Now)},
+				float64(cfg.PeerDeviceBurst), cfg.Now),
+			consumeBytes: keyed.New[peer.ID](maxNoticePeers, float64(cfg.ConsumeByteRate),
+				float64(cfg.ConsumeByteBurst), cfg.Now)},
 	}, nil
 }
 

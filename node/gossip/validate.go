@@ -54,7 +54,10 @@ type validator struct {
 	// peerDevices is each forwarding peer's budget of claim notices per
 	// device, whatever keys sign them (nil: none).
 	peerDevices *keyed.Keyed[peerDevice]
-	metrics     *metrics // nil counts nothing
+	// consumeBytes is each forwarding peer's budget of consume notice
+	// payload bytes (nil: none).
+	consumeBytes *keyed.Keyed[peer.ID]
+	metrics      *metrics // nil counts nothing
 }
 
 // peerDevice keys a forwarding peer's claim budget for one device.
@@ -194,6 +197,10 @@ func (v *validator) ingestConsume(ctx context.Context, shard int, from peer.ID, 
 	}
 	if err := v.chargeNotice(from); err != nil {
 		return 0, err
+	}
+	if v.consumeBytes != nil && !v.consumeBytes.Take(from, float64(len(n.Payload))) {
+		v.metrics.noticeRefused("consume_bytes")
+		return 0, fmt.Errorf("gossip: peer %s: consume notice bytes: %w", from, ingest.ErrNoticeRate)
 	}
 	outcome, _, err := v.ing.IngestConsume(ctx, n, ingest.SourceGossip)
 	if err != nil {
