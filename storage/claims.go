@@ -342,8 +342,9 @@ func (s *Store) PutClaim(ctx context.Context, n *protocol.ClaimNotice, info prot
 // consume of what it holds here is never refused for room (the records
 // may take the share over by their size less the bundles' bytes freed).
 // Stored: new; Duplicate: already held; OverQuota: the device would hold
-// more than MaxConsumedPerDevice tombstones (nothing changed; only the
-// device's own notices count there); ErrStoreFull: full and no named ref is held (nothing
+// more than MaxConsumedPerDevice tombstones, or the notice would tombstone
+// nothing new but names refs not held past their cap (nothing changed;
+// only the device's own notices count there); ErrStoreFull: full and no named ref is held (nothing
 // changed). ErrForeignRef: a named ref is held under another device
 // (nothing changed).
 func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info protocol.ConsumeInfo) (outcome PutOutcome, err error) {
@@ -421,7 +422,7 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 		// device's cap of such tombstones (anyone can mint a device and
 		// name refs nobody holds).
 		var tomb []protocol.Ref
-		unheldFresh := 0
+		unheldFresh, capped := 0, 0
 		for _, ref := range info.Refs {
 			_, isLive := live[ref]
 			switch {
@@ -429,6 +430,7 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 			case liveUnheld+unheldFresh < MaxUnheldConsumedPerDevice:
 				unheldFresh++
 			default:
+				capped++
 				continue
 			}
 			tomb = append(tomb, ref)
@@ -439,7 +441,9 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 				fresh++
 			}
 		}
-		if len(live)+fresh > s.opts.MaxConsumedPerDevice {
+		// Over the tombstone quota; or a notice that would change nothing
+		// but name refs not held past their cap.
+		if len(live)+fresh > s.opts.MaxConsumedPerDevice || (capped > 0 && fresh == 0) {
 			outcome = OverQuota
 			return nil
 		}

@@ -106,4 +106,10 @@ func TestUnheldTombstonesCappedPerDevice(t *testing.T) {
 	if got, _, _ := s.BundlesUpTo(ctx, d, 1<<30); len(got) != 0 {
 		t.Errorf("the held bundle survived its consume: %d held", len(got))
 	}
+	// A notice naming only refs not held, all past the cap, changes
+	// nothing: OverQuota.
+	n, info = consumeOf(d, now+2, refAt(2000), refAt(2001))
+	if out, err := s.PutConsume(ctx, n, info); err != nil || out != OverQuota {
+		t.Errorf("a notice of refs not held past the cap: %v, %v; want OverQuota", out, err)
+	}
 }
