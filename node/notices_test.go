@@ -268,8 +268,8 @@ func TestConsumeNoticeReachesARejoiningHolderBySync(t *testing.T) {
 
 // Over HTTP on a real node: POST /v1/consume is 204 and deletes the bundle;
 // the bundle posted again is 409 "keypackage consumed"; a consume notice
-// that would take the device over its tombstone quota (4,096) is 429 with
-// a Retry-After of a minute, and changes nothing.
+// naming only refs not held, past the device's cap of such tombstones
+// (256), is 429 with a Retry-After of a minute, and changes nothing.
 func TestConsumeOverHTTP(t *testing.T) {
 	n, base := testNode(t, nil)
 	devKey := nodetest.SeedKey(74)
@@ -293,7 +293,7 @@ func TestConsumeOverHTTP(t *testing.T) {
 		}
 		return ref
 	}
-	for range storage.DefaultMaxConsumedPerDevice / protocol.MaxConsumeRefs {
+	for range storage.MaxUnheldConsumedPerDevice / protocol.MaxConsumeRefs {
 		refs := make([]protocol.Ref, protocol.MaxConsumeRefs)
 		for i := range refs {
 			refs[i] = next()

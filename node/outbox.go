@@ -1,8 +1,10 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
@@ -19,7 +21,8 @@ import (
 // for the record over fetch, first outboxFirstCheck later and then with
 // exponential backoff up to outboxMaxBackoff, publishing again each time the
 // holder does not have it. The entry is deleted once a holder serves it (or
-// something that supersedes it), or when it can no longer be delivered
+// something that supersedes it; a consume notice: a holder's answer
+// carries it, or two holders' complete answers list none of its refs), or when it can no longer be delivered
 // because it no longer validates (its signed timestamp is older than the
 // retention). It survives restarts: the worker reloads the outbox at start.
 const (
@@ -228,13 +231,12 @@ func (n *Node) outboxValid(e *storage.OutboxEntry) error {
 // outboxHeld asks up to outboxHoldersAsked holders whether they have the
 // entry's record: for a bundle, the same KeyPackage (ref) with the same or
 // a newer signed timestamp among the device's bundles; for an account
-// bundle, the same one or one that supersedes it; for a consume notice,
-// that none of the refs it names is among the device's bundles (fetch
-// cannot ask for a notice: a holder that never had the bundles confirms it
-// too, and then learns the notice from the other holders by sync, or
-// refuses the bundles when it gets the notice). A holder that cannot be
-// asked is skipped.
+// bundle, the same one or one that supersedes it. A holder that cannot be
+// asked is skipped. A consume notice is confirmed by outboxConsumeHeld.
 func (n *Node) outboxHeld(ctx context.Context, e *storage.OutboxEntry, holders []peer.ID) (bool, error) {
+	if e.Kind == storage.OutboxConsume {
+		return n.outboxConsumeHeld(ctx, e, holders)
+	}
 	var lastErr error = fetch.ErrNoRecord
 	for i, p := range holders {
 		if i == outboxHoldersAsked {
@@ -247,6 +249,54 @@ func (n *Node) outboxHeld(ctx context.Context, e *storage.OutboxEntry, holders [
 			return held, nil
 		}
 		lastErr = err
+	}
+	return false, lastErr
+}
+
+// consumeSeen is what one holder's KIND_ALL answer says of a consume
+// notice.
+type consumeSeen int
+
+const (
+	// consumeUnseen: the holder lists a named ref, its answer was
+	// truncated, or it could not be read.
+	consumeUnseen consumeSeen = iota
+	// consumeNoneListed: a complete answer lists none of the named refs
+	// (a holder that never had the bundles answers so too).
+	consumeNoneListed
+	// consumeHeld: the answer carries the notice itself among the
+	// device's consume notices.
+	consumeHeld
+)
+
+// outboxConsumeHeld asks up to outboxHoldersAsked holders about a consume
+// entry. It is confirmed by one holder whose answer carries the notice
+// (FetchResponse.consumed), or by two distinct holders whose complete
+// answers list none of the refs it names: a holder that never had the
+// bundles lists none of them too, and a truncated answer proves nothing.
+func (n *Node) outboxConsumeHeld(ctx context.Context, e *storage.OutboxEntry, holders []peer.ID) (bool, error) {
+	var lastErr error = fetch.ErrNoRecord
+	noneListed := 0
+	for i, p := range holders {
+		if i == outboxHoldersAsked {
+			break
+		}
+		fctx, cancel := context.WithTimeout(ctx, outboxOpTimeout)
+		seen, err := n.holderConsumed(fctx, p, e)
+		cancel()
+		switch {
+		case err != nil:
+			lastErr = err
+			continue
+		case seen == consumeHeld:
+			return true, nil
+		case seen == consumeNoneListed:
+			noneListed++
+		}
+		lastErr = nil
+	}
+	if noneListed >= 2 {
+		return true, nil
 	}
 	return false, lastErr
 }
@@ -265,9 +315,6 @@ func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry)
 		}
 		same := a.Signature == e.Signature && string(a.Payload) == string(e.Payload)
 		return same || protocol.AccountSupersedes(a.Lamport, a.Payload, mine, e.Payload), nil
-	}
-	if e.Kind == storage.OutboxConsume {
-		return n.holderConsumed(ctx, p, e)
 	}
 	ts, kp, err := protocol.SplitBundlePayload(e.Payload)
 	if err != nil {
@@ -289,13 +336,15 @@ func (n *Node) holderHas(ctx context.Context, p peer.ID, e *storage.OutboxEntry)
 	return false, nil
 }
 
-// holderConsumed reports whether holder p lists none of the refs a consume
-// entry names among the device's bundles (refs computed as this node's
-// policy computes them; a bundle that does not validate here is skipped).
-func (n *Node) holderConsumed(ctx context.Context, p peer.ID, e *storage.OutboxEntry) (bool, error) {
+// holderConsumed reports what holder p's KIND_ALL answer for the device
+// says of a consume entry: whether it carries the notice, else whether it
+// is complete and lists none of the refs the entry names (refs computed as
+// this node's policy computes them; a bundle that does not validate here
+// is skipped).
+func (n *Node) holderConsumed(ctx context.Context, p peer.ID, e *storage.OutboxEntry) (consumeSeen, error) {
 	_, refs, err := protocol.DecodeConsumePayload(e.Payload)
 	if err != nil {
-		return false, err
+		return consumeUnseen, err
 	}
 	named := make(map[protocol.Ref]bool, len(refs))
 	for _, r := range refs {
@@ -303,9 +352,17 @@ func (n *Node) holderConsumed(ctx context.Context, p peer.ID, e *storage.OutboxE
 	}
 	resp, err := n.fetchClient.Request(ctx, p, &pb.FetchRequest{Kind: pb.FetchRequest_KIND_ALL, Key: e.Key[:]})
 	if errors.Is(err, fetch.ErrNoRecord) {
-		return true, nil
+		return consumeNoneListed, nil
 	} else if err != nil {
-		return false, err
+		return consumeUnseen, err
+	}
+	for _, m := range resp.GetConsumed() {
+		if bytes.Equal(m.GetDeviceId(), e.Key[:]) && bytes.Equal(m.GetPayload(), e.Payload) && bytes.Equal(m.GetSignature(), e.Signature[:]) {
+			return consumeHeld, nil
+		}
+	}
+	if strings.HasPrefix(resp.GetError(), "truncated") {
+		return consumeUnseen, nil
 	}
 	now := n.cfg.Now()
 	for _, m := range resp.Bundles {
@@ -314,8 +371,8 @@ func (n *Node) holderConsumed(ctx context.Context, p peer.ID, e *storage.OutboxE
 			continue
 		}
 		if info, err := n.cfg.Policy.ValidateBundle(b, now); err == nil && named[info.Ref] {
-			return false, nil
+			return consumeUnseen, nil
 		}
 	}
-	return true, nil
+	return consumeNoneListed, nil
 }

@@ -45,6 +45,12 @@ const NoticeSet SetKind = AccountSet + 1
 // consume notice that would take it over is refused (OverQuota).
 const DefaultMaxConsumedPerDevice = 4096
 
+// MaxUnheldConsumedPerDevice bounds the live tombstones a device may hold
+// for refs this store did not hold when they were written: refs a consume
+// notice names over it are not tombstoned (the held ones still are), so
+// minted devices naming refs nobody holds cannot fill the consume share.
+const MaxUnheldConsumedPerDevice = 256
+
 // ClaimCounts is what GET /v1/keypackages/{device_id}/count serves.
 type ClaimCounts struct {
 	// OneTime: one-time bundles not claimed, not consumed, usable now.
@@ -329,9 +335,18 @@ func (s *Store) PutClaim(ctx context.Context, n *protocol.ClaimNotice, info prot
 // PutConsume records a validated consume notice, atomically: it deletes the
 // device's named bundles (and their claims), writes a tombstone per ref
 // until info.TimestampMS + Retention, and stores the notice for sync.
+// It never evicts bundles to make room for its records. Refs not held here
+// are tombstoned up to MaxUnheldConsumedPerDevice live ones per device,
+// and not at all when the consume share (MaxConsumeBytes) or the store is
+// full; the held refs are always deleted and tombstoned, so a device's
+// consume of what it holds here is never refused for room (the records
+// may take the share over by their size less the bundles' bytes freed).
 // Stored: new; Duplicate: already held; OverQuota: the device would hold
-// more than MaxConsumedPerDevice tombstones (nothing changed). ErrForeignRef:
-// a named ref is held under another device (nothing changed).
+// more than MaxConsumedPerDevice tombstones, or the notice would tombstone
+// nothing new but names refs not held past their cap (nothing changed;
+// only the device's own notices count there); ErrStoreFull: full and no named ref is held (nothing
+// changed). ErrForeignRef: a named ref is held under another device
+// (nothing changed).
 func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info protocol.ConsumeInfo) (outcome PutOutcome, err error) {
 	defer recoverCorrupt(&err)
 	if err := ctx.Err(); err != nil {
@@ -370,25 +385,15 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 				return ErrForeignRef
 			}
 		}
-		live, err := s.liveTombstones(txn, dev, nowMS)
+		live, liveUnheld, err := s.liveTombstones(txn, dev, nowMS)
 		if err != nil {
 			return err
 		}
-		fresh := 0
-		for _, ref := range info.Refs {
-			if _, ok := live[ref]; !ok {
-				fresh++
-			}
-		}
-		if len(live)+fresh > s.opts.MaxConsumedPerDevice {
-			outcome = OverQuota
-			return nil
-		}
-		held, err := getCount(txn, dev)
-		if err != nil {
-			return err
-		}
-		wasHeld := held
+		// The named bundles held here: deleted first, so their bytes are
+		// freed before any consume record is written, and tombstoned
+		// whatever the consume share holds.
+		heldRef := make(map[protocol.Ref]bool, len(info.Refs))
+		var heldKeys [][]byte
 		for _, ref := range info.Refs {
 			item, err := txn.Get(refKey(dev, ref))
 			if errors.Is(err, badger.ErrKeyNotFound) {
@@ -407,6 +412,47 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 			} else if err != nil {
 				return err
 			}
+			if !heldRef[ref] {
+				heldRef[ref] = true
+				heldKeys = append(heldKeys, bkey)
+			}
+		}
+		// The refs to tombstone: the held ones, those already tombstoned
+		// (their until may grow), and fresh ones not held up to the
+		// device's cap of such tombstones (anyone can mint a device and
+		// name refs nobody holds).
+		var tomb []protocol.Ref
+		unheldFresh, capped := 0, 0
+		for _, ref := range info.Refs {
+			_, isLive := live[ref]
+			switch {
+			case heldRef[ref], isLive:
+			case liveUnheld+unheldFresh < MaxUnheldConsumedPerDevice:
+				unheldFresh++
+			default:
+				capped++
+				continue
+			}
+			tomb = append(tomb, ref)
+		}
+		fresh := 0
+		for _, ref := range tomb {
+			if _, ok := live[ref]; !ok {
+				fresh++
+			}
+		}
+		// Over the tombstone quota; or a notice that would change nothing
+		// but name refs not held past their cap.
+		if len(live)+fresh > s.opts.MaxConsumedPerDevice || (capped > 0 && fresh == 0) {
+			outcome = OverQuota
+			return nil
+		}
+		held, err := getCount(txn, dev)
+		if err != nil {
+			return err
+		}
+		wasHeld := held
+		for _, bkey := range heldKeys {
 			gone, err := deleteBundleRecord(txn, bkey, true, &nd)
 			if err != nil {
 				return err
@@ -424,7 +470,46 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 				dDevice--
 			}
 		}
-		for _, ref := range info.Refs {
+		cost := func(refs []protocol.Ref) (int64, error) {
+			c := consumeBytes(len(n.Payload))
+			for _, ref := range refs {
+				if _, exists, err := consumedUntil(txn, dev, ref); err != nil {
+					return 0, err
+				} else if !exists {
+					c += tombstoneBytes
+				}
+			}
+			return c, nil
+		}
+		if dConsume, err = cost(tomb); err != nil {
+			return err
+		}
+		shareOver := func() bool {
+			max := s.opts.MaxConsumeBytes
+			return max > 0 && s.consumeBytes.Load()+dConsume > max
+		}
+		if shareOver() || s.over(dBytes+dConsume) > 0 {
+			// Full: records are never made room for by evicting bundles.
+			// Keep only the tombstones of the refs held here (and those
+			// already stored); refs not held are dropped.
+			kept := tomb[:0]
+			for _, ref := range tomb {
+				if _, ok := live[ref]; ok || heldRef[ref] {
+					kept = append(kept, ref)
+				}
+			}
+			tomb = kept
+			if dConsume, err = cost(tomb); err != nil {
+				return err
+			}
+			if len(removed) == 0 && (shareOver() || s.over(dBytes+dConsume) > 0) {
+				return fmt.Errorf("%w: consume notices and tombstones hold %d bytes of their %d", ErrStoreFull, s.consumeBytes.Load(), s.opts.MaxConsumeBytes)
+			}
+			// A notice that deleted bundles here is kept even so: the
+			// share (and the store) may go over by its records, less the
+			// bytes of the bundles it freed.
+		}
+		for _, ref := range tomb {
 			u := until
 			old, exists, err := consumedUntil(txn, dev, ref)
 			if err != nil {
@@ -434,31 +519,20 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 				u = old
 			}
 			if !exists {
-				dConsume += tombstoneBytes
 				nd.tombs++
 			}
-			if err := txn.Set(consumedKey(dev, ref), encodeTombstone(u)); err != nil {
+			// A tombstone keeps its flag: one written for a ref not held
+			// stays counted as such while it lives.
+			unheld := !heldRef[ref]
+			if exists {
+				unheld = s.tombUnheld(txn, dev, ref) && !heldRef[ref]
+			}
+			if err := txn.Set(consumedKey(dev, ref), encodeTombstone(u, unheld)); err != nil {
 				return err
 			}
-		}
-		dConsume += consumeBytes(len(n.Payload))
-		if max := s.opts.MaxConsumeBytes; max > 0 && s.consumeBytes.Load()+dConsume > max {
-			return fmt.Errorf("%w: consume notices and tombstones hold %d bytes of their %d", ErrStoreFull, s.consumeBytes.Load(), max)
 		}
 		dBytes += dConsume
 		nd.added = append(nd.added, noticeItem{dev: dev, hash: protocol.ConsumeItem(dev, info)})
-		if over := s.over(dBytes); over > 0 {
-			ev, err := s.makeRoom(txn, over, math.MaxUint64, &dev)
-			if err != nil {
-				return err
-			}
-			dBytes -= ev.freed
-			dBundles -= ev.bundles
-			dDevice -= ev.emptied
-			removed = append(removed, ev.removed...)
-			nd.added, nd.removed = append(nd.added, ev.notices.added...), append(nd.removed, ev.notices.removed...)
-			nd.claims += ev.notices.claims
-		}
 		outcome = Stored
 		return txn.Set(nk, encodeConsumeValue(n))
 	})
@@ -478,28 +552,50 @@ func (s *Store) PutConsume(ctx context.Context, n *protocol.ConsumeNotice, info 
 }
 
 // liveTombstones returns dev's tombstones that still apply at nowMS.
-func (s *Store) liveTombstones(txn *badger.Txn, dev protocol.Key, nowMS int64) (map[protocol.Ref]int64, error) {
+func (s *Store) liveTombstones(txn *badger.Txn, dev protocol.Key, nowMS int64) (map[protocol.Ref]int64, int, error) {
 	prefix := append(groupKey(prefixConsumed, dev, consumedKeyLen), '/')
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true})
 	defer it.Close()
 	out := map[protocol.Ref]int64{}
+	unheldN := 0
 	for it.Rewind(); it.Valid(); it.Next() {
 		k := it.Item().Key()
 		if len(k) != consumedKeyLen {
 			continue
 		}
-		var until int64
+		var (
+			until  int64
+			unheld bool
+		)
 		if err := it.Item().Value(func(v []byte) (err error) {
-			until, err = decodeTombstone(v)
+			until, unheld, err = decodeTombstoneFlag(v)
 			return err
 		}); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if until > nowMS {
 			out[refOfRefKey(k)] = until
+			if unheld {
+				unheldN++
+			}
 		}
 	}
-	return out, nil
+	return out, unheldN, nil
+}
+
+// tombUnheld reports whether (dev, ref)'s stored tombstone was written for
+// a ref not held.
+func (s *Store) tombUnheld(txn *badger.Txn, dev protocol.Key, ref protocol.Ref) bool {
+	item, err := txn.Get(consumedKey(dev, ref))
+	if err != nil {
+		return false
+	}
+	unheld := false
+	_ = item.Value(func(v []byte) error {
+		_, unheld, _ = decodeTombstoneFlag(v)
+		return nil
+	})
+	return unheld
 }
 
 // Consumed reports whether dev's ref is tombstoned.

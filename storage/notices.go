@@ -151,15 +151,32 @@ func decodeConsumeValue(dev protocol.Key, id [32]byte, v []byte) (*protocol.Cons
 	return n, protocol.ConsumeInfo{TimestampMS: ts, Refs: refs, Hash: id}, nil
 }
 
-func encodeTombstone(untilMS int64) []byte {
-	return binary.BigEndian.AppendUint64(nil, uint64(untilMS))
+// A tombstone's value is its until (u64 BE), followed by a flag byte 1
+// when the store did not hold the ref's bundle as it was written (those
+// are capped per device: MaxUnheldConsumedPerDevice). Tombstones written
+// before the flag existed have no flag byte and count as held.
+func encodeTombstone(untilMS int64, unheld bool) []byte {
+	v := binary.BigEndian.AppendUint64(nil, uint64(untilMS))
+	if unheld {
+		v = append(v, 1)
+	}
+	return v
 }
 
 func decodeTombstone(v []byte) (int64, error) {
-	if len(v) != tombstoneValLen {
-		return 0, fmt.Errorf("%w: tombstone of %d bytes", errCorrupt, len(v))
+	until, _, err := decodeTombstoneFlag(v)
+	return until, err
+}
+
+func decodeTombstoneFlag(v []byte) (until int64, unheld bool, err error) {
+	switch {
+	case len(v) == tombstoneValLen:
+	case len(v) == tombstoneValLen+1 && v[tombstoneValLen] == 1:
+		unheld = true
+	default:
+		return 0, false, fmt.Errorf("%w: tombstone of %d bytes", errCorrupt, len(v))
 	}
-	return int64(binary.BigEndian.Uint64(v)), nil
+	return int64(binary.BigEndian.Uint64(v)), unheld, nil
 }
 
 // noticeItem is one notice's sync item, for the in-memory digests.

@@ -284,7 +284,8 @@ func FuzzDecodeNoticeRecords(f *testing.F) {
 	f.Add(encodeClaimValue(&claimRecord{HandedOut: 3, Notice: *n, Info: info}), ref[:])
 	cn, cinfo := consumeOf(d, 1000, ref)
 	f.Add(encodeConsumeValue(cn), cinfo.Hash[:])
-	f.Add(encodeTombstone(123), ref[:])
+	f.Add(encodeTombstone(123, false), ref[:])
+	f.Add(encodeTombstone(123, true), ref[:])
 	f.Add([]byte{}, []byte{})
 	f.Fuzz(func(t *testing.T, v, id []byte) {
 		var key [32]byte
@@ -299,7 +300,7 @@ func FuzzDecodeNoticeRecords(f *testing.F) {
 				t.Fatal("consume record does not round-trip")
 			}
 		}
-		if until, err := decodeTombstone(v); err == nil && !bytes.Equal(encodeTombstone(until), v) {
+		if until, unheld, err := decodeTombstoneFlag(v); err == nil && !bytes.Equal(encodeTombstone(until, unheld), v) {
 			t.Fatal("tombstone does not round-trip")
 		}
 		if len(v) == noticeKeyLen {

@@ -148,7 +148,9 @@ type Options struct {
 	// MaxConsumeBytes bounds the part of MaxBytes that consume notices and
 	// their tombstones may take: they are never evicted, and anyone can
 	// mint device keys, so without it notices could fill the store for a
-	// whole retention. A consume notice over it is ErrStoreFull. 0 means
+	// whole retention. Over it a consume notice tombstones only the refs
+	// held (their bundles deleted), or is ErrStoreFull when it names none
+	// (Store.PutConsume). 0 means
 	// MaxBytes/8 (none when MaxBytes is negative), negative none.
 	MaxConsumeBytes int64
 }

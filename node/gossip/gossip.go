@@ -78,6 +78,20 @@ const (
 	// produce, far below what the validators can check.
 	DefaultNoticeBurst = 500
 	DefaultNoticeRate  = 100
+	// DefaultPeerDeviceBurst and DefaultPeerDeviceRate are each forwarding
+	// peer's budget of claim notices for one device, whatever node keys
+	// sign them (keys are free): one connection marks at most
+	// DefaultPeerDeviceBurst + DefaultPeerDeviceRate × t of a device's
+	// refs claimed here. Above the honest claim limit per device (20/s,
+	// burst 40, at each claiming node).
+	DefaultPeerDeviceBurst = 60
+	DefaultPeerDeviceRate  = 20
+	// DefaultConsumeByteBurst and DefaultConsumeByteRate are each
+	// forwarding peer's budget of consume notice payload bytes: 32 notices
+	// of 256 refs at once, a thousand refs' worth (32 KiB) a second. Honest
+	// devices consume a few refs at a time.
+	DefaultConsumeByteBurst = 256 << 10
+	DefaultConsumeByteRate  = 32 << 10
 )
 
 // The origin flood budget: a claim notice over its origin's claim rate for
@@ -90,6 +104,12 @@ const (
 	floodRate  = 1
 	// maxNoticePeers bounds the peers whose notice budgets are kept.
 	maxNoticePeers = 4096
+	// maxPeerDevices bounds the (peer, device) claim budgets kept; one
+	// forgotten starts again full, so the bound holds per budget kept:
+	// a peer cycling through more devices than this within a refill
+	// (3 s) gets a fresh burst for a device again, at a cost of this many
+	// notices from its own peer budget in between.
+	maxPeerDevices = 1 << 16
 )
 
 // Errors.
@@ -128,6 +148,16 @@ type Config struct {
 	// claim and consume notices: NoticeBurst at once, refilled at
 	// NoticeRate a second. A notice over it is Ignored.
 	NoticeBurst, NoticeRate int
+	// PeerDeviceBurst and PeerDeviceRate are each forwarding peer's
+	// budget of claim notices for one device, whatever keys sign them:
+	// PeerDeviceBurst at once, refilled at PeerDeviceRate a second. A
+	// claim notice over it is Ignored.
+	PeerDeviceBurst, PeerDeviceRate int
+	// ConsumeByteBurst and ConsumeByteRate are each forwarding peer's
+	// budget of consume notice payload bytes: ConsumeByteBurst at once,
+	// refilled at ConsumeByteRate a second. A consume notice over it is
+	// Ignored.
+	ConsumeByteBurst, ConsumeByteRate int
 	// Logger receives the service's logs. Default slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the gossip metrics
@@ -146,7 +176,9 @@ type Config struct {
 // Shards are the caller's.
 func DefaultConfig() Config {
 	return Config{PeerBurst: DefaultPeerBurst, PeerRate: DefaultPeerRate, MinCharge: DefaultMinCharge,
-		ValidatorTimeout: DefaultValidatorTimeout, NoticeBurst: DefaultNoticeBurst, NoticeRate: DefaultNoticeRate}
+		ValidatorTimeout: DefaultValidatorTimeout, NoticeBurst: DefaultNoticeBurst, NoticeRate: DefaultNoticeRate,
+		PeerDeviceBurst: DefaultPeerDeviceBurst, PeerDeviceRate: DefaultPeerDeviceRate,
+		ConsumeByteBurst: DefaultConsumeByteBurst, ConsumeByteRate: DefaultConsumeByteRate}
 }
 
 func (c *Config) setDefaults() {
@@ -168,6 +200,18 @@ func (c *Config) setDefaults() {
 	}
 	if c.NoticeRate == 0 {
 		c.NoticeRate = d.NoticeRate
+	}
+	if c.PeerDeviceBurst == 0 {
+		c.PeerDeviceBurst = d.PeerDeviceBurst
+	}
+	if c.PeerDeviceRate == 0 {
+		c.PeerDeviceRate = d.PeerDeviceRate
+	}
+	if c.ConsumeByteBurst == 0 {
+		c.ConsumeByteBurst = d.ConsumeByteBurst
+	}
+	if c.ConsumeByteRate == 0 {
+		c.ConsumeByteRate = d.ConsumeByteRate
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -191,8 +235,12 @@ func (c Config) Validate() error {
 	if c.PeerBurst < MaxRPC {
 		return fmt.Errorf("gossip: peer burst %d is under one RPC at the size cap (%d bytes)", c.PeerBurst, MaxRPC)
 	}
-	if c.PeerRate <= 0 || c.MinCharge <= 0 || c.ValidatorTimeout <= 0 || c.NoticeBurst <= 0 || c.NoticeRate <= 0 {
-		return errors.New("gossip: peer rate, minimum charge, validator timeout and notice budget must be positive")
+	if c.PeerRate <= 0 || c.MinCharge <= 0 || c.ValidatorTimeout <= 0 || c.NoticeBurst <= 0 || c.NoticeRate <= 0 ||
+		c.PeerDeviceBurst <= 0 || c.PeerDeviceRate <= 0 || c.ConsumeByteRate <= 0 {
+		return errors.New("gossip: peer rate, minimum charge, validator timeout and notice budgets must be positive")
+	}
+	if c.ConsumeByteBurst < protocol.MaxConsumePayloadSize {
+		return fmt.Errorf("gossip: consume byte burst %d is under one consume notice at the size cap (%d bytes)", c.ConsumeByteBurst, protocol.MaxConsumePayloadSize)
 	}
 	return nil
 }
@@ -241,7 +289,11 @@ func New(cfg Config, h host.Host, ing ingest.Ingester, guard Guard) (*Service, e
 		budget: newInboundBudget(cfg.PeerBurst, cfg.PeerRate, cfg.MinCharge, m, cfg.Now),
 		valid: &validator{self: h.ID(), shards: cfg.Shards.Count(), ing: ing, log: log, metrics: m,
 			notices: keyed.New[peer.ID](maxNoticePeers, float64(cfg.NoticeRate), float64(cfg.NoticeBurst), cfg.Now),
-			floods:  keyed.New[peer.ID](maxNoticePeers, floodRate, floodBurst, cfg.Now)},
+			floods:  keyed.New[peer.ID](maxNoticePeers, floodRate, floodBurst, cfg.Now),
+			peerDevices: keyed.New[peerDevice](maxPeerDevices, float64(cfg.PeerDeviceRate),
+				float64(cfg.PeerDeviceBurst), cfg.Now),
+			consumeBytes: keyed.New[peer.ID](maxNoticePeers, float64(cfg.ConsumeByteRate),
+				float64(cfg.ConsumeByteBurst), cfg.Now)},
 	}, nil
 }
 

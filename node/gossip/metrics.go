@@ -28,7 +28,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rpcsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_gossip_rpcs_refused_total",
 			Help: "Inbound gossipsub RPCs refused before decoding, by reason (too_large, malformed); the sender is cut off."}, []string{"reason"}),
 		notices: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_gossip_notices_refused_total",
-			Help: "Claim and consume notices refused by the gossip notice budgets, by reason (peer_budget: Ignored, the forwarding peer over its notice budget; origin_flood: Rejected, a claim notice's origin forwarding its own notices far over its claim rate)."}, []string{"reason"}),
+			Help: "Claim and consume notices refused by the gossip notice budgets, by reason (peer_budget: Ignored, the forwarding peer over its notice budget; origin_flood: Rejected, a claim notice's origin forwarding its own notices far over its claim rate; peer_device: Ignored, the forwarding peer over its claim budget for the notice's device; consume_bytes: Ignored, the forwarding peer over its consume notice byte budget)."}, []string{"reason"}),
 	}
 	for _, c := range []prometheus.Collector{m.verdicts, m.dropped, m.rpcsRefused, m.notices} {
 		if err := reg.Register(c); err != nil {

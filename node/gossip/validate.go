@@ -51,7 +51,19 @@ type validator struct {
 	// over its claim rate (nil: never Reject for it).
 	notices *keyed.Keyed[peer.ID]
 	floods  *keyed.Keyed[peer.ID]
-	metrics *metrics // nil counts nothing
+	// peerDevices is each forwarding peer's budget of claim notices per
+	// device, whatever keys sign them (nil: none).
+	peerDevices *keyed.Keyed[peerDevice]
+	// consumeBytes is each forwarding peer's budget of consume notice
+	// payload bytes (nil: none).
+	consumeBytes *keyed.Keyed[peer.ID]
+	metrics      *metrics // nil counts nothing
+}
+
+// peerDevice keys a forwarding peer's claim budget for one device.
+type peerDevice struct {
+	peer   peer.ID
+	device protocol.Key
 }
 
 // bundle validates a message of shard's bundle topic: a bundle, a claim
@@ -99,17 +111,26 @@ func (v *validator) chargeNotice(from peer.ID) error {
 
 // claim validates a claim notice. Its device (and so its shard) is read
 // from the payload's layout before any signature work; a notice over the
-// forwarder's budget is Ignored before any either. A notice over its
+// forwarder's budget, or over its budget for the device (notices signed
+// by keys other than the forwarder's own), is Ignored before any either. A notice over its
 // origin's claim rate for the device is Ignored, and Rejected once the
 // origin, forwarding its own notices, has kept going far over it (an
 // honest node holds its claims to that rate itself).
 func (v *validator) claim(ctx context.Context, shard int, from peer.ID, m *pb.ClaimNotice) ingest.Verdict {
 	n, err := pb.ToClaim(m)
+	var dev protocol.Key
 	if err == nil {
-		err = claimShard(n, shard, v.shards)
+		dev, err = claimShard(n, shard, v.shards)
 	}
 	if err == nil {
 		err = v.chargeNotice(from)
+	}
+	if err == nil && !isOrigin(from, n.NodeKey) {
+		// A peer's own notices are held to its origin limits in the
+		// ingest path (keyed by the same identity), which Reject it
+		// when it floods; the budget is for the notices it signs with
+		// any other key.
+		err = v.chargePeerDevice(from, dev)
 	}
 	var outcome storage.PutOutcome
 	if err == nil {
@@ -126,21 +147,34 @@ func (v *validator) claim(ctx context.Context, shard int, from peer.ID, m *pb.Cl
 	return verdict
 }
 
+// chargePeerDevice takes one claim notice from the forwarding peer's
+// budget for the device. It is keyed by the connection, not by the node
+// key that signed the notice: a peer minting a key per notice still marks
+// at most the budget's burst + rate × t refs of one device here.
+func (v *validator) chargePeerDevice(from peer.ID, dev protocol.Key) error {
+	if v.peerDevices == nil || v.peerDevices.Take(peerDevice{from, dev}, 1) {
+		return nil
+	}
+	v.metrics.noticeRefused("peer_device")
+	return fmt.Errorf("gossip: peer %s, device %s: %w", from, dev, ingest.ErrNoticeRate)
+}
+
 // claimShard checks a claim notice's layout (its length, then the device
-// in it) against the topic's shard, without signature work.
-func claimShard(n *protocol.ClaimNotice, shard, shards int) error {
+// in it) against the topic's shard, without signature work, and returns
+// the device.
+func claimShard(n *protocol.ClaimNotice, shard, shards int) (protocol.Key, error) {
 	if len(n.Payload) != protocol.ClaimPayloadSize {
-		return &protocol.ValidationError{Rule: protocol.RuleClaimNoticeLength, Field: "payload",
+		return protocol.Key{}, &protocol.ValidationError{Rule: protocol.RuleClaimNoticeLength, Field: "payload",
 			Detail: fmt.Sprintf("claim notice payload must be %d bytes, got %d", protocol.ClaimPayloadSize, len(n.Payload))}
 	}
 	_, dev, _, err := protocol.DecodeClaimPayload(n.Payload)
 	if err != nil {
-		return &protocol.ValidationError{Rule: protocol.RuleClaimLayout, Field: "payload", Detail: err.Error(), Err: err}
+		return protocol.Key{}, &protocol.ValidationError{Rule: protocol.RuleClaimLayout, Field: "payload", Detail: err.Error(), Err: err}
 	}
 	if got := protocol.Shard(dev, shards); got != shard {
-		return fmt.Errorf("%w: claim notice of device %s, in shard %d, not %d", protocol.ErrMalformed, dev, got, shard)
+		return protocol.Key{}, fmt.Errorf("%w: claim notice of device %s, in shard %d, not %d", protocol.ErrMalformed, dev, got, shard)
 	}
-	return nil
+	return dev, nil
 }
 
 // isOrigin reports whether peer p is the node whose identity key is key.
@@ -163,6 +197,10 @@ func (v *validator) ingestConsume(ctx context.Context, shard int, from peer.ID, 
 	}
 	if err := v.chargeNotice(from); err != nil {
 		return 0, err
+	}
+	if v.consumeBytes != nil && !v.consumeBytes.Take(from, float64(len(n.Payload))) {
+		v.metrics.noticeRefused("consume_bytes")
+		return 0, fmt.Errorf("gossip: peer %s: consume notice bytes: %w", from, ingest.ErrNoticeRate)
 	}
 	outcome, _, err := v.ing.IngestConsume(ctx, n, ingest.SourceGossip)
 	if err != nil {

@@ -444,7 +444,10 @@ func (in *Initiator) outcome(id uint64, outcome storage.PutOutcome, err error, n
 		default:
 			in.l.Refused.add(in.kind, id, now)
 		}
-	case errors.Is(err, storage.ErrStale):
+	case errors.Is(err, storage.ErrStale), errors.Is(err, storage.ErrConsumed):
+		// Older than what is held, or consumed here (the responder still
+		// holds a bundle its device used up: it missed the consume notice,
+		// which the notice set's session brings it): never wanted.
 		in.l.Refused.add(in.kind, id, now)
 	case err != nil:
 		return err
