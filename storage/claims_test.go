@@ -392,3 +392,36 @@ func BenchmarkClaim(b *testing.B) {
 		})
 	}
 }
+
+// ConsumeNotices lists a device's consume notices newest first, at most
+// limit, and none of another device's.
+func TestConsumeNoticesNewestFirst(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	now := uint64(time.Now().UnixMilli())
+	d, other := dev(1), dev(2)
+	order := []uint64{3, 0, 4, 1, 2} // stored out of timestamp order
+	for _, i := range order {
+		mustConsume(t, s, d, now+i, Stored, protocol.Ref{byte(i + 1)})
+	}
+	mustConsume(t, s, other, now+9, Stored, protocol.Ref{0xee})
+	got, err := s.ConsumeNotices(ctx, d, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 3 {
+		t.Fatalf("got %d notices, want 3", len(got))
+	}
+	for i, n := range got {
+		ts, _, err := protocol.DecodeConsumePayload(n.Payload)
+		if err != nil || n.DeviceID != d || ts != now+4-uint64(i) {
+			t.Errorf("notice %d: device %s ts %d (%v); want device %s ts %d", i, n.DeviceID, ts, err, d, now+4-uint64(i))
+		}
+	}
+	if all, err := s.ConsumeNotices(ctx, d, 16); err != nil || len(all) != len(order) {
+		t.Errorf("limit 16: %d notices, %v; want %d", len(all), err, len(order))
+	}
+	if none, err := s.ConsumeNotices(ctx, dev(3), 16); err != nil || len(none) != 0 {
+		t.Errorf("a device without notices: %d, %v", len(none), err)
+	}
+}
