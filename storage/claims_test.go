@@ -425,3 +425,51 @@ func TestConsumeNoticesNewestFirst(t *testing.T) {
 		t.Errorf("a device without notices: %d, %v", len(none), err)
 	}
 }
+
+// A bundle floor whose ref is consumed no longer applies: Floor reports
+// none and RaiseFloor writes a lower version over it. An account floor is
+// not affected by tombstones, and a live floor still refuses lower ones.
+func TestConsumedBundleFloorNoLongerApplies(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	now := time.Now().UnixMilli()
+	d := dev(1)
+	cmp := func(a, b Floor) int {
+		switch va, vb := a.TimestampMS+a.Lamport, b.TimestampMS+b.Lamport; {
+		case va > vb:
+			return 1
+		case va < vb:
+			return -1
+		}
+		return 0
+	}
+	high := Floor{TimestampMS: 20, Ref: protocol.Ref{2}, UntilMS: now + 3_600_000}
+	low := Floor{TimestampMS: 10, Ref: protocol.Ref{1}, UntilMS: now + 3_600_000}
+	highAcc := Floor{Lamport: 20, UntilMS: now + 3_600_000}
+	lowAcc := Floor{Lamport: 10, UntilMS: now + 3_600_000}
+	for _, kind := range []FloorKind{FloorBundle, FloorAccount} {
+		h, l := high, low
+		if kind == FloorAccount {
+			h, l = highAcc, lowAcc
+		}
+		if wrote, err := s.RaiseFloor(ctx, kind, d, h, now, cmp); err != nil || !wrote {
+			t.Fatalf("raise %c: %v, %v", kind, wrote, err)
+		}
+		if wrote, err := s.RaiseFloor(ctx, kind, d, l, now, cmp); err != nil || wrote {
+			t.Fatalf("a lower floor over a live one (%c): wrote %v, %v", kind, wrote, err)
+		}
+	}
+	mustConsume(t, s, d, uint64(now), Stored, high.Ref)
+	if _, ok, err := s.Floor(ctx, FloorBundle, d, now); err != nil || ok {
+		t.Fatalf("the floor of a consumed bundle still applies (%v)", err)
+	}
+	if f, ok, err := s.Floor(ctx, FloorAccount, d, now); err != nil || !ok || f.Lamport != highAcc.Lamport {
+		t.Fatalf("an account floor was voided by a bundle tombstone: %v, %v", ok, err)
+	}
+	if wrote, err := s.RaiseFloor(ctx, FloorBundle, d, low, now, cmp); err != nil || !wrote {
+		t.Fatalf("a lower floor over a consumed one: wrote %v, %v", wrote, err)
+	}
+	if f, ok, err := s.Floor(ctx, FloorBundle, d, now); err != nil || !ok || f.Ref != low.Ref {
+		t.Fatalf("floor after the consume: %+v, %v, %v; want the lower one", f, ok, err)
+	}
+}
