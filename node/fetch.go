@@ -39,11 +39,25 @@ func (n *Node) startFetch(ctx context.Context, h host.Host) error {
 		return fmt.Errorf("fetch: %w", err)
 	}
 	n.fetchServer = srv
-	n.fetchClient, err = fetch.NewClient(fetch.ClientConfig{Protocol: pid, Opener: h, Validator: fetchValidator{n}})
+	n.fetchClient, err = fetch.NewClient(fetch.ClientConfig{Protocol: pid, Opener: h, Validator: fetchValidator{n},
+		Consumed: n.fetchedConsumes})
 	if err != nil {
 		return fmt.Errorf("fetch: %w", err)
 	}
 	return nil
+}
+
+// fetchedConsumes ingests the consume notices a fetch answer carried for
+// the device asked (source fetch: validated, then the store tombstones
+// their refs and deletes its own copies of the bundles), so a light node
+// stops serving a bundle consumed elsewhere, from its store, cache or
+// floor. A notice that fails is counted by the ingest path and skipped.
+func (n *Node) fetchedConsumes(ctx context.Context, p peer.ID, ns []*protocol.ConsumeNotice) {
+	for _, c := range ns {
+		if _, _, err := n.ingestConsume(ctx, c, sourceFetch); err != nil && ctx.Err() == nil {
+			n.log.Debug("fetch: consume notice refused", "peer", p, "device", c.DeviceID, "err", err)
+		}
+	}
 }
 
 // fetchValidator validates what peers serve by the node's policy and clock,
