@@ -9,6 +9,7 @@ import (
 	"github.com/kpnode/kpnode/internal/nodetest"
 	"github.com/kpnode/kpnode/node/httpapi/httpapitest"
 	"github.com/kpnode/kpnode/protocol"
+	"github.com/kpnode/kpnode/storage"
 )
 
 // A light node serves a device's latest bundle b2 (its own client posted
@@ -87,4 +88,32 @@ func TestLightNodeStopsServingAConsumedBundle(t *testing.T) {
 	}
 	light, _ = lightNode(t, func(c *Config) { cfg(c); c.Bootstrap = h1Addrs })
 	nodetest.WaitFor(t, "the restarted light node serves b1", 30*time.Second, func() bool { return serves(light, b1) })
+}
+
+// An outbox bundle entry whose (device, ref) is tombstoned is dropped at
+// its next attempt, not published again.
+func TestOutboxDropsAConsumedBundle(t *testing.T) {
+	light, base := lightNode(t, nil)
+	key := nodetest.SeedKey(72)
+	b := protocol.SignBundle(key, nowMS(), []byte("queued then consumed"))
+	httpapitest.Expect(t, postJSON(t, base+"/v0/keypackage", httpapitest.BundleJSON(b)), 204, "")
+	ctx := context.Background()
+	due, _, err := light.outbox.Due(ctx, light.cfg.Now().UnixMilli()+1, 10, func(storage.OutboxKind, protocol.Key) bool { return false })
+	if err != nil || len(due) != 1 {
+		t.Fatalf("outbox: %d entries due, %v; want the bundle", len(due), err)
+	}
+	info, err := light.cfg.Policy.ValidateBundle(&b, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The consume notice arrives as a fetch answer brings it.
+	consume := protocol.SignConsume(key, nowMS(), []protocol.Ref{info.Ref})
+	light.fetchedConsumes(ctx, "", []*protocol.ConsumeNotice{&consume})
+	light.outboxAttempt(ctx, due[0], nil)
+	if n := light.outbox.Len(); n != 0 {
+		t.Fatalf("%d outbox entries left; want the consumed bundle dropped", n)
+	}
+	if got := nodetest.Value(light.outboxDone.WithLabelValues("dropped")); got != 1 {
+		t.Fatalf("kpnode_outbox_done dropped = %v, want 1", got)
+	}
 }
