@@ -4,12 +4,17 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-msgio/pbio"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/internal/nodetest"
+	"github.com/kpnode/kpnode/node/fetch/fetchtest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -132,5 +137,63 @@ func TestFetchAnswersCarryTheDevicesConsumeNotices(t *testing.T) {
 	}
 	if ns := sink.take(); ns != nil {
 		t.Fatalf("an account answer delivered %d consume notices", len(ns))
+	}
+}
+
+// A hostile holder's consume notices: those of another device and
+// undecodable ones are dropped, and no more than MaxConsumed of the rest
+// reach the hook; NOT_HOLDER and BUSY answers deliver none.
+func TestFetchClientBoundsTheConsumeNotices(t *testing.T) {
+	asked, other := nodetest.SeedKey(31), nodetest.SeedKey(32)
+	b := protocol.SignBundle(asked, nowMS(), []byte("kp"))
+	var resp pb.FetchResponse
+	resp.Status = pb.FetchResponse_STATUS_OK
+	resp.Bundles = []*pb.Bundle{pb.FromBundle(&b)}
+	for i := range 40 {
+		key := asked
+		if i%2 == 1 {
+			key = other
+		}
+		n := protocol.SignConsume(key, nowMS()-uint64(i), []protocol.Ref{{byte(i)}})
+		resp.Consumed = append(resp.Consumed, pb.FromConsume(&n))
+	}
+	resp.Consumed = append([]*pb.ConsumeNotice{{DeviceId: []byte{1}}}, resp.Consumed...)
+	var status atomic.Int32
+	status.Store(int32(pb.FetchResponse_STATUS_OK))
+	pipes := fetchtest.New(clientID)
+	pipes.Handle(holderID, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		readRequest(s)
+		r := proto.Clone(&resp).(*pb.FetchResponse)
+		r.Status = pb.FetchResponse_Status(status.Load())
+		_ = pbio.NewDelimitedWriter(s).WriteMsg(r)
+	})
+	t.Cleanup(pipes.Wait)
+	sink := &consumeSink{}
+	c, err := NewClient(ClientConfig{Protocol: testProto, Opener: pipes, Validator: PolicyValidator{Policy: testPolicy()},
+		Consumed: sink.deliver})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.FetchLatest(t.Context(), holderID, b.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	ns := sink.take()
+	if len(ns) == 0 || len(ns) > MaxConsumed {
+		t.Fatalf("%d notices delivered, want 1..%d", len(ns), MaxConsumed)
+	}
+	for _, n := range ns {
+		if n.DeviceID != b.DeviceID {
+			t.Fatalf("a notice of device %s delivered for %s", n.DeviceID, b.DeviceID)
+		}
+	}
+	for _, st := range []pb.FetchResponse_Status{pb.FetchResponse_STATUS_NOT_HOLDER, pb.FetchResponse_STATUS_BUSY} {
+		status.Store(int32(st))
+		if _, err := c.FetchLatest(t.Context(), holderID, b.DeviceID); err == nil {
+			t.Fatalf("%v answered no error", st)
+		}
+		if ns := sink.take(); ns != nil {
+			t.Fatalf("a %v answer delivered %d notices", st, len(ns))
+		}
 	}
 }
