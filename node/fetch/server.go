@@ -350,14 +350,11 @@ func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) 
 		b, err := s.cfg.Store.LatestBundle(ctx, key)
 		consumed, _ := s.consumed(ctx, key)
 		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(b.Payload) > protocol.MaxPayloadSize) {
-			resp := notFound()
-			resp.Consumed = consumed
-			return resp, release
+			return withConsumed(notFound(), consumed), release
 		} else if err != nil {
 			return internal(err), release
 		}
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)},
-			Consumed: consumed}, release
+		return withConsumed(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}}, consumed), release
 	case pb.FetchRequest_KIND_ALL:
 		bs, cut, err := s.cfg.Store.BundlesUpTo(ctx, key, MaxResponse)
 		if err != nil {
@@ -365,17 +362,14 @@ func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) 
 		}
 		consumed, size := s.consumed(ctx, key)
 		if len(bs) == 0 && !cut {
-			resp := notFound()
-			resp.Consumed = consumed
-			return resp, release
+			return withConsumed(notFound(), consumed), release
 		}
-		resp := allResponse(bs, cut, size)
-		resp.Consumed = consumed
-		return resp, release
+		return withConsumed(allResponse(bs, cut, size), consumed), release
 	case pb.FetchRequest_KIND_CLAIM:
 		resp := s.serveClaim(ctx, from, key, req)
 		if resp.Status == pb.FetchResponse_STATUS_OK || resp.Status == pb.FetchResponse_STATUS_NOT_FOUND {
-			resp.Consumed, _ = s.consumed(ctx, key)
+			consumed, _ := s.consumed(ctx, key) // not read for a refusal (RATE_LIMITED)
+			resp = withConsumed(resp, consumed)
 		}
 		return resp, release
 	case pb.FetchRequest_KIND_COUNT:
@@ -419,6 +413,15 @@ func (s *Server) consumed(ctx context.Context, dev protocol.Key) (out []*pb.Cons
 		out = append(out, m)
 	}
 	return out, size
+}
+
+// withConsumed sets resp's consume notices if its status is OK or
+// NOT_FOUND (the only answers that carry them) and returns resp.
+func withConsumed(resp *pb.FetchResponse, consumed []*pb.ConsumeNotice) *pb.FetchResponse {
+	if resp.Status == pb.FetchResponse_STATUS_OK || resp.Status == pb.FetchResponse_STATUS_NOT_FOUND {
+		resp.Consumed = consumed
+	}
+	return resp
 }
 
 // allResponse answers KIND_ALL: bundles newest first (the store's order),
