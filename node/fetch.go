@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -51,9 +52,17 @@ func (n *Node) startFetch(ctx context.Context, h host.Host) error {
 // the device asked (source fetch: validated, then the store tombstones
 // their refs and deletes its own copies of the bundles), so a light node
 // stops serving a bundle consumed elsewhere, from its store, cache or
-// floor. A notice that fails is counted by the ingest path and skipped.
+// floor. A notice that fails is counted by the ingest path and skipped; one
+// already stored is skipped before any signature work (every holder a
+// lookup asks answers with the same notices).
 func (n *Node) fetchedConsumes(ctx context.Context, p peer.ID, ns []*protocol.ConsumeNotice) {
 	for _, c := range ns {
+		if len(c.Payload) > protocol.MaxConsumePayloadSize {
+			continue // rule consume_too_large: not even hashed
+		}
+		if has, err := n.store.HasConsumeNotice(ctx, c.DeviceID, sha256.Sum256(c.Payload)); err == nil && has {
+			continue
+		}
 		if _, _, err := n.ingestConsume(ctx, c, sourceFetch); err != nil && ctx.Err() == nil {
 			n.log.Debug("fetch: consume notice refused", "peer", p, "device", c.DeviceID, "err", err)
 		}

@@ -473,3 +473,23 @@ func TestConsumedBundleFloorNoLongerApplies(t *testing.T) {
 		t.Fatalf("floor after the consume: %+v, %v, %v; want the lower one", f, ok, err)
 	}
 }
+
+// HasConsumeNotice reports exactly the stored notices.
+func TestHasConsumeNotice(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	d := dev(1)
+	n, info := consumeOf(d, uint64(time.Now().UnixMilli()), protocol.Ref{1})
+	if has, err := s.HasConsumeNotice(ctx, d, info.Hash); err != nil || has {
+		t.Fatalf("before: %v, %v", has, err)
+	}
+	if _, err := s.PutConsume(ctx, n, info); err != nil {
+		t.Fatal(err)
+	}
+	if has, err := s.HasConsumeNotice(ctx, d, info.Hash); err != nil || !has {
+		t.Fatalf("after: %v, %v", has, err)
+	}
+	if has, err := s.HasConsumeNotice(ctx, dev(2), info.Hash); err != nil || has {
+		t.Fatalf("another device: %v, %v", has, err)
+	}
+}

@@ -514,3 +514,24 @@ func (s *Store) ConsumeNotices(ctx context.Context, dev protocol.Key, limit int)
 	}
 	return out, nil
 }
+
+// HasConsumeNotice reports whether dev's consume notice with payload hash
+// hash is stored, so a caller can skip verifying a notice it already holds.
+func (s *Store) HasConsumeNotice(ctx context.Context, dev protocol.Key, hash [32]byte) (has bool, err error) {
+	defer recoverCorrupt(&err)
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	err = s.db.View(func(txn *badger.Txn) error {
+		_, err := txn.Get(noticeKey(dev, noticeConsume, hash))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		has = err == nil
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("storage: has consume notice: %w", err)
+	}
+	return has, nil
+}
