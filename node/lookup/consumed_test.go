@@ -91,3 +91,33 @@ func TestConsumedBundleIsNeverServed(t *testing.T) {
 		return errors.Is(err, storage.ErrNotFound)
 	})
 }
+
+// BenchmarkBundleCacheHit measures a cache hit, with and without the
+// tombstone check a hit makes (one store read).
+func BenchmarkBundleCacheHit(b *testing.B) {
+	for _, check := range []bool{false, true} {
+		name := "no_tombstone_check"
+		if check {
+			name = "tombstone_check"
+		}
+		b.Run(name, func(b *testing.B) {
+			w := newWorld(b, func(c *Config) {
+				if !check {
+					c.Consumed = nil
+				}
+			})
+			h := w.holder("honest")
+			w.find.set(false, "honest")
+			bundle := bundleAt(nodetest.SeedKey(42), time.Now(), "v")
+			h.putBundle(bundle)
+			if _, err := w.lookup.Bundle(b.Context(), bundle.DeviceID); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				if _, err := w.lookup.Bundle(b.Context(), bundle.DeviceID); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
