@@ -121,3 +121,41 @@ func BenchmarkBundleCacheHit(b *testing.B) {
 		})
 	}
 }
+
+// The floor's bundle consumed, and the only notice of it carried by a
+// NOT_FOUND answer that comes after the answer below the floor: that
+// answer is accepted after all.
+func TestConsumeNoticeInANotFoundAnswerVoidsTheFloor(t *testing.T) {
+	w := newWorld(t, nil)
+	first := w.holder("first")
+	w.find.set(false, "first")
+	key := nodetest.SeedKey(43)
+	now := time.Now()
+	b1, b2 := bundleAt(key, now.Add(-time.Minute), "v1"), bundleAt(key, now, "v2")
+	first.putBundle(b2)
+	if _, err := w.lookup.Bundle(t.Context(), b2.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	// Restarted: "first" lags (serves b1, knows nothing of the consume);
+	// "informed" answers later, NOT_FOUND, with the notice consuming b2.
+	first.putBundle(b1)
+	release := make(chan struct{})
+	informed := w.delayed("informed", release)
+	informed.consume(key, now.Add(time.Second), b2)
+	w.find.set(false, "first", "informed")
+	restarted := w.newLookup(nil)
+	go func() {
+		// Release "informed" once the lagging answer was refused (polled
+		// with a deadline; the lookup's own timeout bounds the rest).
+		defer close(release)
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if nodetest.Value(restarted.lookups.WithLabelValues("bundle", "refused_below_floor")) >= 1 {
+				return
+			}
+		}
+	}()
+	got, err := restarted.Bundle(t.Context(), b1.DeviceID)
+	if err != nil || string(got.Payload) != string(b1.Payload) {
+		t.Fatalf("lookup: %v; want b1 (the floor of the consumed b2 is void)", err)
+	}
+}

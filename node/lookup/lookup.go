@@ -661,6 +661,19 @@ collect:
 			break collect
 		}
 	}
+	if len(below) > 0 && hasFloor && c.gone != nil {
+		// A NOT_FOUND answer after them may have carried the notice that
+		// consumed the floor's bundle.
+		if f, ok, err := l.cfg.Floors.Floor(life, c.floorKind, key, l.cfg.Now().UnixMilli()); err == nil {
+			floor, hasFloor = f, ok
+			for _, b := range below {
+				if !hasFloor || c.cmp(b.floor, floor) >= 0 {
+					refused--
+					accept(b)
+				}
+			}
+		}
+	}
 	if have && c.gone != nil {
 		// A later answer may have carried the notice that consumed one
 		// accepted earlier: the best is chosen among those still servable.
