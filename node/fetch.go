@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -39,11 +40,33 @@ func (n *Node) startFetch(ctx context.Context, h host.Host) error {
 		return fmt.Errorf("fetch: %w", err)
 	}
 	n.fetchServer = srv
-	n.fetchClient, err = fetch.NewClient(fetch.ClientConfig{Protocol: pid, Opener: h, Validator: fetchValidator{n}})
+	n.fetchClient, err = fetch.NewClient(fetch.ClientConfig{Protocol: pid, Opener: h, Validator: fetchValidator{n},
+		Consumed: n.fetchedConsumes})
 	if err != nil {
 		return fmt.Errorf("fetch: %w", err)
 	}
 	return nil
+}
+
+// fetchedConsumes ingests the consume notices a fetch answer carried for
+// the device asked (source fetch: validated, then the store tombstones
+// their refs and deletes its own copies of the bundles), so a light node
+// stops serving a bundle consumed elsewhere, from its store, cache or
+// floor. A notice that fails is counted by the ingest path and skipped; one
+// already stored is skipped before any signature work (every holder a
+// lookup asks answers with the same notices).
+func (n *Node) fetchedConsumes(ctx context.Context, p peer.ID, ns []*protocol.ConsumeNotice) {
+	for _, c := range ns {
+		if len(c.Payload) > protocol.MaxConsumePayloadSize {
+			continue // rule consume_too_large: not even hashed
+		}
+		if has, err := n.store.HasConsumeNotice(ctx, c.DeviceID, sha256.Sum256(c.Payload)); err == nil && has {
+			continue
+		}
+		if _, _, err := n.ingestConsume(ctx, c, sourceFetch); err != nil && ctx.Err() == nil {
+			n.log.Debug("fetch: consume notice refused", "peer", p, "device", c.DeviceID, "err", err)
+		}
+	}
 }
 
 // fetchValidator validates what peers serve by the node's policy and clock,

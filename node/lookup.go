@@ -39,6 +39,7 @@ func (n *Node) startLookup(ctx context.Context) error {
 		Holders:      n.dht,
 		Fetcher:      n.fetchClient,
 		Floors:       n.store,
+		Consumed:     n.store,
 		AddrBook:     n.host.Peerstore(),
 		Self:         n.host.ID(),
 		ShardCount:   n.cfg.Shards.Count(),

@@ -172,6 +172,18 @@ func (n *Node) outboxAttempt(ctx context.Context, e *storage.OutboxEntry, holder
 			return
 		}
 	}
+	if n.outboxConsumed(ctx, e) {
+		// Consumed since it was queued, here or elsewhere (the holder's
+		// answer just above carries the device's consume notices, which
+		// the fetch client ingested): no holder would take it, and
+		// re-sending it would only spread a KeyPackage that must not be
+		// handed out.
+		if err := n.outbox.Remove(ctx, e.Seq); err == nil {
+			n.outboxDone.WithLabelValues("dropped").Inc()
+			log.Debug("outbox: dropping a consumed bundle")
+		}
+		return
+	}
 	if verr := n.outboxValid(e); verr != nil {
 		// Only a record that no longer validates (too old) gets here; no
 		// holder would accept it.
@@ -195,6 +207,21 @@ func (n *Node) outboxAttempt(ctx context.Context, e *storage.OutboxEntry, holder
 	if err := n.outbox.Reschedule(ctx, e.Seq, attempts, n.cfg.Now().Add(backoff).UnixMilli()); err != nil && ctx.Err() == nil {
 		log.Warn("outbox: reschedule", "err", err)
 	}
+}
+
+// outboxConsumed reports whether e is a bundle whose (device, ref) is
+// tombstoned by a consume notice.
+func (n *Node) outboxConsumed(ctx context.Context, e *storage.OutboxEntry) bool {
+	if e.Kind != storage.OutboxBundle {
+		return false
+	}
+	// The ref as the store keys it (validation derives it).
+	info, err := n.cfg.Policy.ValidateBundle(&protocol.Bundle{DeviceID: e.Key, Payload: e.Payload, Signature: e.Signature}, n.cfg.Now())
+	if err != nil {
+		return false // outboxValid decides about a bundle that does not validate
+	}
+	consumed, err := n.store.Consumed(ctx, e.Key, info.Ref)
+	return err == nil && consumed
 }
 
 // gossipEntry publishes a record on its topic.

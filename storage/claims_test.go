@@ -392,3 +392,104 @@ func BenchmarkClaim(b *testing.B) {
 		})
 	}
 }
+
+// ConsumeNotices lists a device's consume notices newest first, at most
+// limit, and none of another device's.
+func TestConsumeNoticesNewestFirst(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	now := uint64(time.Now().UnixMilli())
+	d, other := dev(1), dev(2)
+	order := []uint64{3, 0, 4, 1, 2} // stored out of timestamp order
+	for _, i := range order {
+		mustConsume(t, s, d, now+i, Stored, protocol.Ref{byte(i + 1)})
+	}
+	mustConsume(t, s, other, now+9, Stored, protocol.Ref{0xee})
+	got, err := s.ConsumeNotices(ctx, d, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 3 {
+		t.Fatalf("got %d notices, want 3", len(got))
+	}
+	for i, n := range got {
+		ts, _, err := protocol.DecodeConsumePayload(n.Payload)
+		if err != nil || n.DeviceID != d || ts != now+4-uint64(i) {
+			t.Errorf("notice %d: device %s ts %d (%v); want device %s ts %d", i, n.DeviceID, ts, err, d, now+4-uint64(i))
+		}
+	}
+	if all, err := s.ConsumeNotices(ctx, d, 16); err != nil || len(all) != len(order) {
+		t.Errorf("limit 16: %d notices, %v; want %d", len(all), err, len(order))
+	}
+	if none, err := s.ConsumeNotices(ctx, dev(3), 16); err != nil || len(none) != 0 {
+		t.Errorf("a device without notices: %d, %v", len(none), err)
+	}
+}
+
+// A bundle floor whose ref is consumed no longer applies: Floor reports
+// none and RaiseFloor writes a lower version over it. An account floor is
+// not affected by tombstones, and a live floor still refuses lower ones.
+func TestConsumedBundleFloorNoLongerApplies(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	now := time.Now().UnixMilli()
+	d := dev(1)
+	cmp := func(a, b Floor) int {
+		switch va, vb := a.TimestampMS+a.Lamport, b.TimestampMS+b.Lamport; {
+		case va > vb:
+			return 1
+		case va < vb:
+			return -1
+		}
+		return 0
+	}
+	high := Floor{TimestampMS: 20, Ref: protocol.Ref{2}, UntilMS: now + 3_600_000}
+	low := Floor{TimestampMS: 10, Ref: protocol.Ref{1}, UntilMS: now + 3_600_000}
+	highAcc := Floor{Lamport: 20, UntilMS: now + 3_600_000}
+	lowAcc := Floor{Lamport: 10, UntilMS: now + 3_600_000}
+	for _, kind := range []FloorKind{FloorBundle, FloorAccount} {
+		h, l := high, low
+		if kind == FloorAccount {
+			h, l = highAcc, lowAcc
+		}
+		if wrote, err := s.RaiseFloor(ctx, kind, d, h, now, cmp); err != nil || !wrote {
+			t.Fatalf("raise %c: %v, %v", kind, wrote, err)
+		}
+		if wrote, err := s.RaiseFloor(ctx, kind, d, l, now, cmp); err != nil || wrote {
+			t.Fatalf("a lower floor over a live one (%c): wrote %v, %v", kind, wrote, err)
+		}
+	}
+	mustConsume(t, s, d, uint64(now), Stored, high.Ref)
+	if _, ok, err := s.Floor(ctx, FloorBundle, d, now); err != nil || ok {
+		t.Fatalf("the floor of a consumed bundle still applies (%v)", err)
+	}
+	if f, ok, err := s.Floor(ctx, FloorAccount, d, now); err != nil || !ok || f.Lamport != highAcc.Lamport {
+		t.Fatalf("an account floor was voided by a bundle tombstone: %v, %v", ok, err)
+	}
+	if wrote, err := s.RaiseFloor(ctx, FloorBundle, d, low, now, cmp); err != nil || !wrote {
+		t.Fatalf("a lower floor over a consumed one: wrote %v, %v", wrote, err)
+	}
+	if f, ok, err := s.Floor(ctx, FloorBundle, d, now); err != nil || !ok || f.Ref != low.Ref {
+		t.Fatalf("floor after the consume: %+v, %v, %v; want the lower one", f, ok, err)
+	}
+}
+
+// HasConsumeNotice reports exactly the stored notices.
+func TestHasConsumeNotice(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), nil)
+	d := dev(1)
+	n, info := consumeOf(d, uint64(time.Now().UnixMilli()), protocol.Ref{1})
+	if has, err := s.HasConsumeNotice(ctx, d, info.Hash); err != nil || has {
+		t.Fatalf("before: %v, %v", has, err)
+	}
+	if _, err := s.PutConsume(ctx, n, info); err != nil {
+		t.Fatal(err)
+	}
+	if has, err := s.HasConsumeNotice(ctx, d, info.Hash); err != nil || !has {
+		t.Fatalf("after: %v, %v", has, err)
+	}
+	if has, err := s.HasConsumeNotice(ctx, dev(2), info.Hash); err != nil || has {
+		t.Fatalf("another device: %v, %v", has, err)
+	}
+}

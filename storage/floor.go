@@ -22,7 +22,9 @@ import (
 // Every floor carries the time after which it is void (UntilMS): a bundle's
 // no later than its signed timestamp plus the retention (and the end of its
 // KeyPackage lifetime), an account's the retention after it was last seen;
-// PruneFloors deletes void floors.
+// PruneFloors deletes void floors. A bundle floor whose (device, ref) is
+// tombstoned (the bundle was consumed) no longer applies either: the
+// holders' real latest is then older than it, and must be accepted.
 const prefixFloor = 'f'
 
 // FloorKind names the kind of record a floor is for.
@@ -94,7 +96,8 @@ func decodeFloor(kind FloorKind, v []byte) (Floor, error) {
 	return f, nil
 }
 
-// Floor returns the floor of a key, if one applies at nowMS.
+// Floor returns the floor of a key, if one applies at nowMS: not past its
+// UntilMS and, for a bundle, of a ref not consumed.
 func (s *Store) Floor(ctx context.Context, kind FloorKind, key protocol.Key, nowMS int64) (Floor, bool, error) {
 	var f Floor
 	found := false
@@ -105,13 +108,14 @@ func (s *Store) Floor(ctx context.Context, kind FloorKind, key protocol.Key, now
 		} else if err != nil {
 			return err
 		}
-		return item.Value(func(v []byte) error {
-			if f, err = decodeFloor(kind, v); err != nil {
-				return err
-			}
-			found = f.UntilMS > nowMS
-			return nil
-		})
+		if err := item.Value(func(v []byte) error {
+			f, err = decodeFloor(kind, v)
+			return err
+		}); err != nil {
+			return err
+		}
+		found, err = floorApplies(txn, kind, key, f, nowMS)
+		return err
 	})
 	if errors.Is(err, badger.ErrDBClosed) {
 		return Floor{}, false, ErrClosed
@@ -122,8 +126,24 @@ func (s *Store) Floor(ctx context.Context, kind FloorKind, key protocol.Key, now
 	return f, true, nil
 }
 
+// floorApplies reports whether f, the floor of key, applies at nowMS: it
+// is not past its UntilMS and, for a bundle floor, its ref is not consumed.
+func floorApplies(txn *badger.Txn, kind FloorKind, key protocol.Key, f Floor, nowMS int64) (bool, error) {
+	if f.UntilMS <= nowMS {
+		return false, nil
+	}
+	if kind != FloorBundle {
+		return true, nil
+	}
+	until, ok, err := consumedUntil(txn, key, f.Ref)
+	if err != nil {
+		return false, err
+	}
+	return !ok || until <= nowMS, nil
+}
+
 // RaiseFloor records f as the floor of a key unless a floor that still
-// applies at nowMS is higher. cmp(a, b) orders versions: positive when a is
+// applies at nowMS (see Floor) is higher. cmp(a, b) orders versions: positive when a is
 // higher than b, zero for the same version (whose UntilMS is then extended).
 // It reports whether it wrote.
 func (s *Store) RaiseFloor(ctx context.Context, kind FloorKind, key protocol.Key, f Floor, nowMS int64, cmp func(a, b Floor) int) (bool, error) {
@@ -141,7 +161,11 @@ func (s *Store) RaiseFloor(ctx context.Context, kind FloorKind, key protocol.Key
 			if err := item.Value(func(v []byte) error { old, err = decodeFloor(kind, v); return err }); err != nil {
 				return err
 			}
-			if old.UntilMS > nowMS {
+			applies, err := floorApplies(txn, kind, key, old, nowMS)
+			if err != nil {
+				return err
+			}
+			if applies {
 				switch c := cmp(f, old); {
 				case c < 0:
 					return nil

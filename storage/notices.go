@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sort"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -459,4 +460,95 @@ func (s *Store) pruneWhere(ctx context.Context, p byte, due func(k, v []byte) bo
 		total += n
 	}
 	return total, nil
+}
+
+// ConsumeNotices returns up to limit of dev's stored consume notices,
+// newest first (by signed timestamp, then payload hash), so a fetch answer
+// can carry them to a requester that remembers a consumed bundle. A record
+// that does not decode is skipped (the startup check deletes it).
+func (s *Store) ConsumeNotices(ctx context.Context, dev protocol.Key, limit int) (_ []*protocol.ConsumeNotice, err error) {
+	defer recoverCorrupt(&err)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if limit <= 0 {
+		return nil, nil
+	}
+	type entry struct {
+		n    *protocol.ConsumeNotice
+		ts   uint64
+		hash [32]byte
+	}
+	newer := func(a, b entry) bool {
+		if a.ts != b.ts {
+			return a.ts > b.ts
+		}
+		return string(a.hash[:]) < string(b.hash[:])
+	}
+	// top holds the newest limit entries seen, newest first; a device may
+	// hold many notices, so at most limit are kept in memory.
+	var top []entry
+	err = s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: noticePrefix(dev, noticeConsume)})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			k := it.Item().Key()
+			if len(k) != noticeKeyLen {
+				continue
+			}
+			_, id := noticeID(k)
+			var e entry
+			if err := it.Item().Value(func(v []byte) error {
+				n, info, err := decodeConsumeValue(dev, id, v)
+				if err == nil {
+					e = entry{n: n, ts: info.TimestampMS, hash: id}
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+			if e.n == nil || (len(top) == limit && !newer(e, top[len(top)-1])) {
+				continue
+			}
+			i := sort.Search(len(top), func(i int) bool { return newer(e, top[i]) })
+			if len(top) < limit {
+				top = append(top, entry{})
+			}
+			copy(top[i+1:], top[i:len(top)-1])
+			top[i] = e
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: consume notices: %w", err)
+	}
+	out := make([]*protocol.ConsumeNotice, len(top))
+	for i, e := range top {
+		out[i] = e.n
+	}
+	return out, nil
+}
+
+// HasConsumeNotice reports whether dev's consume notice with payload hash
+// hash is stored, so a caller can skip verifying a notice it already holds.
+func (s *Store) HasConsumeNotice(ctx context.Context, dev protocol.Key, hash [32]byte) (has bool, err error) {
+	defer recoverCorrupt(&err)
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	err = s.db.View(func(txn *badger.Txn) error {
+		_, err := txn.Get(noticeKey(dev, noticeConsume, hash))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		has = err == nil
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("storage: has consume notice: %w", err)
+	}
+	return has, nil
 }

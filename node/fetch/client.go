@@ -29,6 +29,13 @@ type ClientConfig struct {
 	Validator Validator
 	// Timeout bounds one request. Default DefaultTimeout.
 	Timeout time.Duration
+	// Consumed, if set, gets the consume notices of the device asked that
+	// a KIND_LATEST, KIND_ALL or KIND_CLAIM answer (OK or NOT_FOUND)
+	// carries: at most MaxConsumed, decoded, of that device, not verified
+	// (the node's ingest path validates them and its store tombstones the
+	// refs and deletes its own copies). It runs before Request returns, so
+	// the caller sees their effect on the store.
+	Consumed func(ctx context.Context, p peer.ID, notices []*protocol.ConsumeNotice)
 }
 
 // Validate reports whether c (with its defaults) is usable.
@@ -96,6 +103,7 @@ func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (
 		_ = s.Reset()
 		return nil, fmt.Errorf("read response from %s: %w", p, err)
 	}
+	c.deliverConsumed(ctx, p, req, &resp)
 	switch resp.Status {
 	case pb.FetchResponse_STATUS_OK:
 		return &resp, nil
@@ -110,6 +118,36 @@ func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (
 		return nil, &RateLimitError{Peer: p, After: max(after, time.Millisecond)}
 	}
 	return nil, fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
+}
+
+// deliverConsumed hands the consume notices of the device req asked for
+// that resp carries to cfg.Consumed. Notices of another device, undecodable
+// ones and any beyond MaxConsumed are dropped.
+func (c *Client) deliverConsumed(ctx context.Context, p peer.ID, req *pb.FetchRequest, resp *pb.FetchResponse) {
+	if c.cfg.Consumed == nil || len(resp.Consumed) == 0 || len(req.Key) != protocol.KeySize {
+		return
+	}
+	switch req.Kind {
+	case pb.FetchRequest_KIND_LATEST, pb.FetchRequest_KIND_ALL, pb.FetchRequest_KIND_CLAIM:
+	default:
+		return
+	}
+	if resp.Status != pb.FetchResponse_STATUS_OK && resp.Status != pb.FetchResponse_STATUS_NOT_FOUND {
+		return
+	}
+	var dev protocol.Key
+	copy(dev[:], req.Key)
+	var ns []*protocol.ConsumeNotice
+	for _, m := range resp.Consumed[:min(len(resp.Consumed), MaxConsumed)] {
+		n, err := pb.ToConsume(m)
+		if err != nil || n.DeviceID != dev {
+			continue
+		}
+		ns = append(ns, n)
+	}
+	if len(ns) > 0 {
+		c.cfg.Consumed(ctx, p, ns)
+	}
 }
 
 // FetchLatest asks p for a device's latest bundle and validates it fully

@@ -41,6 +41,12 @@ const (
 	// ResponseReserve is what a response needs besides its bundles: the
 	// status and the error text that says it was cut.
 	ResponseReserve = 256
+	// MaxConsumed bounds the consume notices of the device asked that an
+	// answer carries (newest first), MaxConsumedWire their encoded bytes
+	// (the newest notice that does not fit, and every older one, is left
+	// out). A requester reads no more than MaxConsumed of them.
+	MaxConsumed     = 16
+	MaxConsumedWire = 32 << 10
 )
 
 // Sentinels of a request's outcome, for callers that branch on them.
@@ -113,6 +119,9 @@ type Store interface {
 	// their payloads exceed maxBytes (cut reports that it stopped).
 	BundlesUpTo(ctx context.Context, device protocol.Key, maxBytes int) (bs []*storage.Bundle, cut bool, err error)
 	Account(ctx context.Context, account protocol.Key) (*storage.Account, error)
+	// ConsumeNotices returns up to limit of a device's consume notices,
+	// newest first.
+	ConsumeNotices(ctx context.Context, device protocol.Key, limit int) ([]*protocol.ConsumeNotice, error)
 }
 
 // StreamOpener opens a stream to a peer; host.Host satisfies it.

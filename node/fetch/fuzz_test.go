@@ -77,6 +77,11 @@ func FuzzFetchResponse(f *testing.F) {
 				_, _, _, _ = protocol.DecodeClaimPayload(n.Payload)
 			}
 		}
+		for _, m := range resp.Consumed {
+			if n, err := pb.ToConsume(m); err == nil {
+				_, _, _ = protocol.DecodeConsumePayload(n.Payload)
+			}
+		}
 	})
 }
 

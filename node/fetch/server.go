@@ -26,22 +26,25 @@ import (
 )
 
 // Response budgets: bytes of responses in flight, server-wide. A request
-// acquires its worst case (the store's read plus the encoded answer) before
+// acquires its worst case (the store's read plus the encoded answer, with
+// the device's consume notices it carries) before
 // touching the store, and is answered STATUS_BUSY when the budget cannot
 // cover it, so a flood of requests costs at most the budget in memory.
 // KIND_ALL and the point kinds (LATEST, ACCOUNT) have separate budgets, so
 // a flood of KIND_ALL never starves the lookups nodes rely on. Point
-// requests weigh PointWeight (128 at once in the default budget); a
+// requests weigh PointWeight (102 at once in the default budget); a
 // KIND_ALL weighs AllWeight, what the store reads for it (at most
-// MaxResponse of payloads plus one more bundle, storage.BundlesUpTo) plus
-// the encoded answer, about 2.1 MiB (7 at once).
+// MaxResponse of payloads plus one more bundle, storage.BundlesUpTo, and
+// MaxConsumedWire of consume notices) plus the encoded answer, about
+// 2.1 MiB (7 at once).
 const (
 	DefaultBulkBudget  = 16 << 20
 	DefaultPointBudget = 16 << 20
-	// PointWeight: a stored record plus its encoded answer.
-	PointWeight = 2 * MaxBundleWire
+	// PointWeight: a stored record plus its encoded answer, and the
+	// device's consume notices the answer carries.
+	PointWeight = 2*MaxBundleWire + MaxConsumedWire
 	// AllWeight: what one KIND_ALL may allocate.
-	AllWeight = 2*MaxResponse + MaxBundleWire
+	AllWeight = 2*MaxResponse + MaxBundleWire + MaxConsumedWire
 	// DefaultStreamTimeout bounds a served stream: reading the request and
 	// writing the answer.
 	DefaultStreamTimeout = 10 * time.Second
@@ -342,24 +345,33 @@ func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) 
 	}
 	switch req.Kind {
 	case pb.FetchRequest_KIND_LATEST:
+		// The consume notices are read after the records, so a bundle
+		// consumed meanwhile comes with the notice that consumed it.
 		b, err := s.cfg.Store.LatestBundle(ctx, key)
+		consumed, _ := s.consumed(ctx, key)
 		if errors.Is(err, storage.ErrNotFound) || (err == nil && len(b.Payload) > protocol.MaxPayloadSize) {
-			return notFound(), release
+			return withConsumed(notFound(), consumed), release
 		} else if err != nil {
 			return internal(err), release
 		}
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}}, release
+		return withConsumed(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)}}, consumed), release
 	case pb.FetchRequest_KIND_ALL:
 		bs, cut, err := s.cfg.Store.BundlesUpTo(ctx, key, MaxResponse)
 		if err != nil {
 			return internal(err), release
 		}
+		consumed, size := s.consumed(ctx, key)
 		if len(bs) == 0 && !cut {
-			return notFound(), release
+			return withConsumed(notFound(), consumed), release
 		}
-		return allResponse(bs, cut), release
+		return withConsumed(allResponse(bs, cut, size), consumed), release
 	case pb.FetchRequest_KIND_CLAIM:
-		return s.serveClaim(ctx, from, key, req), release
+		resp := s.serveClaim(ctx, from, key, req)
+		if resp.Status == pb.FetchResponse_STATUS_OK || resp.Status == pb.FetchResponse_STATUS_NOT_FOUND {
+			consumed, _ := s.consumed(ctx, key) // not read for a refusal (RATE_LIMITED)
+			resp = withConsumed(resp, consumed)
+		}
+		return resp, release
 	case pb.FetchRequest_KIND_COUNT:
 		c, err := s.cfg.Claimer.Count(ctx, key)
 		if err != nil {
@@ -380,13 +392,46 @@ func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) 
 	}
 }
 
+// consumed returns dev's consume notices to carry in an answer: newest
+// first, at most MaxConsumed of them and MaxConsumedWire encoded bytes
+// (size, as they count in the response). A failed read carries none: the
+// answer itself does not depend on them.
+func (s *Server) consumed(ctx context.Context, dev protocol.Key) (out []*pb.ConsumeNotice, size int) {
+	ns, err := s.cfg.Store.ConsumeNotices(ctx, dev, MaxConsumed)
+	if err != nil {
+		s.log.Warn("fetch: read consume notices", "device", dev, "err", err)
+		return nil, 0
+	}
+	for _, n := range ns {
+		m := pb.FromConsume(n)
+		k := proto.Size(m)
+		k += 1 + protowire.SizeVarint(uint64(k))
+		if size+k > MaxConsumedWire {
+			break
+		}
+		size += k
+		out = append(out, m)
+	}
+	return out, size
+}
+
+// withConsumed sets resp's consume notices if its status is OK or
+// NOT_FOUND (the only answers that carry them) and returns resp.
+func withConsumed(resp *pb.FetchResponse, consumed []*pb.ConsumeNotice) *pb.FetchResponse {
+	if resp.Status == pb.FetchResponse_STATUS_OK || resp.Status == pb.FetchResponse_STATUS_NOT_FOUND {
+		resp.Consumed = consumed
+	}
+	return resp
+}
+
 // allResponse answers KIND_ALL: bundles newest first (the store's order),
-// as many as fit in MaxResponse encoded bytes. When it leaves some out (or
-// the store stopped reading, cut), error says "truncated: N bundles"
-// ("truncated: N of M bundles" when M, all it read, is known).
-func allResponse(bs []*storage.Bundle, cut bool) *pb.FetchResponse {
+// as many as fit in MaxResponse encoded bytes besides reserved (the consume
+// notices the answer carries). When it leaves some out (or the store
+// stopped reading, cut), error says "truncated: N bundles" ("truncated: N
+// of M bundles" when M, all it read, is known).
+func allResponse(bs []*storage.Bundle, cut bool, reserved int) *pb.FetchResponse {
 	resp := &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}
-	size := ResponseReserve
+	size := ResponseReserve + reserved
 	for _, b := range bs {
 		if len(b.Payload) > protocol.MaxPayloadSize {
 			continue // stored before the cap; no peer would accept it

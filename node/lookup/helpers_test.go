@@ -44,16 +44,52 @@ type memStore struct {
 	mu       sync.Mutex
 	bundles  map[protocol.Key]*storage.Bundle
 	accounts map[protocol.Key]*storage.Account
+	consumes map[protocol.Key][]*protocol.ConsumeNotice // oldest first
 }
 
 func newMemStore() *memStore {
-	return &memStore{bundles: map[protocol.Key]*storage.Bundle{}, accounts: map[protocol.Key]*storage.Account{}}
+	return &memStore{bundles: map[protocol.Key]*storage.Bundle{}, accounts: map[protocol.Key]*storage.Account{},
+		consumes: map[protocol.Key][]*protocol.ConsumeNotice{}}
+}
+
+// consume records the device's signed consume notice of b (the holder's
+// latest is whatever putBundle set).
+func (m *memStore) consume(key ed25519.PrivateKey, ts time.Time, b protocol.Bundle) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := protocol.SignConsume(key, uint64(ts.UnixMilli()), []protocol.Ref{refOf(b)})
+	m.consumes[n.DeviceID] = append(m.consumes[n.DeviceID], &n)
+}
+
+func (m *memStore) ConsumeNotices(_ context.Context, k protocol.Key, limit int) ([]*protocol.ConsumeNotice, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*protocol.ConsumeNotice
+	for i := len(m.consumes[k]) - 1; i >= 0 && len(out) < limit; i-- {
+		out = append(out, m.consumes[k][i])
+	}
+	return out, nil
+}
+
+// refOf returns a bundle's ref as validation derives it.
+func refOf(b protocol.Bundle) protocol.Ref {
+	info, err := testPolicy().ValidateBundle(&b, time.Now())
+	if err != nil {
+		panic(err)
+	}
+	return info.Ref
 }
 
 func (m *memStore) putBundle(b protocol.Bundle) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.bundles[b.DeviceID] = &storage.Bundle{Bundle: b}
+}
+
+func (m *memStore) delete(k protocol.Key) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.bundles, k)
 }
 
 func (m *memStore) putAccount(a protocol.AccountBundle) {
@@ -148,12 +184,23 @@ func newWorld(t testing.TB, mutate func(*Config)) *world {
 // (a second one models a restarted node: same floors, empty cache).
 func (w *world) newLookup(mutate func(*Config)) *Lookup {
 	w.t.Helper()
+	// The consume notices answers carry are ingested as a node does:
+	// validated, then stored (tombstones in the floors' store).
+	consumed := func(ctx context.Context, _ peer.ID, ns []*protocol.ConsumeNotice) {
+		for _, n := range ns {
+			info, err := testPolicy().ValidateConsume(n, w.clock.Now())
+			if err != nil {
+				continue
+			}
+			_, _ = w.floors.PutConsume(ctx, n, info)
+		}
+	}
 	client, err := fetch.NewClient(fetch.ClientConfig{Protocol: testProto, Opener: w.pipes,
-		Validator: fetch.PolicyValidator{Policy: testPolicy(), Now: w.clock.Now}})
+		Validator: fetch.PolicyValidator{Policy: testPolicy(), Now: w.clock.Now}, Consumed: consumed})
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	cfg := Config{Holders: w.find, Fetcher: client, Floors: w.floors, Self: self, ShardCount: shardCount,
+	cfg := Config{Holders: w.find, Fetcher: client, Floors: w.floors, Consumed: w.floors, Self: self, ShardCount: shardCount,
 		Retention: testPolicy().Retention, Timeout: 5 * time.Second, Grace: 50 * time.Millisecond,
 		Now: w.clock.Now, Logger: nodetest.QuietLogger()}
 	if w.lookup == nil {

@@ -5,7 +5,10 @@
 // older than the key's floor (a FloorStore: the best version this node has
 // served, kept on disk), so one fast lying holder cannot roll a record
 // back. Results are cached (LRU, TTL, background refresh), misses are
-// negative-cached, and concurrent lookups of one key share one query.
+// negative-cached, and concurrent lookups of one key share one query. A
+// bundle that was consumed (a ConsumedChecker: the store's tombstones,
+// which the consume notices fetch answers carry keep up to date) is never
+// served, from the cache or the network, and its floor no longer applies.
 package lookup
 
 import (
@@ -97,6 +100,13 @@ type FloorStore interface {
 	RaiseFloor(ctx context.Context, kind storage.FloorKind, key protocol.Key, f storage.Floor, nowMS int64, cmp func(a, b storage.Floor) int) (bool, error)
 }
 
+// ConsumedChecker reports whether a device's bundle was consumed (the
+// method of *storage.Store). The store's bundle floors also stop applying
+// once their ref is consumed (storage.Store.Floor).
+type ConsumedChecker interface {
+	Consumed(ctx context.Context, device protocol.Key, ref protocol.Ref) (bool, error)
+}
+
 // AddrBook learns the addresses the finder reports for a holder, so the
 // fetcher can dial it (a libp2p peerstore).
 type AddrBook interface {
@@ -108,6 +118,9 @@ type Config struct {
 	Holders HolderFinder
 	Fetcher Fetcher
 	Floors  FloorStore
+	// Consumed, if set, says which bundles were consumed: a lookup never
+	// serves one, and drops a cache entry that was.
+	Consumed ConsumedChecker
 	// AddrBook, if set, learns holders' addresses.
 	AddrBook AddrBook
 	// Self is this node, never asked.
@@ -211,6 +224,14 @@ type recordCache[T any] struct {
 	better func(fetched, cached T) bool
 	// cmp orders two versions as better does (positive: a is better).
 	cmp func(a, b storage.Floor) int
+	// gone reports whether a record may no longer be served (a consumed
+	// bundle). Nil: always servable.
+	gone func(ctx context.Context, key protocol.Key, v T) bool
+}
+
+// isGone applies c.gone, if any.
+func (c *recordCache[T]) isGone(ctx context.Context, key protocol.Key, v T) bool {
+	return c.gone != nil && c.gone(ctx, key, v)
 }
 
 type cached[T any] struct {
@@ -259,6 +280,15 @@ func New(cfg Config) (*Lookup, error) {
 		},
 		better: BetterBundle,
 		cmp:    CmpBundleFloor,
+	}
+	if cfg.Consumed != nil {
+		l.bundles.gone = func(ctx context.Context, device protocol.Key, b *storage.Bundle) bool {
+			consumed, err := cfg.Consumed.Consumed(ctx, device, b.Ref)
+			if err != nil && ctx.Err() == nil {
+				l.log.Warn("lookup: read tombstone", "device", device, "err", err)
+			}
+			return consumed
+		}
 	}
 	l.accounts = &recordCache[*storage.Account]{
 		kind:      "account",
@@ -393,11 +423,14 @@ func (l *Lookup) Account(ctx context.Context, account protocol.Key) (*storage.Ac
 
 // lookupRecord serves key from the cache (refreshing an old entry in the
 // background), else from the network, remembering misses (not outages).
-func lookupRecord[T any](_ context.Context, l *Lookup, c *recordCache[T], key protocol.Key) (T, error) {
+func lookupRecord[T any](ctx context.Context, l *Lookup, c *recordCache[T], key protocol.Key) (T, error) {
 	var zero T
 	flightKey := c.kind + string(key[:])
 	now := l.cfg.Now()
-	if e, ok := c.entries.Get(key); ok && now.Sub(e.verifiedAt) <= l.cfg.CacheTTL {
+	if e, ok := c.entries.Get(key); ok && c.isGone(context.WithoutCancel(ctx), key, e.v) {
+		// Consumed since it was cached: never served again.
+		c.entries.Remove(key)
+	} else if ok && now.Sub(e.verifiedAt) <= l.cfg.CacheTTL {
 		l.lookups.WithLabelValues(c.kind, "cache_hit").Inc()
 		if now.Sub(e.triedAt) > l.cfg.CacheRefresh {
 			l.refresh(flightKey, func() (any, error) { return fetchInto(l, c, key) })
@@ -457,6 +490,12 @@ func fetchInto[T any](l *Lookup, c *recordCache[T], key protocol.Key) (T, error)
 	v, err := bestAnswer(l, c, key)
 	now := l.cfg.Now()
 	old, had := c.entries.Peek(key)
+	if had && c.isGone(context.Background(), key, old.v) {
+		// The answers just fetched may have carried the notice that
+		// consumed the cached record.
+		c.entries.Remove(key)
+		had = false
+	}
 	if err != nil {
 		result := "miss"
 		if !errors.Is(err, errMiss) {
@@ -517,6 +556,40 @@ func bestAnswer[T any](l *Lookup, c *recordCache[T], key protocol.Key) (T, error
 		asked, answered, notFound, refused, failed int
 		grace                                      <-chan time.Time
 	)
+	// below holds the answers refused below the floor, accepted after all
+	// if the floor stops applying (the answer of another holder carried
+	// the consume notice of the floor's bundle).
+	var below []result
+	var graceTimer *time.Timer
+	defer func() {
+		if graceTimer != nil {
+			graceTimer.Stop()
+		}
+	}()
+	var accepted []result
+	accept := func(r result) {
+		accepted = append(accepted, r)
+		if !have || c.cmp(r.floor, bestFloor) > 0 {
+			best, bestFloor = r.v, r.floor
+		}
+		if !have {
+			have = true
+			graceTimer = time.NewTimer(l.cfg.Grace)
+			grace = graceTimer.C
+		}
+	}
+	// stillBelow reads the floor again after an answer of version v below
+	// it, and reports whether v is still below: the fetch that brought the
+	// answer may have brought the consume notice that voids the floor
+	// (storage.Store.Floor).
+	stillBelow := func(v storage.Floor) bool {
+		f, ok, err := l.cfg.Floors.Floor(life, c.floorKind, key, l.cfg.Now().UnixMilli())
+		if err != nil {
+			return true
+		}
+		floor, hasFloor = f, ok
+		return hasFloor && c.cmp(v, floor) < 0
+	}
 	var providers <-chan peer.AddrInfo
 	if ctx.Err() == nil {
 		providers = l.cfg.Holders.Holders(ctx, shard)
@@ -548,20 +621,32 @@ collect:
 		case r := <-results:
 			answered++
 			switch {
-			case r.err == nil && hasFloor && c.cmp(r.floor, floor) < 0:
+			case r.err == nil && c.isGone(life, key, r.v):
+				// A holder that has not heard of the consume yet: its
+				// answer is stale, as one below the floor is.
 				refused++
+				l.lookups.WithLabelValues(c.kind, "refused_consumed").Inc()
+				l.log.Debug("lookup: refused a consumed record", "kind", c.kind, "key", key)
+			case r.err == nil && hasFloor && c.cmp(r.floor, floor) < 0 && stillBelow(r.floor):
+				refused++
+				below = append(below, r)
 				l.lookups.WithLabelValues(c.kind, "refused_below_floor").Inc()
 				l.log.Debug("lookup: refused a record older than the floor", "kind", c.kind, "key", key)
 			case r.err == nil:
-				if !have || c.cmp(r.floor, bestFloor) > 0 {
-					best, bestFloor = r.v, r.floor
+				accept(r)
+				// Answers refused below a floor that no longer applies
+				// are acceptable now.
+				kept := below[:0]
+				for _, b := range below {
+					switch {
+					case hasFloor && c.cmp(b.floor, floor) < 0:
+						kept = append(kept, b)
+					case !c.isGone(life, key, b.v):
+						refused--
+						accept(b)
+					}
 				}
-				if !have {
-					have = true
-					t := time.NewTimer(l.cfg.Grace)
-					defer t.Stop()
-					grace = t.C
-				}
+				below = kept
 			case errors.Is(r.err, ingest.ErrNoRecord):
 				notFound++
 			case errors.Is(r.err, ingest.ErrNotHeld):
@@ -574,6 +659,33 @@ collect:
 			break collect
 		case <-ctx.Done():
 			break collect
+		}
+	}
+	if len(below) > 0 && hasFloor && c.gone != nil {
+		// A NOT_FOUND answer after them may have carried the notice that
+		// consumed the floor's bundle.
+		if f, ok, err := l.cfg.Floors.Floor(life, c.floorKind, key, l.cfg.Now().UnixMilli()); err == nil {
+			floor, hasFloor = f, ok
+			for _, b := range below {
+				if !hasFloor || c.cmp(b.floor, floor) >= 0 {
+					refused--
+					accept(b)
+				}
+			}
+		}
+	}
+	if have && c.gone != nil {
+		// A later answer may have carried the notice that consumed one
+		// accepted earlier: the best is chosen among those still servable.
+		have = false
+		for _, r := range accepted {
+			switch {
+			case c.isGone(life, key, r.v):
+				refused++
+				l.lookups.WithLabelValues(c.kind, "refused_consumed").Inc()
+			case !have || c.cmp(r.floor, bestFloor) > 0:
+				best, bestFloor, have = r.v, r.floor, true
+			}
 		}
 	}
 	if have {
