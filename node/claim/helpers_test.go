@@ -129,19 +129,6 @@ func deviceOf(n *protocol.ClaimNotice) protocol.Key {
 	return d
 }
 
-// svcClaimer is the claim service as the fetch server sees it (the node's
-// fetchClaimer).
-type svcClaimer struct{ s *Service }
-
-func (c svcClaimer) ServeClaim(ctx context.Context, requester string, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
-	r, err := c.s.Claim(ctx, Request{Requester: requester, Device: dev, Suite: suite, OwnedOnly: ownedOnly, Source: ingest.SourceFetch})
-	return r.Bundle, r.LastResort, r.Notice, err
-}
-
-func (c svcClaimer) Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error) {
-	return c.s.cfg.Store.ClaimCounts(ctx, dev)
-}
-
 // testNode is one node: a real Badger store, the claim service, a fetch
 // server answering over net.Pipe, and a fetch client whose streams reach
 // the other nodes of its cluster.
@@ -206,7 +193,7 @@ func (c *cluster) add(seed byte, light bool, mutate func(*Config)) *testNode {
 		t.Fatal(err)
 	}
 	n.srv, err = fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: n.store, Holds: shards.HasKey,
-		Claimer: svcClaimer{n.svc}, Logger: nodetest.QuietLogger()})
+		Claimer: n.svc, Logger: nodetest.QuietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}

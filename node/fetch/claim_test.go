@@ -35,19 +35,22 @@ type fakeClaimer struct {
 	err        error
 	counts     storage.ClaimCounts
 	calls      []string // requester, ownedOnly, suite
+	taken      []*protocol.ClaimNotice
+	refs       []protocol.Ref // of the last request
 }
 
-func (f *fakeClaimer) ServeClaim(_ context.Context, requester string, _ protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
+func (f *fakeClaimer) ServeClaim(_ context.Context, req ClaimRequest) (ClaimAnswer, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.calls = append(f.calls, requester)
-	if ownedOnly {
+	f.calls = append(f.calls, "peer:"+req.Peer.String())
+	if req.OwnedOnly {
 		f.calls = append(f.calls, "owned")
 	}
-	if suite != 0 {
+	if req.Suite != 0 {
 		f.calls = append(f.calls, "suite")
 	}
-	return f.bundle, f.lastResort, f.notice, f.err
+	f.refs = req.Refs
+	return ClaimAnswer{Bundle: f.bundle, LastResort: f.lastResort, Notice: f.notice, Taken: f.taken}, f.err
 }
 
 func (f *fakeClaimer) Count(context.Context, protocol.Key) (storage.ClaimCounts, error) {
