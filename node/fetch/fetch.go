@@ -36,7 +36,7 @@ const (
 	// MaxOwnerRefs bounds the refs an owner request (KIND_CLAIM with
 	// owned_only) names, and so the claim notices its answer proves taken.
 	MaxOwnerRefs = 16
-	MaxResponse = 1 << 20
+	MaxResponse  = 1 << 20
 	// MaxBundleWire bounds one encoded bundle or account bundle inside a
 	// FetchResponse: the payload cap plus its key, signature, field tags
 	// and length prefixes (104 bytes), rounded up.
