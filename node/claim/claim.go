@@ -607,16 +607,18 @@ func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle
 	return Result{Bundle: b, Notice: &n}, true, nil
 }
 
-// askOwners asks the owners of cands, one distinct owner at a time in the
-// candidates' order, at most MaxOwnersAsked, each for one of the refs it
-// owns in this node's view (the first fetch.MaxOwnerRefs of them). The
-// first owner answer accepted wins (ok). Otherwise fallback lists the
-// candidates this node may claim itself: all of an owner's that failed
-// (unreachable, timed out, NOT_HOLDER, an answer not accepted), and the
-// named ones an owner answered NOT_FOUND for without proof that they are
-// taken (a subscriber that withholds refs, or an owner that does not hold
-// them). Every proof an owner sends is ingested here. The refs of owners
-// that answered BUSY or RATE_LIMITED, and of owners not asked, stay theirs.
+// askOwners asks the owners of cands, one owner at a time in the
+// candidates' order, at most MaxOwnersAsked requests in all, each for one
+// of the refs the owner owns in this node's view (the next
+// fetch.MaxOwnerRefs of them; an owner that proved every ref named taken
+// is asked for its next ones). The first owner answer accepted wins (ok).
+// Otherwise fallback lists the candidates this node may claim itself: all
+// of an owner's that failed (unreachable, timed out, NOT_HOLDER, an answer
+// not accepted), and the named ones an owner answered NOT_FOUND for
+// without proof that they are taken (a subscriber that withholds refs, or
+// an owner that does not hold them). Every proof an owner sends is
+// ingested here. The refs of owners that answered BUSY or RATE_LIMITED,
+// and of owners not asked, stay theirs.
 func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (r Result, ok bool, fallback []*storage.Bundle) {
 	var order []peer.ID
 	byOwner := map[peer.ID][]*storage.Bundle{}
@@ -627,53 +629,63 @@ func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID,
 		}
 		byOwner[o] = append(byOwner[o], b)
 	}
-	for i, o := range order {
-		if i == MaxOwnersAsked || ctx.Err() != nil {
-			break
-		}
-		bs := byOwner[o]
-		named := bs[:min(len(bs), fetch.MaxOwnerRefs)]
-		refs := make([]protocol.Ref, len(named))
-		for j, b := range named {
-			refs[j] = b.Ref
-		}
-		octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
-		a, err := s.cfg.Client.OwnerClaim(octx, o, req.Device, req.Suite, refs)
-		cancel()
-		proven := s.ingestTaken(ctx, o, a.Taken)
-		unproven := func(bs []*storage.Bundle) []*storage.Bundle {
-			var out []*storage.Bundle
-			for _, b := range bs {
-				if !proven[b.Ref] {
-					out = append(out, b)
+	asks := 0
+	for _, o := range order {
+		for bs := byOwner[o]; len(bs) > 0; {
+			if asks == MaxOwnersAsked || ctx.Err() != nil {
+				return Result{}, false, fallback
+			}
+			asks++
+			named := bs[:min(len(bs), fetch.MaxOwnerRefs)]
+			refs := make([]protocol.Ref, len(named))
+			for j, b := range named {
+				refs[j] = b.Ref
+			}
+			octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
+			a, err := s.cfg.Client.OwnerClaim(octx, o, req.Device, req.Suite, refs)
+			cancel()
+			proven := s.ingestTaken(ctx, o, a.Taken)
+			unproven := func(bs []*storage.Bundle) []*storage.Bundle {
+				var out []*storage.Bundle
+				for _, b := range bs {
+					if !proven[b.Ref] {
+						out = append(out, b)
+					}
 				}
+				return out
 			}
-			return out
-		}
-		switch {
-		case err == nil:
-			proven[a.Bundle.Ref] = true // handed out by o, to this node or before
-			if err := s.acceptOwnerAnswer(ctx, a); err != nil {
-				s.log.Debug("claim: owner's answer refused", "owner", o, "device", req.Device, "err", err)
+			switch {
+			case err == nil:
+				proven[a.Bundle.Ref] = true // handed out by o, to this node or before
+				if err := s.acceptOwnerAnswer(ctx, a); err != nil {
+					s.log.Debug("claim: owner's answer refused", "owner", o, "device", req.Device, "err", err)
+					fallback = append(fallback, unproven(bs)...)
+					bs = nil
+					continue
+				}
+				s.observePool(ctx, req.Device)
+				return Result{Bundle: a.Bundle, Notice: a.Notice}, true, nil
+			case errors.Is(err, ingest.ErrNoRecord):
+				// o has nothing free of what it was asked: believed for
+				// the refs it proved taken, not for the others. Proof of
+				// them all: ask it for its next refs.
+				if left := unproven(named); len(left) > 0 {
+					s.log.Debug("claim: owner answered NOT_FOUND without proof", "owner", o, "device", req.Device, "refs", len(left))
+					fallback = append(fallback, left...)
+					bs = nil
+				} else {
+					bs = bs[len(named):]
+				}
+			case errors.Is(err, ErrRateLimited), errors.Is(err, fetch.ErrRateLimited), errors.Is(err, fetch.ErrBusy):
+				// Alive: it may hand its refs out; taking them over here
+				// would hand them out twice.
+				s.log.Debug("claim: owner busy", "owner", o, "device", req.Device, "err", err)
+				bs = nil
+			default:
+				s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
 				fallback = append(fallback, unproven(bs)...)
-				continue
+				bs = nil
 			}
-			s.observePool(ctx, req.Device)
-			return Result{Bundle: a.Bundle, Notice: a.Notice}, true, nil
-		case errors.Is(err, ingest.ErrNoRecord):
-			// o owns nothing free of what it was asked: believed for the
-			// refs it proved taken, not for the others.
-			if left := unproven(named); len(left) > 0 {
-				s.log.Debug("claim: owner answered NOT_FOUND without proof", "owner", o, "device", req.Device, "refs", len(left))
-				fallback = append(fallback, left...)
-			}
-		case errors.Is(err, ErrRateLimited), errors.Is(err, fetch.ErrRateLimited), errors.Is(err, fetch.ErrBusy):
-			// Alive: it may hand its refs out; taking them over here
-			// would hand them out twice.
-			s.log.Debug("claim: owner busy", "owner", o, "device", req.Device, "err", err)
-		default:
-			s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
-			fallback = append(fallback, unproven(bs)...)
 		}
 	}
 	return Result{}, false, fallback

@@ -2,6 +2,7 @@ package claim
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -190,5 +191,111 @@ func TestOwnerAnswerRefusedWhenClaimedHereMeanwhile(t *testing.T) {
 			}
 			t.Fatal("a never asked the owner")
 		})
+	}
+}
+
+// An owner that is alive but busy (BUSY, RATE_LIMITED) keeps its refs:
+// the holder does not take them over (the owner may be handing them out),
+// it answers the last resort; the fallback is for owners that fail.
+func TestBusyOwnerIsNoFallback(t *testing.T) {
+	for _, st := range []pb.FetchResponse_Status{pb.FetchResponse_STATUS_BUSY, pb.FetchResponse_STATUS_RATE_LIMITED} {
+		t.Run(st.String(), func(t *testing.T) {
+			c := newCluster(t)
+			a := c.add(1, false, nil)
+			_, _, busy := nodeIdentity(t, 9)
+			a.view.holders = []peer.ID{a.id, busy}
+			asked := 0
+			a.pipes.Handle(busy, func(s network.Stream, _ peer.ID) {
+				defer s.Close()
+				var req pb.FetchRequest
+				if err := pbio.NewDelimitedReader(s, fetch.MaxRequest).ReadMsg(&req); err != nil {
+					return
+				}
+				asked++
+				_ = pbio.NewDelimitedWriter(s).WriteMsg(&pb.FetchResponse{Status: st, RetryAfterMs: 100})
+			})
+			p := newPool(t, c.clock, 66, 12)
+			p.storeIn(t, a)
+			ownA := 0
+			for _, bd := range p.oneTime {
+				if Owner(a.view.holders, bd.Ref) == a.id {
+					ownA++
+				}
+			}
+			if ownA == len(p.oneTime) {
+				t.Skip("the busy owner owns nothing")
+			}
+			for i := range ownA {
+				if r := mustClaim(t, a, p.dev); r.LastResort || Owner(a.view.holders, r.Bundle.Ref) != a.id {
+					t.Fatalf("claim %d: %s last_resort=%v; want a's own refs first", i, r.Bundle.Ref, r.LastResort)
+				}
+			}
+			if r := mustClaim(t, a, p.dev); !r.LastResort {
+				t.Fatalf("a handed out the busy owner's ref %s; want the last resort", r.Bundle.Ref)
+			}
+			if asked != 1 {
+				t.Fatalf("the busy owner was asked %d times, want 1", asked)
+			}
+			if got := counter(t, a, "kpnode_claim_owner_fallbacks_total"); got != 0 {
+				t.Fatalf("fallbacks %v, want 0", got)
+			}
+		})
+	}
+}
+
+// An owner that proves every ref it was asked for taken is asked for its
+// next refs (within the requests a claim may make), so a holder whose view
+// lags the owner's hand-outs by more than one request's refs still gets a
+// one-time bundle.
+func TestOwnerAskedForNextRefsAfterProof(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.add(1, false, nil), c.add(2, false, nil)
+	hs := c.agree()
+	p := newPool(t, c.clock, 67, 56)
+	p.storeIn(t, a, b)
+	var ofB []protocol.Ref
+	for _, bd := range p.oneTime {
+		if Owner(hs, bd.Ref) == b.id {
+			ofB = append(ofB, bd.Ref)
+		}
+	}
+	if len(ofB) <= fetch.MaxOwnerRefs+1 {
+		t.Skipf("b owns %d refs; the test needs more than %d", len(ofB), fetch.MaxOwnerRefs+1)
+	}
+	// b hands out all but its last ref to its own clients; a never hears.
+	for range len(ofB) - 1 {
+		mustClaim(t, b, p.dev)
+	}
+	for range len(p.oneTime) - len(ofB) {
+		mustClaim(t, a, p.dev) // a's own
+	}
+	r := mustClaim(t, a, p.dev)
+	if r.LastResort || r.Bundle.Ref != ofB[len(ofB)-1] {
+		t.Fatalf("a handed out %s (last_resort=%v); want b's last free ref %s", r.Bundle.Ref, r.LastResort, ofB[len(ofB)-1])
+	}
+}
+
+// An owner request of a peer that is not a holder in this node's view is
+// charged like any claim, to the peer's requester bucket.
+func TestOwnerRequestOfNonHolderIsCharged(t *testing.T) {
+	c := newCluster(t)
+	a := c.add(1, false, func(cfg *Config) { cfg.RequesterRate, cfg.RequesterBurst = 0.001, 1 })
+	b := c.add(2, false, nil)
+	a.view.holders = []peer.ID{a.id} // b is not in a's topic
+	p := newPool(t, c.clock, 68, 4)
+	p.storeIn(t, a)
+	refs := []protocol.Ref{p.oneTime[0].Ref}
+	if _, err := b.svc.cfg.Client.OwnerClaim(t.Context(), a.id, p.dev, 0, refs); err != nil {
+		t.Fatal(err)
+	}
+	refs = []protocol.Ref{p.oneTime[1].Ref}
+	if _, err := b.svc.cfg.Client.OwnerClaim(t.Context(), a.id, p.dev, 0, refs); !errors.Is(err, fetch.ErrRateLimited) {
+		t.Fatalf("2nd owner request of a non-holder over a requester burst of 1: %v; want RATE_LIMITED", err)
+	}
+	a.view.mu.Lock()
+	a.view.holders = []peer.ID{a.id, b.id}
+	a.view.mu.Unlock()
+	if _, err := b.svc.cfg.Client.OwnerClaim(t.Context(), a.id, p.dev, 0, refs); err != nil {
+		t.Fatalf("owner request of a holder: %v; want its own budget", err)
 	}
 }
