@@ -151,6 +151,9 @@ type HolderView interface {
 type Client interface {
 	Claim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error)
 	OwnerClaim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, refs []protocol.Ref) (fetch.OwnerAnswer, error)
+	// FetchLatest returns a holder's latest bundle of dev (its latest
+	// last-resort one if it has any), validated.
+	FetchLatest(ctx context.Context, p peer.ID, dev protocol.Key) (*storage.Bundle, error)
 	Count(ctx context.Context, p peer.ID, dev protocol.Key) (storage.ClaimCounts, error)
 }
 
@@ -365,20 +368,19 @@ type Request struct {
 // has nothing usable, ErrUnavailable when no holder answered.
 //
 // A claim over the device's limit alone (its requester within its own)
-// gets the device's last-resort bundle at a holder, so claims in bulk for
-// a device never lock out the others who ask for it; it is rate limited
-// only when the device has no last-resort bundle.
+// gets the device's last-resort bundle, so claims in bulk for a device
+// never lock out the others who ask for it; it is rate limited only when
+// the device has no last-resort bundle (or, at a node that does not hold
+// the shard, no holder says which it is).
 func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
-	var r Result
 	err := s.limit(req)
 	var rl *RateLimitError
-	if errors.As(err, &rl) && rl.Scope == "device" && !req.OwnedOnly && s.cfg.Shards.HasKey(req.Device) {
-		if lr, lerr := s.lastResort(ctx, req); lerr == nil {
-			r, err = lr, nil
-		} else if !errors.Is(lerr, storage.ErrNotFound) {
-			err = lerr
+	if errors.As(err, &rl) && rl.Scope == "device" && !req.OwnedOnly {
+		last := s.lastResort
+		if !s.cfg.Shards.HasKey(req.Device) {
+			last = s.remoteLastResort
 		}
-		if err == nil {
+		if r, lerr := last(ctx, req); lerr == nil {
 			s.claims.WithLabelValues("last_resort").Inc()
 			return r, nil
 		}
@@ -387,6 +389,7 @@ func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
 		s.claims.WithLabelValues("limited").Inc()
 		return Result{}, err
 	}
+	var r Result
 	if s.cfg.Shards.HasKey(req.Device) {
 		r, err = s.claimHeld(ctx, req)
 	} else if req.OwnedOnly {
@@ -753,6 +756,39 @@ func (s *Service) lastResort(ctx context.Context, req Request) (Result, error) {
 	}
 	s.pool.Observe(0)
 	return Result{Bundle: b, LastResort: true, Notice: &n}, nil
+}
+
+// remoteLastResort is the last resort of a node that does not hold the
+// device's shard: the latest bundle a holder serves (its latest last-resort
+// one when it has any), if it is a last-resort bundle of the suite. No
+// claim notice counts it (the node signs none for a shard it does not
+// hold). storage.ErrNotFound when the device has no last-resort bundle
+// (of the suite); ErrUnavailable when no holder answered.
+func (s *Service) remoteLastResort(ctx context.Context, req Request) (Result, error) {
+	var res Result
+	var final error
+	asked := s.eachHolder(ctx, req.Device, func(p peer.ID) bool {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HolderTimeout)
+		b, err := s.cfg.Client.FetchLatest(hctx, p, req.Device)
+		cancel()
+		switch {
+		case err == nil && b.LastResort && suiteMatches(b, req.Suite):
+			res = Result{Bundle: b, LastResort: true}
+			return true
+		case err == nil, errors.Is(err, ingest.ErrNoRecord):
+			final = fmt.Errorf("claim: no last-resort keypackage: %w", storage.ErrNotFound)
+			return true
+		}
+		s.log.Debug("claim: latest from holder failed", "holder", p, "device", req.Device, "err", err)
+		return false
+	})
+	switch {
+	case res.Bundle != nil:
+		return res, nil
+	case final != nil:
+		return Result{}, final
+	}
+	return Result{}, fmt.Errorf("%w (%d asked)", ErrUnavailable, asked)
 }
 
 func (s *Service) publish(ctx context.Context, n *protocol.ClaimNotice) {

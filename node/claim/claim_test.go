@@ -599,3 +599,41 @@ func TestDeviceLimitAnswersLastResort(t *testing.T) {
 		t.Fatalf("claim over the device limit, no last resort: %v; want a device RateLimitError", err)
 	}
 }
+
+// At a node that does not hold the device's shard, a claim over the
+// device's limit alone gets the device's last-resort bundle from a holder
+// (its latest bundle, when that is a last-resort one), flagged; 429 when
+// the device has none.
+func TestDeviceLimitAnswersLastResortThroughHolder(t *testing.T) {
+	c := newCluster(t)
+	h := c.add(1, false, nil)
+	c.agree()
+	l := c.add(2, true, func(cfg *Config) { cfg.DeviceRate, cfg.DeviceBurst = 0.001, 1 })
+	p := newPool(t, c.clock, 69, 3)
+	p.storeIn(t, h)
+	c.lastResort.Store(p.lastResort.Ref, true)
+	if r, err := claimAt(t, l, "evil", p.dev); err != nil || r.LastResort {
+		t.Fatalf("claim within the limits: %v (last_resort %v)", err, r.LastResort)
+	}
+	r, err := claimAt(t, l, "honest", p.dev)
+	if err != nil || !r.LastResort || r.Bundle.Ref != p.lastResort.Ref {
+		t.Fatalf("claim over the device limit at a light node: %v (%+v); want the last-resort bundle, flagged", err, r)
+	}
+	if cnt, _ := h.store.ClaimCounts(t.Context(), p.dev); cnt.OneTime != 2 {
+		t.Fatalf("holder counts %+v; want 2 one-time left", cnt)
+	}
+	q := newPool(t, c.clock, 70, 2)
+	for _, b := range q.oneTime {
+		cp := *b
+		if _, err := h.store.PutBundle(t.Context(), &cp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := claimAt(t, l, "evil", q.dev); err != nil {
+		t.Fatal(err)
+	}
+	var rl *RateLimitError
+	if _, err := claimAt(t, l, "honest", q.dev); !errors.As(err, &rl) || rl.Scope != "device" {
+		t.Fatalf("over the device limit, no last resort: %v; want a device RateLimitError", err)
+	}
+}

@@ -151,6 +151,24 @@ type cluster struct {
 	t     testing.TB
 	clock *clock
 	nodes []*testNode
+	// lastResort holds the refs the nodes' fetch clients take for
+	// last-resort bundles (with MLS off, validation cannot tell).
+	lastResort sync.Map
+}
+
+// lastResortValidator is the policy's validator that also marks the
+// cluster's last-resort refs, as MLS validation reads the extension.
+type lastResortValidator struct {
+	fetch.PolicyValidator
+	refs *sync.Map
+}
+
+func (v lastResortValidator) ValidateBundle(b *protocol.Bundle) (protocol.BundleInfo, error) {
+	info, err := v.PolicyValidator.ValidateBundle(b)
+	if _, ok := v.refs.Load(info.Ref); ok && err == nil {
+		info.LastResort = true
+	}
+	return info, err
 }
 
 func newCluster(t testing.TB) *cluster {
@@ -172,7 +190,7 @@ func (c *cluster) add(seed byte, light bool, mutate func(*Config)) *testNode {
 	n.ing = ingester{store: n.store, policy: testPolicy(), now: c.clock.Now}
 	n.gossip = &gossip{self: id, peers: func() []*testNode { return c.nodes }}
 	cli, err := fetch.NewClient(fetch.ClientConfig{Protocol: testProto, Opener: n.pipes,
-		Validator: fetch.PolicyValidator{Policy: testPolicy(), Now: c.clock.Now}, Timeout: 5 * time.Second})
+		Validator: lastResortValidator{fetch.PolicyValidator{Policy: testPolicy(), Now: c.clock.Now}, &c.lastResort}, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
