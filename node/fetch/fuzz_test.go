@@ -1,6 +1,7 @@
 package fetch
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"sync/atomic"
@@ -35,6 +36,9 @@ func FuzzFetchRequest(f *testing.F) {
 	f.Add(seed)
 	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_COUNT, Key: b.DeviceID[:]})
 	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_CLAIM, Key: b.DeviceID[:], OwnedOnly: true,
+		Refs: [][]byte{make([]byte, 32), bytes.Repeat([]byte{1}, 32)}})
+	f.Add(seed)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var req pb.FetchRequest
 		if proto.Unmarshal(data, &req) != nil {
@@ -47,6 +51,12 @@ func FuzzFetchRequest(f *testing.F) {
 		}
 		if req.Kind == pb.FetchRequest_KIND_CLAIM && req.CipherSuite > 0xffff && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
 			t.Fatalf("claim of cipher suite %d answered %v", req.CipherSuite, resp.Status)
+		}
+		if len(req.Refs) > MaxOwnerRefs && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
+			t.Fatalf("%d refs answered %v", len(req.Refs), resp.Status)
+		}
+		if len(resp.Taken) > len(req.Refs) {
+			t.Fatalf("%d taken notices for %d refs", len(resp.Taken), len(req.Refs))
 		}
 		if resp.Status == pb.FetchResponse_STATUS_OK && req.Kind == pb.FetchRequest_KIND_CLAIM && (len(resp.Bundles) != 1 || resp.Claim == nil) {
 			t.Fatalf("an OK claim answer with %d bundles and notice %v", len(resp.Bundles), resp.Claim)
