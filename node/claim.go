@@ -107,16 +107,12 @@ type fetchClaimer struct{ n *Node }
 
 var _ fetch.Claimer = fetchClaimer{}
 
-func (f fetchClaimer) ServeClaim(ctx context.Context, requester string, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
+func (f fetchClaimer) ServeClaim(ctx context.Context, req fetch.ClaimRequest) (fetch.ClaimAnswer, error) {
 	s := f.n.claims.Load()
 	if s == nil {
-		return nil, false, nil, errNoClaims
+		return fetch.ClaimAnswer{}, errNoClaims
 	}
-	r, err := s.Claim(ctx, claim.Request{Requester: requester, Device: dev, Suite: suite, OwnedOnly: ownedOnly, Source: sourceFetch})
-	if err != nil {
-		return nil, false, nil, err
-	}
-	return r.Bundle, r.LastResort, r.Notice, nil
+	return s.ServeClaim(ctx, req)
 }
 
 func (f fetchClaimer) Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error) {

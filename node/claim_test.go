@@ -209,6 +209,7 @@ func TestClaimDoubleHandOutRate(t *testing.T) {
 				mu.Lock()
 				defer mu.Unlock()
 				if err != nil {
+					t.Logf("claim %d of device %d at node %d failed: %v", k, d, (k+d)%3, err)
 					failed++
 					return
 				}

@@ -23,12 +23,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kpnode/kpnode/node/fetch"
 	"github.com/kpnode/kpnode/node/ingest"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/storage"
@@ -44,6 +46,13 @@ const (
 	// target device, whoever asks.
 	DefaultDeviceRate  = 20
 	DefaultDeviceBurst = 40
+	// DefaultOwnerRate and DefaultOwnerBurst limit the owner requests of
+	// one holder of the device's shard (a peer in its gossip topic), which
+	// asks on behalf of all its clients: charged to neither the requester
+	// nor the device bucket (the holder charged them), they only bound the
+	// work one peer can cause.
+	DefaultOwnerRate  = 200
+	DefaultOwnerBurst = 400
 	// DefaultSignRate and DefaultSignBurst limit the claim notices this node
 	// signs, over all devices: the per-origin limit peers apply to a node's
 	// claim notices on gossip (node/notices.go), which an honest node keeps
@@ -81,13 +90,18 @@ var (
 	ErrRateLimited = errors.New("claim: rate limited")
 	// ErrUnavailable: no holder of the device's shard could be reached.
 	ErrUnavailable = errors.New("claim: no holder reachable")
+	// errOwnerAnswer: an owner's answer this node does not accept (its
+	// notice is refused, or the ref is held here under another claim).
+	errOwnerAnswer = errors.New("claim: owner's answer refused")
 )
 
 // RateLimitError is a claim refused by a rate limit.
 type RateLimitError struct {
-	// Scope is what was over its limit: "requester", "device", "node"
-	// (the claim notices this node signs), or "holder" (a holder asked on
-	// the requester's behalf refused).
+	// Scope is what was over its limit: "requester", "device" (only when
+	// the device has no last-resort bundle to answer instead), "owner" (a
+	// holder's owner requests), "node" (the claim notices this node
+	// signs), or "holder" (a holder asked on the requester's behalf
+	// refused).
 	Scope string
 	After time.Duration
 }
@@ -108,6 +122,10 @@ type Store interface {
 	ClaimCandidates(ctx context.Context, dev protocol.Key, suite uint16, limit int) ([]*storage.Bundle, error)
 	LastResortBundle(ctx context.Context, dev protocol.Key, suite uint16) (*storage.Bundle, error)
 	ClaimCounts(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error)
+	// RefClaim returns the bundle held under (dev, ref) and the claim
+	// notice held for it (nil: unclaimed); storage.ErrNotFound when the
+	// ref is not held.
+	RefClaim(ctx context.Context, dev protocol.Key, ref protocol.Ref) (*storage.Bundle, *protocol.ClaimNotice, protocol.ClaimInfo, error)
 }
 
 // Ingester records claim notices: the node's ingest path (validate, then
@@ -127,9 +145,15 @@ type HolderView interface {
 // claim notice the peer recorded for it (layout checked; the caller
 // ingests it). A peer that has nothing answers ingest.ErrNoRecord, one
 // that does not hold the shard ingest.ErrNotHeld, one over its limits an
-// error with a RetryAfter() time.Duration method.
+// error with a RetryAfter() time.Duration method, one out of budget
+// fetch.ErrBusy. OwnerClaim asks an owner for one of the named refs; its
+// answer carries the notices proving named refs taken, with NOT_FOUND too.
 type Client interface {
 	Claim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error)
+	OwnerClaim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, refs []protocol.Ref) (fetch.OwnerAnswer, error)
+	// FetchLatest returns a holder's latest bundle of dev (its latest
+	// last-resort one if it has any), validated.
+	FetchLatest(ctx context.Context, p peer.ID, dev protocol.Key) (*storage.Bundle, error)
 	Count(ctx context.Context, p peer.ID, dev protocol.Key) (storage.ClaimCounts, error)
 }
 
@@ -169,6 +193,10 @@ type Config struct {
 	// Per requester and per device token buckets: rate per second, burst.
 	RequesterRate, DeviceRate   float64
 	RequesterBurst, DeviceBurst int
+	// OwnerRate and OwnerBurst: per peer token bucket of the owner
+	// requests of holders of the device's shard.
+	OwnerRate  float64
+	OwnerBurst int
 	// SignRate and SignBurst bound the claim notices this node signs, all
 	// devices together; a claim over it is rate limited (scope "node").
 	SignRate  float64
@@ -208,6 +236,8 @@ func (c Config) withDefaults() Config {
 	setF(&c.DeviceRate, DefaultDeviceRate)
 	setI(&c.RequesterBurst, DefaultRequesterBurst)
 	setI(&c.DeviceBurst, DefaultDeviceBurst)
+	setF(&c.OwnerRate, DefaultOwnerRate)
+	setI(&c.OwnerBurst, DefaultOwnerBurst)
 	setF(&c.SignRate, DefaultSignRate)
 	setI(&c.SignBurst, DefaultSignBurst)
 	setI(&c.MaxRequesters, DefaultMaxRequesters)
@@ -235,7 +265,8 @@ func (c Config) Validate() error {
 		return errors.New("claim: the node's Ed25519 identity key is required")
 	case c.Shards.Count() < 1:
 		return protocol.ErrShardCount
-	case c.RequesterRate < 0 || c.DeviceRate < 0 || c.SignRate < 0 || c.RequesterBurst < 1 || c.DeviceBurst < 1 || c.SignBurst < 1:
+	case c.RequesterRate < 0 || c.DeviceRate < 0 || c.SignRate < 0 || c.OwnerRate < 0 ||
+		c.RequesterBurst < 1 || c.DeviceBurst < 1 || c.SignBurst < 1 || c.OwnerBurst < 1:
 		return fmt.Errorf("claim: rate limits must be positive with a burst of at least 1 (requester %v/s burst %d, device %v/s burst %d)",
 			c.RequesterRate, c.RequesterBurst, c.DeviceRate, c.DeviceBurst)
 	case c.MaxRequesters < 1 || c.MaxDevices < 1:
@@ -256,6 +287,10 @@ type Result struct {
 	// holder handed it out for a node that does not hold the shard and
 	// did not say).
 	Notice *protocol.ClaimNotice
+	// Taken (an owner request naming refs): the claim notices held here
+	// for named refs that could not be handed out, the proof they are
+	// taken. Set with storage.ErrNotFound too.
+	Taken []*protocol.ClaimNotice
 }
 
 // Service hands out bundles. It starts no goroutine: every claim runs in
@@ -265,6 +300,7 @@ type Service struct {
 	log        *slog.Logger
 	requesters *limiter[string]
 	devices    *limiter[protocol.Key]
+	owners     *limiter[peer.ID]
 	signs      *limiter[struct{}]
 
 	claims    *prometheus.CounterVec
@@ -281,6 +317,7 @@ func New(cfg Config) (*Service, error) {
 	s := &Service{cfg: cfg, log: cfg.Logger,
 		requesters: newLimiter[string](cfg.RequesterRate, cfg.RequesterBurst, cfg.MaxRequesters),
 		devices:    newLimiter[protocol.Key](cfg.DeviceRate, cfg.DeviceBurst, cfg.MaxDevices),
+		owners:     newLimiter[peer.ID](cfg.OwnerRate, cfg.OwnerBurst, cfg.MaxRequesters),
 		signs:      newLimiter[struct{}](cfg.SignRate, cfg.SignBurst, 1),
 		claims: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_claims_total",
 			Help: "Claims served, by outcome (one_time, last_resort, none: nothing usable, limited: over a rate limit)."}, []string{"outcome"}),
@@ -313,8 +350,14 @@ type Request struct {
 	Suite uint16
 	// OwnedOnly: a holder asks this node, the owner, for a bundle it owns
 	// (fetch KIND_CLAIM owned_only): no owner requests, no fallback, no
-	// last resort; storage.ErrNotFound when it owns none.
+	// last resort; storage.ErrNotFound when it owns none. Refs are the refs
+	// the holder believes this node owns, tried in order whatever this
+	// node's own view (empty: the refs it owns in its view).
 	OwnedOnly bool
+	Refs      []protocol.Ref
+	// Peer is the fetch peer that asks ("" over HTTP): an owner request of
+	// a holder of the device's shard is charged to its owner budget only.
+	Peer peer.ID
 	// Source labels the notices this claim records (http, fetch).
 	Source ingest.Source
 }
@@ -323,13 +366,30 @@ type Request struct {
 // that holds the device's shard, else a request to holders of it. Errors:
 // *RateLimitError (ErrRateLimited), storage.ErrNotFound when the device
 // has nothing usable, ErrUnavailable when no holder answered.
+//
+// A claim over the device's limit alone (its requester within its own)
+// gets the device's last-resort bundle, so claims in bulk for a device
+// never lock out the others who ask for it; it is rate limited only when
+// the device has no last-resort bundle (or, at a node that does not hold
+// the shard, no holder says which it is).
 func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
-	if err := s.limit(req.Requester, req.Device); err != nil {
+	err := s.limit(req)
+	var rl *RateLimitError
+	if errors.As(err, &rl) && rl.Scope == "device" && !req.OwnedOnly {
+		last := s.lastResort
+		if !s.cfg.Shards.HasKey(req.Device) {
+			last = s.remoteLastResort
+		}
+		if r, lerr := last(ctx, req); lerr == nil {
+			s.claims.WithLabelValues("last_resort").Inc()
+			return r, nil
+		}
+	}
+	if err != nil {
 		s.claims.WithLabelValues("limited").Inc()
 		return Result{}, err
 	}
 	var r Result
-	var err error
 	if s.cfg.Shards.HasKey(req.Device) {
 		r, err = s.claimHeld(ctx, req)
 	} else if req.OwnedOnly {
@@ -350,16 +410,36 @@ func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
 	return r, err
 }
 
-// limit takes a token of the requester's bucket, then of the device's.
-func (s *Service) limit(requester string, dev protocol.Key) error {
+// limit takes a token of the requester's bucket, then of the device's;
+// an owner request of a holder of the device's shard takes one of that
+// peer's owner budget instead (the holder took the requester's and the
+// device's tokens for the claim it serves).
+func (s *Service) limit(req Request) error {
 	now := s.cfg.Now()
-	if ok, after := s.requesters.allow(requester, now); !ok {
+	if req.OwnedOnly && req.Peer != "" && s.cfg.Shards.HasKey(req.Device) && s.isHolder(req.Device, req.Peer) {
+		if ok, after := s.owners.allow(req.Peer, now); !ok {
+			return &RateLimitError{Scope: "owner", After: after}
+		}
+		return nil
+	}
+	if ok, after := s.requesters.allow(req.Requester, now); !ok {
 		return &RateLimitError{Scope: "requester", After: after}
 	}
-	if ok, after := s.devices.allow(dev, now); !ok {
+	if ok, after := s.devices.allow(req.Device, now); !ok {
 		return &RateLimitError{Scope: "device", After: after}
 	}
 	return nil
+}
+
+// isHolder reports whether p is a holder of dev's shard in this node's
+// view (a peer in its gossip topic).
+func (s *Service) isHolder(dev protocol.Key, p peer.ID) bool {
+	for _, h := range s.cfg.View.ShardHolders(protocol.Shard(dev, s.cfg.Shards.Count())) {
+		if h == p {
+			return true
+		}
+	}
+	return false
 }
 
 // signBudget takes a token of the node's claim notice budget.
@@ -372,6 +452,9 @@ func (s *Service) signBudget() error {
 
 // claimHeld is the claim at a holder of the device's shard.
 func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
+	if req.OwnedOnly && len(req.Refs) > 0 {
+		return s.claimNamed(ctx, req)
+	}
 	shard := protocol.Shard(req.Device, s.cfg.Shards.Count())
 	cands, err := s.cfg.Store.ClaimCandidates(ctx, req.Device, req.Suite, MaxCandidates)
 	if err != nil {
@@ -408,18 +491,18 @@ func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
 		return Result{}, fmt.Errorf("claim: no owned keypackage: %w", storage.ErrNotFound)
 	}
 	if len(others) > 0 {
-		r, ok, empty := s.askOwners(ctx, req, holders, others)
+		r, ok, fallback := s.askOwners(ctx, req, holders, others)
 		if ok {
 			return r, nil
 		}
-		// Every owner asked failed: claim one of theirs here. Two nodes
-		// may then hand out one ref; the store keeps one claim of it. An
-		// owner that answered it owns nothing unclaimed is alive and
-		// knows its refs better: its refs are not taken over.
-		for _, b := range others {
-			if empty[Owner(holders, b.Ref)] {
-				continue
-			}
+		// Claim here a ref whose owner failed (unreachable, timed out,
+		// invalid answer) or that an owner did not prove taken. Two nodes
+		// may then hand out one ref; the store keeps one claim of it. A
+		// random one: the owner, if it is alive after all, hands its refs
+		// out oldest first. Refs of owners that are alive but busy or
+		// over a limit are left to them: the last resort then.
+		rand.Shuffle(len(fallback), func(i, j int) { fallback[i], fallback[j] = fallback[j], fallback[i] })
+		for _, b := range fallback {
 			r, won, err := s.claimLocal(ctx, req, b, -1)
 			if err != nil {
 				return Result{}, err
@@ -431,6 +514,63 @@ func (s *Service) claimHeld(ctx context.Context, req Request) (Result, error) {
 		}
 	}
 	return s.lastResort(ctx, req)
+}
+
+// claimNamed answers an owner request that names refs: it tries exactly
+// those, in order, whatever this node's view of their owners (the asker's
+// view decides, so differing views never leave a ref to nobody). A ref
+// claimed already, here or meanwhile, is proven taken by the claim notice
+// held for it; a ref not held here, consumed, last resort or of another
+// suite is skipped. storage.ErrNotFound (with the proofs) when none was
+// handed out.
+func (s *Service) claimNamed(ctx context.Context, req Request) (Result, error) {
+	var taken []*protocol.ClaimNotice
+	seen := map[protocol.Ref]bool{}
+	for _, ref := range req.Refs[:min(len(req.Refs), fetch.MaxOwnerRefs)] {
+		if seen[ref] {
+			continue
+		}
+		seen[ref] = true
+		b, held, _, err := s.cfg.Store.RefClaim(ctx, req.Device, ref)
+		switch {
+		case errors.Is(err, storage.ErrNotFound):
+			continue
+		case err != nil:
+			return Result{Taken: taken}, fmt.Errorf("claim: read %s: %w", ref, err)
+		case held != nil:
+			taken = append(taken, held)
+			continue
+		case b.LastResort || !suiteMatches(b, req.Suite):
+			continue
+		}
+		r, won, err := s.claimLocal(ctx, req, b, -1)
+		if err != nil {
+			return Result{Taken: taken}, err
+		}
+		if won {
+			r.Taken = taken
+			return r, nil
+		}
+		// Claimed meanwhile: the notice that won is the proof.
+		if _, held, _, err := s.cfg.Store.RefClaim(ctx, req.Device, ref); err == nil && held != nil {
+			taken = append(taken, held)
+		}
+	}
+	return Result{Taken: taken}, fmt.Errorf("claim: none of the named keypackages is free: %w", storage.ErrNotFound)
+}
+
+// suiteMatches reports whether b's key_package is of cipher suite suite
+// (0: any), as storage.ClaimCandidates selects them.
+func suiteMatches(b *storage.Bundle, suite uint16) bool {
+	if suite == 0 {
+		return true
+	}
+	_, kp, err := protocol.SplitBundlePayload(b.Payload)
+	if err != nil {
+		return false
+	}
+	got, ok := protocol.KeyPackageCipherSuite(kp)
+	return ok && got == suite
 }
 
 // holders returns the shard's holders as this node sees them, with itself.
@@ -470,47 +610,127 @@ func (s *Service) claimLocal(ctx context.Context, req Request, b *storage.Bundle
 	return Result{Bundle: b, Notice: &n}, true, nil
 }
 
-// askOwners asks the owners of cands, one distinct owner at a time in the
-// candidates' order, at most MaxOwnersAsked, for a bundle each owns. It
-// also returns the owners that answered they own nothing unclaimed
-// (NOT_FOUND).
-func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (Result, bool, map[peer.ID]bool) {
-	asked := map[peer.ID]bool{}
-	empty := map[peer.ID]bool{}
+// askOwners asks the owners of cands, one owner at a time in the
+// candidates' order, at most MaxOwnersAsked requests in all, each for one
+// of the refs the owner owns in this node's view (the next
+// fetch.MaxOwnerRefs of them; an owner that proved every ref named taken
+// is asked for its next ones). The first owner answer accepted wins (ok).
+// Otherwise fallback lists the candidates this node may claim itself: all
+// of an owner's that failed (unreachable, timed out, NOT_HOLDER, an answer
+// not accepted), and the named ones an owner answered NOT_FOUND for
+// without proof that they are taken (a subscriber that withholds refs, or
+// an owner that does not hold them). Every proof an owner sends is
+// ingested here. The refs of owners that answered BUSY or RATE_LIMITED,
+// and of owners not asked, stay theirs.
+func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID, cands []*storage.Bundle) (r Result, ok bool, fallback []*storage.Bundle) {
+	var order []peer.ID
+	byOwner := map[peer.ID][]*storage.Bundle{}
 	for _, b := range cands {
 		o := Owner(holders, b.Ref)
-		if asked[o] {
-			continue
+		if byOwner[o] == nil {
+			order = append(order, o)
 		}
-		if len(asked) == MaxOwnersAsked || ctx.Err() != nil {
-			break
-		}
-		asked[o] = true
-		octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
-		got, lastResort, n, err := s.cfg.Client.Claim(octx, o, req.Device, req.Suite, true)
-		cancel()
-		if errors.Is(err, ingest.ErrNoRecord) {
-			empty[o] = true
-			continue
-		}
-		if err != nil {
-			s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
-			continue
-		}
-		if lastResort || n == nil {
-			s.log.Debug("claim: owner answered an owner-only request out of turn", "owner", o, "device", req.Device)
-			continue
-		}
-		// Record the owner's claim before gossip brings it, so this node
-		// does not hand the ref out again meanwhile.
-		if _, _, err := s.cfg.Ingester.IngestClaim(ctx, n, ingest.SourceFetch); err != nil && !errors.Is(err, storage.ErrRefNotHeld) {
-			s.log.Debug("claim: owner's claim notice refused", "owner", o, "device", req.Device, "err", err)
-			continue
-		}
-		s.observePool(ctx, req.Device)
-		return Result{Bundle: got, Notice: n}, true, empty
+		byOwner[o] = append(byOwner[o], b)
 	}
-	return Result{}, false, empty
+	asks := 0
+	for _, o := range order {
+		for bs := byOwner[o]; len(bs) > 0; {
+			if asks == MaxOwnersAsked || ctx.Err() != nil {
+				return Result{}, false, fallback
+			}
+			asks++
+			named := bs[:min(len(bs), fetch.MaxOwnerRefs)]
+			refs := make([]protocol.Ref, len(named))
+			for j, b := range named {
+				refs[j] = b.Ref
+			}
+			octx, cancel := context.WithTimeout(ctx, s.cfg.OwnerTimeout)
+			a, err := s.cfg.Client.OwnerClaim(octx, o, req.Device, req.Suite, refs)
+			cancel()
+			proven := s.ingestTaken(ctx, o, a.Taken)
+			unproven := func(bs []*storage.Bundle) []*storage.Bundle {
+				var out []*storage.Bundle
+				for _, b := range bs {
+					if !proven[b.Ref] {
+						out = append(out, b)
+					}
+				}
+				return out
+			}
+			switch {
+			case err == nil:
+				proven[a.Bundle.Ref] = true // handed out by o, to this node or before
+				if err := s.acceptOwnerAnswer(ctx, a); err != nil {
+					s.log.Debug("claim: owner's answer refused", "owner", o, "device", req.Device, "err", err)
+					fallback = append(fallback, unproven(bs)...)
+					bs = nil
+					continue
+				}
+				s.observePool(ctx, req.Device)
+				return Result{Bundle: a.Bundle, Notice: a.Notice}, true, nil
+			case errors.Is(err, ingest.ErrNoRecord):
+				// o has nothing free of what it was asked: believed for
+				// the refs it proved taken, not for the others. Proof of
+				// them all: ask it for its next refs.
+				if left := unproven(named); len(left) > 0 {
+					s.log.Debug("claim: owner answered NOT_FOUND without proof", "owner", o, "device", req.Device, "refs", len(left))
+					fallback = append(fallback, left...)
+					bs = nil
+				} else {
+					bs = bs[len(named):]
+				}
+			case errors.Is(err, ErrRateLimited), errors.Is(err, fetch.ErrRateLimited), errors.Is(err, fetch.ErrBusy):
+				// Alive: it may hand its refs out; taking them over here
+				// would hand them out twice.
+				s.log.Debug("claim: owner busy", "owner", o, "device", req.Device, "err", err)
+				bs = nil
+			default:
+				s.log.Debug("claim: owner failed", "owner", o, "device", req.Device, "err", err)
+				fallback = append(fallback, unproven(bs)...)
+				bs = nil
+			}
+		}
+	}
+	return Result{}, false, fallback
+}
+
+// ingestTaken ingests the claim notices an owner sent as proof that refs
+// are taken, and returns the refs this node now knows are not free: held
+// under a claim (this one or one that wins), or no longer held.
+func (s *Service) ingestTaken(ctx context.Context, o peer.ID, taken []*protocol.ClaimNotice) map[protocol.Ref]bool {
+	proven := map[protocol.Ref]bool{}
+	for _, n := range taken {
+		_, info, err := s.cfg.Ingester.IngestClaim(ctx, n, ingest.SourceFetch)
+		switch {
+		case err == nil, errors.Is(err, storage.ErrRefNotHeld), errors.Is(err, storage.ErrConsumed):
+			proven[info.Ref] = true
+		default:
+			s.log.Debug("claim: owner's proof refused", "owner", o, "err", err)
+		}
+	}
+	return proven
+}
+
+// acceptOwnerAnswer records the owner's claim notice before gossip brings
+// it, so this node does not hand the ref out again meanwhile, and accepts
+// the answer only if the ref was free here: the notice is Stored, or the
+// claim held here is that very notice (gossip brought it first). A ref
+// held here under another claim (handed out here by fallback, say) is not
+// handed out again.
+func (s *Service) acceptOwnerAnswer(ctx context.Context, a fetch.OwnerAnswer) error {
+	outcome, info, err := s.cfg.Ingester.IngestClaim(ctx, a.Notice, ingest.SourceFetch)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errOwnerAnswer, err)
+	}
+	switch outcome {
+	case storage.Stored:
+		return nil
+	case storage.Duplicate:
+		if _, _, held, err := s.cfg.Store.RefClaim(ctx, info.DeviceID, info.Ref); err == nil && held.Hash == info.Hash {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s is held here under another claim", errOwnerAnswer, info.Ref)
 }
 
 // lastResort hands out the device's latest last-resort bundle, recording
@@ -536,6 +756,39 @@ func (s *Service) lastResort(ctx context.Context, req Request) (Result, error) {
 	}
 	s.pool.Observe(0)
 	return Result{Bundle: b, LastResort: true, Notice: &n}, nil
+}
+
+// remoteLastResort is the last resort of a node that does not hold the
+// device's shard: the latest bundle a holder serves (its latest last-resort
+// one when it has any), if it is a last-resort bundle of the suite. No
+// claim notice counts it (the node signs none for a shard it does not
+// hold). storage.ErrNotFound when the device has no last-resort bundle
+// (of the suite); ErrUnavailable when no holder answered.
+func (s *Service) remoteLastResort(ctx context.Context, req Request) (Result, error) {
+	var res Result
+	var final error
+	asked := s.eachHolder(ctx, req.Device, func(p peer.ID) bool {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HolderTimeout)
+		b, err := s.cfg.Client.FetchLatest(hctx, p, req.Device)
+		cancel()
+		switch {
+		case err == nil && b.LastResort && suiteMatches(b, req.Suite):
+			res = Result{Bundle: b, LastResort: true}
+			return true
+		case err == nil, errors.Is(err, ingest.ErrNoRecord):
+			final = fmt.Errorf("claim: no last-resort keypackage: %w", storage.ErrNotFound)
+			return true
+		}
+		s.log.Debug("claim: latest from holder failed", "holder", p, "device", req.Device, "err", err)
+		return false
+	})
+	switch {
+	case res.Bundle != nil:
+		return res, nil
+	case final != nil:
+		return Result{}, final
+	}
+	return Result{}, fmt.Errorf("%w (%d asked)", ErrUnavailable, asked)
 }
 
 func (s *Service) publish(ctx context.Context, n *protocol.ClaimNotice) {
@@ -650,3 +903,14 @@ func (s *Service) Count(ctx context.Context, dev protocol.Key) (storage.ClaimCou
 	}
 	return storage.ClaimCounts{}, fmt.Errorf("%w (%d asked)", ErrUnavailable, asked)
 }
+
+// ServeClaim serves fetch KIND_CLAIM: the claim of req.Peer (requester
+// "peer:<id>"), its notices labelled fetch. With Count it makes the
+// Service the fetch server's Claimer.
+func (s *Service) ServeClaim(ctx context.Context, req fetch.ClaimRequest) (fetch.ClaimAnswer, error) {
+	r, err := s.Claim(ctx, Request{Requester: "peer:" + req.Peer.String(), Peer: req.Peer, Device: req.Device, Suite: req.Suite,
+		OwnedOnly: req.OwnedOnly, Refs: req.Refs, Source: ingest.SourceFetch})
+	return fetch.ClaimAnswer{Bundle: r.Bundle, LastResort: r.LastResort, Notice: r.Notice, Taken: r.Taken}, err
+}
+
+var _ fetch.Claimer = (*Service)(nil)

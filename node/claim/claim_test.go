@@ -309,17 +309,18 @@ func TestRateLimits(t *testing.T) {
 		t.Fatalf("retry after %v; want within the 1 s a token takes", ra)
 	}
 	// Other requesters share the device's bucket: 2 more, then the device
-	// is over its limit whoever asks.
+	// is over its limit whoever asks: the last-resort bundle, flagged
+	// (TestDeviceLimitAnswersLastResort).
 	for _, who := range []string{"10.0.0.2", "10.0.0.3"} {
 		if _, err := claimAt(t, a, who, p.dev); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := claimAt(t, a, "10.0.0.4", p.dev); !errors.As(err, &rl) || rl.Scope != "device" {
-		t.Fatalf("6th claim of one device: %v; want a device RateLimitError", err)
+	if r, err := claimAt(t, a, "10.0.0.4", p.dev); err != nil || !r.LastResort {
+		t.Fatalf("6th claim of one device: %v (last_resort %v); want the last-resort bundle", err, r.LastResort)
 	}
-	if got := counter(t, a, "kpnode_claims_total", "outcome", "limited"); got != 2 {
-		t.Fatalf("kpnode_claims_total{outcome=limited} = %v, want 2", got)
+	if got := counter(t, a, "kpnode_claims_total", "outcome", "limited"); got != 1 {
+		t.Fatalf("kpnode_claims_total{outcome=limited} = %v, want 1", got)
 	}
 	counts, _ := a.store.ClaimCounts(context.Background(), p.dev)
 	if counts.OneTime != 15 {
@@ -537,5 +538,102 @@ func TestStallingOwnerCostsOneTimeout(t *testing.T) {
 	}
 	if got := counter(t, a, "kpnode_claim_owner_fallbacks_total"); got != 1 {
 		t.Fatalf("fallbacks %v, want 1", got)
+	}
+}
+
+// A claim over the device's limit alone (its requester within its own)
+// gets the device's last-resort bundle, flagged, not 429, so requesters
+// that keep a device's bucket empty never lock out an honest one adding
+// the device; with no last-resort bundle it is 429 (scope device). A
+// requester over its own limit is 429 whatever the device has. Nothing
+// one-time is handed out over the device limit.
+func TestDeviceLimitAnswersLastResort(t *testing.T) {
+	c := newCluster(t)
+	a := c.add(1, false, func(cfg *Config) {
+		cfg.RequesterRate, cfg.RequesterBurst = 0.001, 2
+		cfg.DeviceRate, cfg.DeviceBurst = 0.001, 2
+	})
+	c.agree()
+	p := newPool(t, c.clock, 58, 10)
+	p.storeIn(t, a)
+	// An attacker spends the device's bucket from many addresses.
+	for _, who := range []string{"evil-1", "evil-2"} {
+		if r, err := claimAt(t, a, who, p.dev); err != nil || r.LastResort {
+			t.Fatalf("claim within the limits: %v (last_resort %v)", err, r.LastResort)
+		}
+	}
+	// The honest requester, within its own limit, gets the last resort.
+	r, err := claimAt(t, a, "honest", p.dev)
+	if err != nil || !r.LastResort || r.Bundle.Ref != p.lastResort.Ref {
+		t.Fatalf("claim over the device limit only: %v (%+v); want the last-resort bundle, flagged", err, r)
+	}
+	if r.Notice == nil {
+		t.Fatal("no claim notice recorded for the last-resort hand-out")
+	}
+	if cnt, _ := a.store.ClaimCounts(t.Context(), p.dev); cnt.OneTime != 8 || cnt.LastResortHandedOut != 1 {
+		t.Fatalf("counts %+v; want 8 one-time left and 1 last-resort hand-out", cnt)
+	}
+	if got := counter(t, a, "kpnode_claims_total", "outcome", "last_resort"); got != 1 {
+		t.Fatalf("kpnode_claims_total{outcome=last_resort} = %v, want 1", got)
+	}
+	// A requester over its own limit is refused, device limit or not.
+	var rl *RateLimitError
+	_, _ = claimAt(t, a, "honest", p.dev) // its 2nd token
+	if _, err := claimAt(t, a, "honest", p.dev); !errors.As(err, &rl) || rl.Scope != "requester" {
+		t.Fatalf("3rd claim of one requester: %v; want a requester RateLimitError", err)
+	}
+	// A device without a last-resort bundle: 429.
+	q := newPool(t, c.clock, 59, 4)
+	for _, b := range q.oneTime {
+		cp := *b
+		if _, err := a.store.PutBundle(t.Context(), &cp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, who := range []string{"evil-3", "evil-4"} {
+		if _, err := claimAt(t, a, who, q.dev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := claimAt(t, a, "honest-2", q.dev); !errors.As(err, &rl) || rl.Scope != "device" || rl.RetryAfter() <= 0 {
+		t.Fatalf("claim over the device limit, no last resort: %v; want a device RateLimitError", err)
+	}
+}
+
+// At a node that does not hold the device's shard, a claim over the
+// device's limit alone gets the device's last-resort bundle from a holder
+// (its latest bundle, when that is a last-resort one), flagged; 429 when
+// the device has none.
+func TestDeviceLimitAnswersLastResortThroughHolder(t *testing.T) {
+	c := newCluster(t)
+	h := c.add(1, false, nil)
+	c.agree()
+	l := c.add(2, true, func(cfg *Config) { cfg.DeviceRate, cfg.DeviceBurst = 0.001, 1 })
+	p := newPool(t, c.clock, 69, 3)
+	p.storeIn(t, h)
+	c.lastResort.Store(p.lastResort.Ref, true)
+	if r, err := claimAt(t, l, "evil", p.dev); err != nil || r.LastResort {
+		t.Fatalf("claim within the limits: %v (last_resort %v)", err, r.LastResort)
+	}
+	r, err := claimAt(t, l, "honest", p.dev)
+	if err != nil || !r.LastResort || r.Bundle.Ref != p.lastResort.Ref {
+		t.Fatalf("claim over the device limit at a light node: %v (%+v); want the last-resort bundle, flagged", err, r)
+	}
+	if cnt, _ := h.store.ClaimCounts(t.Context(), p.dev); cnt.OneTime != 2 {
+		t.Fatalf("holder counts %+v; want 2 one-time left", cnt)
+	}
+	q := newPool(t, c.clock, 70, 2)
+	for _, b := range q.oneTime {
+		cp := *b
+		if _, err := h.store.PutBundle(t.Context(), &cp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := claimAt(t, l, "evil", q.dev); err != nil {
+		t.Fatal(err)
+	}
+	var rl *RateLimitError
+	if _, err := claimAt(t, l, "honest", q.dev); !errors.As(err, &rl) || rl.Scope != "device" {
+		t.Fatalf("over the device limit, no last resort: %v; want a device RateLimitError", err)
 	}
 }

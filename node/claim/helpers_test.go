@@ -129,19 +129,6 @@ func deviceOf(n *protocol.ClaimNotice) protocol.Key {
 	return d
 }
 
-// svcClaimer is the claim service as the fetch server sees it (the node's
-// fetchClaimer).
-type svcClaimer struct{ s *Service }
-
-func (c svcClaimer) ServeClaim(ctx context.Context, requester string, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
-	r, err := c.s.Claim(ctx, Request{Requester: requester, Device: dev, Suite: suite, OwnedOnly: ownedOnly, Source: ingest.SourceFetch})
-	return r.Bundle, r.LastResort, r.Notice, err
-}
-
-func (c svcClaimer) Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error) {
-	return c.s.cfg.Store.ClaimCounts(ctx, dev)
-}
-
 // testNode is one node: a real Badger store, the claim service, a fetch
 // server answering over net.Pipe, and a fetch client whose streams reach
 // the other nodes of its cluster.
@@ -164,6 +151,24 @@ type cluster struct {
 	t     testing.TB
 	clock *clock
 	nodes []*testNode
+	// lastResort holds the refs the nodes' fetch clients take for
+	// last-resort bundles (with MLS off, validation cannot tell).
+	lastResort sync.Map
+}
+
+// lastResortValidator is the policy's validator that also marks the
+// cluster's last-resort refs, as MLS validation reads the extension.
+type lastResortValidator struct {
+	fetch.PolicyValidator
+	refs *sync.Map
+}
+
+func (v lastResortValidator) ValidateBundle(b *protocol.Bundle) (protocol.BundleInfo, error) {
+	info, err := v.PolicyValidator.ValidateBundle(b)
+	if _, ok := v.refs.Load(info.Ref); ok && err == nil {
+		info.LastResort = true
+	}
+	return info, err
 }
 
 func newCluster(t testing.TB) *cluster {
@@ -185,7 +190,7 @@ func (c *cluster) add(seed byte, light bool, mutate func(*Config)) *testNode {
 	n.ing = ingester{store: n.store, policy: testPolicy(), now: c.clock.Now}
 	n.gossip = &gossip{self: id, peers: func() []*testNode { return c.nodes }}
 	cli, err := fetch.NewClient(fetch.ClientConfig{Protocol: testProto, Opener: n.pipes,
-		Validator: fetch.PolicyValidator{Policy: testPolicy(), Now: c.clock.Now}, Timeout: 5 * time.Second})
+		Validator: lastResortValidator{fetch.PolicyValidator{Policy: testPolicy(), Now: c.clock.Now}, &c.lastResort}, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +211,7 @@ func (c *cluster) add(seed byte, light bool, mutate func(*Config)) *testNode {
 		t.Fatal(err)
 	}
 	n.srv, err = fetch.NewServer(fetch.ServerConfig{Protocol: testProto, Store: n.store, Holds: shards.HasKey,
-		Claimer: svcClaimer{n.svc}, Logger: nodetest.QuietLogger()})
+		Claimer: n.svc, Logger: nodetest.QuietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,10 +1,12 @@
 package fetch
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -35,19 +37,22 @@ type fakeClaimer struct {
 	err        error
 	counts     storage.ClaimCounts
 	calls      []string // requester, ownedOnly, suite
+	taken      []*protocol.ClaimNotice
+	refs       []protocol.Ref // of the last request
 }
 
-func (f *fakeClaimer) ServeClaim(_ context.Context, requester string, _ protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error) {
+func (f *fakeClaimer) ServeClaim(_ context.Context, req ClaimRequest) (ClaimAnswer, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.calls = append(f.calls, requester)
-	if ownedOnly {
+	f.calls = append(f.calls, "peer:"+req.Peer.String())
+	if req.OwnedOnly {
 		f.calls = append(f.calls, "owned")
 	}
-	if suite != 0 {
+	if req.Suite != 0 {
 		f.calls = append(f.calls, "suite")
 	}
-	return f.bundle, f.lastResort, f.notice, f.err
+	f.refs = req.Refs
+	return ClaimAnswer{Bundle: f.bundle, LastResort: f.lastResort, Notice: f.notice, Taken: f.taken}, f.err
 }
 
 func (f *fakeClaimer) Count(context.Context, protocol.Key) (storage.ClaimCounts, error) {
@@ -232,5 +237,133 @@ func TestFetchClaimClientMutatedAnswers(t *testing.T) {
 	}
 	if accepted == 0 {
 		t.Fatal("no mutation was accepted: the seed is not a valid answer")
+	}
+}
+
+// An owner request names refs: they reach the Claimer in order, and the
+// notices proving refs taken come back with OK and NOT_FOUND alike; the
+// server refuses refs that break the limits (more than MaxOwnerRefs, not
+// 32 bytes, repeated, or outside an owner request) as BAD_REQUEST.
+func TestFetchOwnerClaimNamesRefsAndCarriesProof(t *testing.T) {
+	fc := &fakeClaimer{}
+	r := newRig(t, func(sc *ServerConfig, _ *ClientConfig) {
+		sc.Claimer = fc
+		sc.Holds = func(protocol.Key) bool { return true }
+	})
+	ctx := t.Context()
+	b, n := claimed(t, 4, 0)
+	dev := b.DeviceID
+	var refs []protocol.Ref
+	var taken []*protocol.ClaimNotice
+	for i := range 3 {
+		ref := protocol.Ref{byte(i + 1)}
+		refs = append(refs, ref)
+		tn := protocol.SignClaim(nodetest.SeedKey(98), nowMS(), dev, ref)
+		taken = append(taken, &tn)
+	}
+	refs = append(refs, b.Ref)
+	fc.bundle, fc.notice, fc.taken = b, n, taken
+	a, err := r.cli.OwnerClaim(ctx, holderID, dev, 0, refs)
+	if err != nil || a.Bundle.Ref != b.Ref || len(a.Taken) != 3 {
+		t.Fatalf("owner claim: %+v, %v; want the bundle and 3 proofs", a, err)
+	}
+	if len(fc.refs) != len(refs) || fc.refs[0] != refs[0] || fc.refs[3] != b.Ref {
+		t.Fatalf("the claimer saw refs %v; want %v in order", fc.refs, refs)
+	}
+	fc.err = storage.ErrNotFound
+	a, err = r.cli.OwnerClaim(ctx, holderID, dev, 0, refs)
+	if !errors.Is(err, ErrNoRecord) || len(a.Taken) != 3 || a.Bundle != nil {
+		t.Fatalf("owner claim of nothing free: %+v, %v; want ErrNoRecord with 3 proofs", a, err)
+	}
+	fc.err = nil
+
+	ref32 := func(i int) []byte { return bytes.Repeat([]byte{byte(i)}, 32) }
+	var many [][]byte
+	for i := range MaxOwnerRefs + 1 {
+		many = append(many, ref32(i))
+	}
+	calls := len(fc.calls)
+	for name, req := range map[string]*pb.FetchRequest{
+		"too many refs":      {Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], OwnedOnly: true, Refs: many},
+		"a short ref":        {Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], OwnedOnly: true, Refs: [][]byte{ref32(1)[:31]}},
+		"a repeated ref":     {Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], OwnedOnly: true, Refs: [][]byte{ref32(1), ref32(1)}},
+		"refs, not an owner": {Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], Refs: [][]byte{ref32(1)}},
+		"refs on a lookup":   {Kind: pb.FetchRequest_KIND_LATEST, Key: dev[:], Refs: [][]byte{ref32(1)}},
+	} {
+		if _, err := r.cli.Request(ctx, holderID, req); err == nil || !strings.Contains(err.Error(), "BAD_REQUEST") {
+			t.Errorf("%s: %v; want BAD_REQUEST", name, err)
+		}
+	}
+	if len(fc.calls) != calls {
+		t.Fatal("a request with bad refs reached the claimer")
+	}
+	// MaxOwnerRefs refs and the largest suite fit in MaxRequest (the
+	// answer, of suite 0, is then refused by the client).
+	var full []protocol.Ref
+	for i := range MaxOwnerRefs {
+		full = append(full, protocol.Ref(ref32(i+1)))
+	}
+	if _, err := r.cli.OwnerClaim(ctx, holderID, dev, 0xffff, full); err == nil {
+		t.Fatal("accepted a bundle of another suite and ref")
+	}
+	if len(fc.refs) != MaxOwnerRefs {
+		t.Fatalf("a request of %d refs did not reach the claimer (MaxRequest %d too small?)", MaxOwnerRefs, MaxRequest)
+	}
+}
+
+// The client refuses an owner's answer that does not fit the request: a
+// bundle of a ref not named, the last-resort flag, a proof of a ref not
+// named or of another device, a proof twice, more proofs than refs, or
+// a NOT_FOUND with a bundle.
+func TestFetchOwnerClaimClientRefusesMismatches(t *testing.T) {
+	b, n := claimed(t, 5, 0)
+	other, otherN := claimed(t, 6, 0)
+	dev := b.DeviceID
+	named := protocol.Ref{7}
+	proof := func(d protocol.Key, ref protocol.Ref) *pb.ClaimNotice {
+		c := protocol.SignClaim(nodetest.SeedKey(97), nowMS(), d, ref)
+		return pb.FromClaim(&c)
+	}
+	ok := func(m *pb.FetchResponse) *pb.FetchResponse {
+		m.Bundles, m.Claim = []*pb.Bundle{pb.FromBundle(&b.Bundle)}, pb.FromClaim(n)
+		return m
+	}
+	refs := []protocol.Ref{named, b.Ref}
+	for _, tc := range []struct {
+		name string
+		resp *pb.FetchResponse
+		refs []protocol.Ref
+	}{
+		{"a ref not named", ok(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK}), []protocol.Ref{named}},
+		{"the last-resort flag", ok(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, LastResort: true}), refs},
+		{"a proof of a ref not named", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: []*pb.ClaimNotice{proof(dev, other.Ref)}}, refs},
+		{"a proof of another device", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: []*pb.ClaimNotice{proof(other.DeviceID, named)}}, refs},
+		{"a proof twice", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: []*pb.ClaimNotice{proof(dev, named), proof(dev, named)}}, refs},
+		{"more proofs than refs", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: []*pb.ClaimNotice{proof(dev, named), proof(dev, b.Ref), proof(dev, other.Ref)}}, refs},
+		{"the handed-out ref proven taken", ok(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Taken: []*pb.ClaimNotice{proof(dev, b.Ref)}}), refs},
+		{"NOT_FOUND with a bundle", &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Bundles: []*pb.Bundle{pb.FromBundle(&other.Bundle)}, Claim: pb.FromClaim(otherN)}, refs},
+	} {
+		c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
+			defer s.Close()
+			readRequest(s)
+			_, _ = s.Write(delimited(t, tc.resp))
+		})
+		if a, err := c.OwnerClaim(t.Context(), holderID, dev, 0, tc.refs); err == nil || (errors.Is(err, ErrNoRecord) && len(a.Taken) > 0) {
+			t.Errorf("%s: accepted (%+v, %v)", tc.name, a, err)
+		}
+	}
+	// The honest answers pass (the rig is right).
+	for _, resp := range []*pb.FetchResponse{
+		ok(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Taken: []*pb.ClaimNotice{proof(dev, named)}}),
+		{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: []*pb.ClaimNotice{proof(dev, named)}},
+	} {
+		c := hostileClient(t, time.Second, func(s network.Stream, _ peer.ID) {
+			defer s.Close()
+			readRequest(s)
+			_, _ = s.Write(delimited(t, resp))
+		})
+		if a, err := c.OwnerClaim(t.Context(), holderID, dev, 0, refs); (err != nil && !errors.Is(err, ErrNoRecord)) || len(a.Taken) != 1 {
+			t.Fatalf("honest answer %v: %+v, %v", resp.Status, a, err)
+		}
 	}
 }

@@ -77,6 +77,15 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 // anything else an error naming the status. The records
 // in an OK answer are not verified: FetchLatest and FetchAccount do that.
 func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (*pb.FetchResponse, error) {
+	resp, err := c.roundTrip(ctx, p, req)
+	if err != nil {
+		return nil, err
+	}
+	return resp, statusError(p, resp)
+}
+
+// roundTrip sends req to p and reads its response, whatever its status.
+func (c *Client) roundTrip(ctx context.Context, p peer.ID, req *pb.FetchRequest) (*pb.FetchResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
 	s, err := c.cfg.Opener.NewStream(ctx, p, c.cfg.Protocol)
@@ -104,20 +113,25 @@ func (c *Client) Request(ctx context.Context, p peer.ID, req *pb.FetchRequest) (
 		return nil, fmt.Errorf("read response from %s: %w", p, err)
 	}
 	c.deliverConsumed(ctx, p, req, &resp)
+	return &resp, nil
+}
+
+// statusError is the error a response's status means (nil for OK).
+func statusError(p peer.ID, resp *pb.FetchResponse) error {
 	switch resp.Status {
 	case pb.FetchResponse_STATUS_OK:
-		return &resp, nil
+		return nil
 	case pb.FetchResponse_STATUS_NOT_FOUND:
-		return nil, ErrNoRecord
+		return ErrNoRecord
 	case pb.FetchResponse_STATUS_NOT_HOLDER:
-		return nil, ErrNotHeld
+		return ErrNotHeld
 	case pb.FetchResponse_STATUS_BUSY:
-		return nil, fmt.Errorf("%w: %s", ErrBusy, p)
+		return fmt.Errorf("%w: %s", ErrBusy, p)
 	case pb.FetchResponse_STATUS_RATE_LIMITED:
 		after := min(time.Duration(resp.RetryAfterMs)*time.Millisecond, MaxRetryAfter)
-		return nil, &RateLimitError{Peer: p, After: max(after, time.Millisecond)}
+		return &RateLimitError{Peer: p, After: max(after, time.Millisecond)}
 	}
-	return nil, fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
+	return fmt.Errorf("peer %s answered %s: %s", p, resp.Status, resp.Error)
 }
 
 // deliverConsumed hands the consume notices of the device req asked for
@@ -198,8 +212,8 @@ func (c *Client) FetchAccount(ctx context.Context, p peer.ID, account protocol.K
 }
 
 // Claim asks p to hand out one bundle of dev (KIND_CLAIM): of cipher suite
-// suite (0: any); with ownedOnly only one p owns (a holder asking an
-// owner). It validates the bundle fully, checks its suite when the
+// suite (0: any); with ownedOnly only one p owns in its own view (OwnerClaim
+// names the refs). It validates the bundle fully, checks its suite when the
 // key_package names one, and checks that the claim notice p answered with
 // names that bundle (its signature is the ingest path's to verify).
 // NOT_FOUND is ErrNoRecord; RATE_LIMITED a *RateLimitError.
@@ -208,42 +222,131 @@ func (c *Client) Claim(ctx context.Context, p peer.ID, dev protocol.Key, suite u
 	if err != nil {
 		return nil, false, nil, err
 	}
-	if len(resp.Bundles) != 1 {
-		return nil, false, nil, fmt.Errorf("%w: %d bundles for a claim", protocol.ErrMalformed, len(resp.Bundles))
-	}
-	b, err := pb.ToBundle(resp.Bundles[0])
+	b, n, err := c.claimed(p, dev, suite, resp)
 	if err != nil {
 		return nil, false, nil, err
 	}
+	return b, resp.LastResort, n, nil
+}
+
+// OwnerAnswer is an owner's answer to an owner request (OwnerClaim).
+type OwnerAnswer struct {
+	// Bundle, one of the named refs, and the owner's claim notice of it;
+	// nil when the owner answered NOT_FOUND.
+	Bundle *storage.Bundle
+	Notice *protocol.ClaimNotice
+	// Taken are the claim notices the owner holds for named refs it could
+	// not hand out (layout checked: dev's, a named ref each, distinct; the
+	// ingest path verifies their signatures).
+	Taken []*protocol.ClaimNotice
+}
+
+// OwnerClaim asks p, the owner of refs (at most MaxOwnerRefs, distinct,
+// in the order to try them) in this node's view, to hand out one of them
+// (KIND_CLAIM owned_only). An OK answer must be a one-time bundle of one
+// named ref with its claim notice; an answer of either status may carry
+// proof that named refs are taken. NOT_FOUND is ErrNoRecord, with the
+// answer's Taken; RATE_LIMITED a *RateLimitError; BUSY ErrBusy; an answer
+// that breaks these rules protocol.ErrMalformed.
+func (c *Client) OwnerClaim(ctx context.Context, p peer.ID, dev protocol.Key, suite uint16, refs []protocol.Ref) (OwnerAnswer, error) {
+	if len(refs) == 0 || len(refs) > MaxOwnerRefs {
+		return OwnerAnswer{}, fmt.Errorf("fetch: an owner request names 1 to %d refs, not %d", MaxOwnerRefs, len(refs))
+	}
+	req := &pb.FetchRequest{Kind: pb.FetchRequest_KIND_CLAIM, Key: dev[:], CipherSuite: uint32(suite), OwnedOnly: true}
+	named := make(map[protocol.Ref]bool, len(refs))
+	for _, r := range refs {
+		req.Refs = append(req.Refs, r[:])
+		named[r] = true
+	}
+	resp, err := c.roundTrip(ctx, p, req)
+	if err != nil {
+		return OwnerAnswer{}, err
+	}
+	var a OwnerAnswer
+	if len(resp.Taken) > len(refs) {
+		return OwnerAnswer{}, fmt.Errorf("%w: %d taken notices for %d refs", protocol.ErrMalformed, len(resp.Taken), len(refs))
+	}
+	for _, m := range resp.Taken {
+		n, err := pb.ToClaim(m)
+		if err != nil {
+			return OwnerAnswer{}, err
+		}
+		_, ndev, ref, err := protocol.DecodeClaimPayload(n.Payload)
+		if err != nil {
+			return OwnerAnswer{}, err
+		}
+		if ndev != dev || !named[ref] {
+			return OwnerAnswer{}, fmt.Errorf("%w: a taken notice names a ref not asked for", protocol.ErrMalformed)
+		}
+		named[ref] = false // each ref once
+		a.Taken = append(a.Taken, n)
+	}
+	switch resp.Status {
+	case pb.FetchResponse_STATUS_OK:
+	case pb.FetchResponse_STATUS_NOT_FOUND:
+		if len(resp.Bundles) != 0 || resp.Claim != nil {
+			return OwnerAnswer{}, fmt.Errorf("%w: a NOT_FOUND answer with a bundle", protocol.ErrMalformed)
+		}
+		return a, ErrNoRecord
+	default:
+		return OwnerAnswer{}, statusError(p, resp)
+	}
+	if resp.LastResort {
+		return OwnerAnswer{}, fmt.Errorf("%w: the last-resort bundle for an owner request", protocol.ErrMalformed)
+	}
+	b, n, err := c.claimed(p, dev, suite, resp)
+	if err != nil {
+		return OwnerAnswer{}, err
+	}
+	if !named[b.Ref] {
+		return OwnerAnswer{}, fmt.Errorf("%w: handed out a ref not asked for, or one it proved taken", protocol.ErrMalformed)
+	}
+	if b.LastResort {
+		return OwnerAnswer{}, fmt.Errorf("%w: a last-resort bundle for an owner request", protocol.ErrMalformed)
+	}
+	a.Bundle, a.Notice = b, n
+	return a, nil
+}
+
+// claimed checks an OK claim answer: one bundle of dev, valid, of suite
+// when its key_package names one, and a claim notice naming it.
+func (c *Client) claimed(p peer.ID, dev protocol.Key, suite uint16, resp *pb.FetchResponse) (*storage.Bundle, *protocol.ClaimNotice, error) {
+	if len(resp.Bundles) != 1 {
+		return nil, nil, fmt.Errorf("%w: %d bundles for a claim", protocol.ErrMalformed, len(resp.Bundles))
+	}
+	b, err := pb.ToBundle(resp.Bundles[0])
+	if err != nil {
+		return nil, nil, err
+	}
 	if b.DeviceID != dev {
-		return nil, false, nil, fmt.Errorf("%w: claimed for %s, got %s", protocol.ErrMalformed, dev, b.DeviceID)
+		return nil, nil, fmt.Errorf("%w: claimed for %s, got %s", protocol.ErrMalformed, dev, b.DeviceID)
 	}
 	info, err := c.cfg.Validator.ValidateBundle(b)
 	if err != nil {
-		return nil, false, nil, fmt.Errorf("claimed bundle from %s: %w", p, err)
+		return nil, nil, fmt.Errorf("claimed bundle from %s: %w", p, err)
 	}
 	if suite != 0 {
 		if _, kp, err := protocol.SplitBundlePayload(b.Payload); err == nil {
 			if got, ok := protocol.KeyPackageCipherSuite(kp); ok && got != suite {
-				return nil, false, nil, fmt.Errorf("%w: claimed cipher suite %d, got %d", protocol.ErrMalformed, suite, got)
+				return nil, nil, fmt.Errorf("%w: claimed cipher suite %d, got %d", protocol.ErrMalformed, suite, got)
 			}
 		}
 	}
 	if resp.Claim == nil {
-		return nil, false, nil, fmt.Errorf("%w: a claim answer without its claim notice", protocol.ErrMalformed)
+		return nil, nil, fmt.Errorf("%w: a claim answer without its claim notice", protocol.ErrMalformed)
 	}
 	n, err := pb.ToClaim(resp.Claim)
 	if err != nil {
-		return nil, false, nil, err
+		return nil, nil, err
 	}
 	_, ndev, ref, err := protocol.DecodeClaimPayload(n.Payload)
 	if err != nil {
-		return nil, false, nil, err
+		return nil, nil, err
 	}
 	if ndev != dev || ref != info.Ref {
-		return nil, false, nil, fmt.Errorf("%w: the claim notice names another bundle", protocol.ErrMalformed)
+		return nil, nil, fmt.Errorf("%w: the claim notice names another bundle", protocol.ErrMalformed)
 	}
-	return &storage.Bundle{Bundle: *b, BundleInfo: info}, resp.LastResort, n, nil
+	return &storage.Bundle{Bundle: *b, BundleInfo: info}, n, nil
 }
 
 // Count asks p for dev's claim counts (KIND_COUNT).

@@ -25,15 +25,18 @@ import (
 
 // Protocol limits (protocol/README.md, "Fetch").
 //
-// A request is a kind and a 32-byte key: its encoded FetchRequest (the
-// length prefix not counted) is at most MaxRequest bytes, and anything
-// longer is hostile. A response's encoded FetchResponse is at most
+// A request is a kind and a 32-byte key (an owner request also names up
+// to MaxOwnerRefs refs): its encoded FetchRequest (the length prefix not
+// counted) is at most MaxRequest bytes, and anything longer is hostile. A response's encoded FetchResponse is at most
 // MaxResponse bytes: KIND_ALL answers the newest bundles that fit and says
 // in error that it cut the rest. A requester reads at most MaxResponse
 // bytes, so a responder can never make it allocate more.
 const (
-	MaxRequest  = 256
-	MaxResponse = 1 << 20
+	MaxRequest = 640
+	// MaxOwnerRefs bounds the refs an owner request (KIND_CLAIM with
+	// owned_only) names, and so the claim notices its answer proves taken.
+	MaxOwnerRefs = 16
+	MaxResponse  = 1 << 20
 	// MaxBundleWire bounds one encoded bundle or account bundle inside a
 	// FetchResponse: the payload cap plus its key, signature, field tags
 	// and length prefixes (104 bytes), rounded up.
@@ -82,15 +85,41 @@ func (e *RateLimitError) Is(target error) bool { return target == ErrRateLimited
 // RetryAfter says when to ask again.
 func (e *RateLimitError) RetryAfter() time.Duration { return e.After }
 
+// ClaimRequest is a KIND_CLAIM as the Claimer gets it.
+type ClaimRequest struct {
+	// Peer asked (the requester of the per-requester limit).
+	Peer   peer.ID
+	Device protocol.Key
+	// Suite selects bundles of one MLS cipher suite; 0: any.
+	Suite uint16
+	// OwnedOnly: a holder asks this node as an owner. Refs are the refs
+	// (at most MaxOwnerRefs, distinct) it believes this node owns, in the
+	// order to try them; empty: the ones this node owns in its own view.
+	OwnedOnly bool
+	Refs      []protocol.Ref
+}
+
+// ClaimAnswer is what the Claimer hands out.
+type ClaimAnswer struct {
+	Bundle *storage.Bundle
+	// LastResort: the device's last-resort bundle, as the fallback.
+	LastResort bool
+	// Notice is the claim notice recorded for Bundle.
+	Notice *protocol.ClaimNotice
+	// Taken (owner requests): the claim notices held for named refs the
+	// owner could not hand out, the proof they are taken. A NOT_FOUND
+	// answer carries them too.
+	Taken []*protocol.ClaimNotice
+}
+
 // Claimer serves KIND_CLAIM and KIND_COUNT (the node's claim service).
-// ServeClaim hands out one bundle of dev to requester ("peer:<id>"): with
-// ownedOnly only a bundle this node owns, else the whole claim algorithm.
-// It returns the bundle, whether it is the last-resort fallback and the
-// claim notice recorded for it. Errors: storage.ErrNotFound (NOT_FOUND),
-// ingest.ErrNotHeld (NOT_HOLDER), an error with a RetryAfter()
-// time.Duration method (RATE_LIMITED).
+// ServeClaim hands out one bundle of req.Device to req.Peer: with
+// OwnedOnly only a bundle this node owns (of req.Refs when named), else
+// the whole claim algorithm. Errors: storage.ErrNotFound (NOT_FOUND; the
+// answer's Taken still goes out), ingest.ErrNotHeld (NOT_HOLDER), an
+// error with a RetryAfter() time.Duration method (RATE_LIMITED).
 type Claimer interface {
-	ServeClaim(ctx context.Context, requester string, dev protocol.Key, suite uint16, ownedOnly bool) (*storage.Bundle, bool, *protocol.ClaimNotice, error)
+	ServeClaim(ctx context.Context, req ClaimRequest) (ClaimAnswer, error)
 	Count(ctx context.Context, dev protocol.Key) (storage.ClaimCounts, error)
 }
 

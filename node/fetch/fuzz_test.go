@@ -1,6 +1,7 @@
 package fetch
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"sync/atomic"
@@ -35,6 +36,9 @@ func FuzzFetchRequest(f *testing.F) {
 	f.Add(seed)
 	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_COUNT, Key: b.DeviceID[:]})
 	f.Add(seed)
+	seed, _ = proto.Marshal(&pb.FetchRequest{Kind: pb.FetchRequest_KIND_CLAIM, Key: b.DeviceID[:], OwnedOnly: true,
+		Refs: [][]byte{make([]byte, 32), bytes.Repeat([]byte{1}, 32)}})
+	f.Add(seed)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var req pb.FetchRequest
 		if proto.Unmarshal(data, &req) != nil {
@@ -47,6 +51,12 @@ func FuzzFetchRequest(f *testing.F) {
 		}
 		if req.Kind == pb.FetchRequest_KIND_CLAIM && req.CipherSuite > 0xffff && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
 			t.Fatalf("claim of cipher suite %d answered %v", req.CipherSuite, resp.Status)
+		}
+		if len(req.Refs) > MaxOwnerRefs && resp.Status != pb.FetchResponse_STATUS_BAD_REQUEST {
+			t.Fatalf("%d refs answered %v", len(req.Refs), resp.Status)
+		}
+		if len(resp.Taken) > len(req.Refs) {
+			t.Fatalf("%d taken notices for %d refs", len(resp.Taken), len(req.Refs))
 		}
 		if resp.Status == pb.FetchResponse_STATUS_OK && req.Kind == pb.FetchRequest_KIND_CLAIM && (len(resp.Bundles) != 1 || resp.Claim == nil) {
 			t.Fatalf("an OK claim answer with %d bundles and notice %v", len(resp.Bundles), resp.Claim)
@@ -123,10 +133,12 @@ func FuzzClientAnswer(f *testing.F) {
 	})
 }
 
-// FuzzClientClaimAnswer: whatever bytes a peer answers a claim or a count
-// with, the client never panics; a claim it returns is a valid bundle of
-// the device asked with a notice naming that bundle, and a rate limit it
-// reports waits at most MaxRetryAfter.
+// FuzzClientClaimAnswer: whatever bytes a peer answers a claim, an owner
+// request or a count with, the client never panics; a claim it returns is
+// a valid bundle of the device asked with a notice naming that bundle (of
+// a named ref for an owner request, whose proofs each name a named ref of
+// the device once), and a rate limit it reports waits at most
+// MaxRetryAfter.
 func FuzzClientClaimAnswer(f *testing.F) {
 	// A fully valid claim answer is not a seed: under the fuzzer's
 	// coverage instrumentation (go1.27.3) its mutations stall the worker,
@@ -158,6 +170,22 @@ func FuzzClientClaimAnswer(f *testing.F) {
 		case errors.As(err, &rl):
 			if rl.RetryAfter() <= 0 || rl.RetryAfter() > MaxRetryAfter {
 				t.Fatalf("retry after %v, outside (0, %v]", rl.RetryAfter(), MaxRetryAfter)
+			}
+		}
+		// As an owner's answer: the bundle is of a named ref, each proof
+		// of a named ref of the device, once.
+		refs := []protocol.Ref{b.Ref, {1}}
+		if a, err := c.OwnerClaim(t.Context(), holderID, b.DeviceID, 0, refs); err == nil || errors.Is(err, ErrNoRecord) {
+			if err == nil && a.Bundle.Ref != b.Ref {
+				t.Fatalf("owner answer of a ref not named: %s", a.Bundle.Ref)
+			}
+			seen := map[protocol.Ref]bool{}
+			for _, n := range a.Taken {
+				_, dev, ref, err := protocol.DecodeClaimPayload(n.Payload)
+				if err != nil || dev != b.DeviceID || (ref != refs[0] && ref != refs[1]) || seen[ref] {
+					t.Fatalf("a proof that does not fit the request: %v", err)
+				}
+				seen[ref] = true
 			}
 		}
 		if cnt, err := c.Count(t.Context(), holderID, b.DeviceID); err == nil && (cnt.OneTime < 0 || cnt.LastResort < 0 || cnt.LastResortHandedOut < 0) {

@@ -314,6 +314,9 @@ func (s *Server) serve(ctx context.Context, from peer.ID, req *pb.FetchRequest) 
 	if len(req.Key) != protocol.KeySize {
 		return badRequest("key must be 32 bytes")
 	}
+	if msg := checkRefs(req); msg != "" {
+		return badRequest(msg)
+	}
 	var key protocol.Key
 	copy(key[:], req.Key)
 	notFound := func() *pb.FetchResponse {
@@ -453,28 +456,68 @@ func allResponse(bs []*storage.Bundle, cut bool, reserved int) *pb.FetchResponse
 }
 
 // serveClaim answers KIND_CLAIM for a key of a held shard: the bundle the
-// Claimer hands out with its claim notice, or what its error means.
+// Claimer hands out with its claim notice, or what its error means. An
+// owner request's answer also carries the notices proving named refs
+// taken (OK and NOT_FOUND alike).
 func (s *Server) serveClaim(ctx context.Context, from peer.ID, key protocol.Key, req *pb.FetchRequest) *pb.FetchResponse {
-	b, lastResort, n, err := s.cfg.Claimer.ServeClaim(ctx, "peer:"+from.String(), key, uint16(req.CipherSuite), req.OwnedOnly)
+	creq := ClaimRequest{Peer: from, Device: key, Suite: uint16(req.CipherSuite), OwnedOnly: req.OwnedOnly}
+	for _, r := range req.Refs {
+		var ref protocol.Ref
+		copy(ref[:], r)
+		creq.Refs = append(creq.Refs, ref)
+	}
+	a, err := s.cfg.Claimer.ServeClaim(ctx, creq)
+	var taken []*pb.ClaimNotice
+	if req.OwnedOnly {
+		for _, n := range a.Taken[:min(len(a.Taken), MaxOwnerRefs)] {
+			taken = append(taken, pb.FromClaim(n))
+		}
+	}
 	var ra interface{ RetryAfter() time.Duration }
 	switch {
-	case err == nil && n != nil && len(b.Payload) <= protocol.MaxPayloadSize:
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&b.Bundle)},
-			LastResort: lastResort, Claim: pb.FromClaim(n)}
+	case err == nil && a.Bundle != nil && a.Notice != nil && len(a.Bundle.Payload) <= protocol.MaxPayloadSize:
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_OK, Bundles: []*pb.Bundle{pb.FromBundle(&a.Bundle.Bundle)},
+			LastResort: a.LastResort, Claim: pb.FromClaim(a.Notice), Taken: taken}
 	case err == nil:
-		s.log.Warn("fetch: claimer answered no claim notice or an oversized bundle", "device", key)
+		s.log.Warn("fetch: claimer answered no bundle, no claim notice or an oversized bundle", "device", key)
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
 	case errors.As(err, &ra):
 		ms := max(ra.RetryAfter().Milliseconds(), 1)
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_RATE_LIMITED, Error: "rate limited",
 			RetryAfterMs: uint32(min(ms, int64(MaxRetryAfter/time.Millisecond)))}
 	case errors.Is(err, storage.ErrNotFound), errors.Is(err, ErrNoRecord):
-		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND}
+		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_FOUND, Taken: taken}
 	case errors.Is(err, ErrNotHeld):
 		return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_NOT_HOLDER}
 	}
 	s.log.Warn("fetch: claim failed", "peer", from, "device", key, "err", err)
 	return &pb.FetchResponse{Status: pb.FetchResponse_STATUS_INTERNAL}
+}
+
+// checkRefs checks an owner request's refs: only with KIND_CLAIM
+// owned_only, at most MaxOwnerRefs, each 32 bytes, distinct.
+func checkRefs(req *pb.FetchRequest) string {
+	if len(req.Refs) == 0 {
+		return ""
+	}
+	if req.Kind != pb.FetchRequest_KIND_CLAIM || !req.OwnedOnly {
+		return "refs only name an owner request's refs (KIND_CLAIM, owned_only)"
+	}
+	if len(req.Refs) > MaxOwnerRefs {
+		return fmt.Sprintf("at most %d refs", MaxOwnerRefs)
+	}
+	seen := make(map[protocol.Ref]bool, len(req.Refs))
+	for _, r := range req.Refs {
+		if len(r) != protocol.RefSize {
+			return "refs must be 32 bytes"
+		}
+		ref := protocol.Ref(r)
+		if seen[ref] {
+			return "refs must be distinct"
+		}
+		seen[ref] = true
+	}
+	return ""
 }
 
 func clampU32(n int) uint32 { return uint32(min(max(n, 0), 1<<32-1)) }
