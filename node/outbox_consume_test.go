@@ -41,7 +41,7 @@ func TestOutboxConsumeNotConfirmedByOneHolderWithoutTheBundles(t *testing.T) {
 		}
 		return es[0].Attempts, true
 	}
-	nodetest.WaitFor(t, "a check of the entry at the holder", 15*time.Second, func() bool {
+	nodetest.WaitFor(t, "a check of the entry at the holder", 60*time.Second, func() bool {
 		a, ok := attempts()
 		return !ok || a >= 2
 	})
@@ -57,7 +57,7 @@ func TestOutboxConsumeNotConfirmedByOneHolderWithoutTheBundles(t *testing.T) {
 		t.Fatal(err)
 	}
 	testNode(t, func(c *Config) { c.Bootstrap = append(append([]string(nil), addrs...), h1Addrs...) })
-	nodetest.WaitFor(t, "two holders to confirm the entry", 30*time.Second, func() bool { return light.outbox.Len() == 0 })
+	nodetest.WaitFor(t, "two holders to confirm the entry", 60*time.Second, func() bool { return light.outbox.Len() == 0 })
 	if got := nodetest.Counter(t, light.registry, "kpnode_outbox_done_total", "result", "confirmed"); got != 1 {
 		t.Errorf("kpnode_outbox_done_total{result=confirmed} = %v, want 1", got)
 	}
