@@ -293,6 +293,24 @@ type Result struct {
 	Taken []*protocol.ClaimNotice
 }
 
+// peerDevice keys the owner requests of one holder for one device.
+type peerDevice struct {
+	peer   peer.ID
+	device protocol.Key
+}
+
+// ownerDeviceBurst is the burst of one holder's owner requests for one
+// device: peers accept a burst of 60 claim notices of one origin for one
+// device, so more could not be announced anyway.
+const ownerDeviceBurst = 60
+
+// An owner's BUSY or RATE_LIMITED answers are believed 3 at a time, then
+// one every 5 s; past that its refs are taken over as for a failed owner.
+const (
+	busyRate  = 0.2
+	busyBurst = 3
+)
+
 // Service hands out bundles. It starts no goroutine: every claim runs in
 // its caller's, bounded by the timeouts above.
 type Service struct {
@@ -301,7 +319,16 @@ type Service struct {
 	requesters *limiter[string]
 	devices    *limiter[protocol.Key]
 	owners     *limiter[peer.ID]
-	signs      *limiter[struct{}]
+	// ownerDevices bounds one holder's owner requests for one device at
+	// the device's rate (with the claim notice budget's burst): without it
+	// one subscriber could drain a pool at the owner budget's pace.
+	ownerDevices *limiter[peerDevice]
+	// busy is each owner's allowance of BUSY/RATE_LIMITED answers that
+	// are believed (its refs are not taken over); an owner that keeps
+	// answering so is taken for failed, so a subscriber cannot withhold
+	// the refs it owns by claiming to be busy.
+	busy  *limiter[peer.ID]
+	signs *limiter[struct{}]
 
 	claims    *prometheus.CounterVec
 	fallbacks prometheus.Counter
@@ -315,10 +342,12 @@ func New(cfg Config) (*Service, error) {
 	}
 	cfg = cfg.withDefaults()
 	s := &Service{cfg: cfg, log: cfg.Logger,
-		requesters: newLimiter[string](cfg.RequesterRate, cfg.RequesterBurst, cfg.MaxRequesters),
-		devices:    newLimiter[protocol.Key](cfg.DeviceRate, cfg.DeviceBurst, cfg.MaxDevices),
-		owners:     newLimiter[peer.ID](cfg.OwnerRate, cfg.OwnerBurst, cfg.MaxRequesters),
-		signs:      newLimiter[struct{}](cfg.SignRate, cfg.SignBurst, 1),
+		requesters:   newLimiter[string](cfg.RequesterRate, cfg.RequesterBurst, cfg.MaxRequesters),
+		devices:      newLimiter[protocol.Key](cfg.DeviceRate, cfg.DeviceBurst, cfg.MaxDevices),
+		owners:       newLimiter[peer.ID](cfg.OwnerRate, cfg.OwnerBurst, cfg.MaxRequesters),
+		ownerDevices: newLimiter[peerDevice](cfg.DeviceRate, ownerDeviceBurst, cfg.MaxRequesters),
+		busy:         newLimiter[peer.ID](busyRate, busyBurst, cfg.MaxRequesters),
+		signs:        newLimiter[struct{}](cfg.SignRate, cfg.SignBurst, 1),
 		claims: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kpnode_claims_total",
 			Help: "Claims served, by outcome (one_time, last_resort, none: nothing usable, limited: over a rate limit)."}, []string{"outcome"}),
 		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "kpnode_claim_owner_fallbacks_total",
@@ -376,7 +405,11 @@ func (s *Service) Claim(ctx context.Context, req Request) (Result, error) {
 	err := s.limit(req)
 	var rl *RateLimitError
 	if errors.As(err, &rl) && rl.Scope == "device" && !req.OwnedOnly {
-		last := s.lastResort
+		// No claim notice for these: a notice per claim over the device
+		// limit would let anyone make this node exceed the per-origin
+		// notice limit peers apply, and be Rejected by them. The
+		// hand-out count misses them.
+		last := s.quietLastResort
 		if !s.cfg.Shards.HasKey(req.Device) {
 			last = s.remoteLastResort
 		}
@@ -418,6 +451,9 @@ func (s *Service) limit(req Request) error {
 	now := s.cfg.Now()
 	if req.OwnedOnly && req.Peer != "" && s.cfg.Shards.HasKey(req.Device) && s.isHolder(req.Device, req.Peer) {
 		if ok, after := s.owners.allow(req.Peer, now); !ok {
+			return &RateLimitError{Scope: "owner", After: after}
+		}
+		if ok, after := s.ownerDevices.allow(peerDevice{req.Peer, req.Device}, now); !ok {
 			return &RateLimitError{Scope: "owner", After: after}
 		}
 		return nil
@@ -679,7 +715,7 @@ func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID,
 				} else {
 					bs = bs[len(named):]
 				}
-			case errors.Is(err, ErrRateLimited), errors.Is(err, fetch.ErrRateLimited), errors.Is(err, fetch.ErrBusy):
+			case (errors.Is(err, ErrRateLimited) || errors.Is(err, fetch.ErrRateLimited) || errors.Is(err, fetch.ErrBusy)) && s.believeBusy(o):
 				// Alive: it may hand its refs out; taking them over here
 				// would hand them out twice.
 				s.log.Debug("claim: owner busy", "owner", o, "device", req.Device, "err", err)
@@ -692,6 +728,15 @@ func (s *Service) askOwners(ctx context.Context, req Request, holders []peer.ID,
 		}
 	}
 	return Result{}, false, fallback
+}
+
+// believeBusy spends one of o's believed BUSY/RATE_LIMITED answers. An
+// honest owner is rarely busy for a holder (owner requests have their own
+// budget); one that keeps saying so is treated as failed, and its refs are
+// taken over.
+func (s *Service) believeBusy(o peer.ID) bool {
+	ok, _ := s.busy.allow(o, s.cfg.Now())
+	return ok
 }
 
 // ingestTaken ingests the claim notices an owner sent as proof that refs
@@ -731,6 +776,25 @@ func (s *Service) acceptOwnerAnswer(ctx context.Context, a fetch.OwnerAnswer) er
 		}
 	}
 	return fmt.Errorf("%w: %s is held here under another claim", errOwnerAnswer, info.Ref)
+}
+
+// quietLastResort hands out the device's latest last-resort bundle without
+// recording or announcing the hand-out: the claim notice it signs goes only
+// to the requester (a fetch claim answer carries one), never to the store
+// or gossip.
+func (s *Service) quietLastResort(ctx context.Context, req Request) (Result, error) {
+	b, err := s.cfg.Store.LastResortBundle(ctx, req.Device, req.Suite)
+	if errors.Is(err, storage.ErrNotFound) {
+		return Result{}, fmt.Errorf("claim: no keypackage for device: %w", storage.ErrNotFound)
+	} else if err != nil {
+		return Result{}, fmt.Errorf("claim: last resort: %w", err)
+	}
+	if err := s.signBudget(); err != nil {
+		return Result{}, err
+	}
+	n := protocol.SignClaim(s.cfg.Key, uint64(s.cfg.Now().UnixMilli()), req.Device, b.Ref)
+	s.pool.Observe(0)
+	return Result{Bundle: b, LastResort: true, Notice: &n}, nil
 }
 
 // lastResort hands out the device's latest last-resort bundle, recording

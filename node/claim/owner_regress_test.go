@@ -299,3 +299,71 @@ func TestOwnerRequestOfNonHolderIsCharged(t *testing.T) {
 		t.Fatalf("owner request of a holder: %v; want its own budget", err)
 	}
 }
+
+// An owner that keeps answering BUSY or RATE_LIMITED is believed only a few
+// times (busyBurst, refilled slowly): after that its refs are taken over as
+// a failed owner's, so a subscriber cannot withhold the refs it owns by
+// claiming to be busy.
+func TestOwnerAlwaysBusyIsTakenOver(t *testing.T) {
+	c := newCluster(t)
+	a := c.add(1, false, nil)
+	_, _, busy := nodeIdentity(t, 9)
+	a.view.holders = []peer.ID{a.id, busy}
+	a.pipes.Handle(busy, func(s network.Stream, _ peer.ID) {
+		defer s.Close()
+		var req pb.FetchRequest
+		if err := pbio.NewDelimitedReader(s, fetch.MaxRequest).ReadMsg(&req); err != nil {
+			return
+		}
+		_ = pbio.NewDelimitedWriter(s).WriteMsg(&pb.FetchResponse{Status: pb.FetchResponse_STATUS_RATE_LIMITED, RetryAfterMs: 100})
+	})
+	p := newPool(t, c.clock, 66, 12)
+	p.storeIn(t, a)
+	ownA := 0
+	for _, bd := range p.oneTime {
+		if Owner(a.view.holders, bd.Ref) == a.id {
+			ownA++
+		}
+	}
+	if ownA == len(p.oneTime) {
+		t.Skip("the busy owner owns nothing")
+	}
+	for range ownA {
+		mustClaim(t, a, p.dev)
+	}
+	for i := range busyBurst {
+		if r := mustClaim(t, a, p.dev); !r.LastResort {
+			t.Fatalf("busy answer %d: a took over the owner's ref %s; want the last resort while it is believed", i, r.Bundle.Ref)
+		}
+	}
+	r := mustClaim(t, a, p.dev)
+	if r.LastResort || Owner(a.view.holders, r.Bundle.Ref) != busy {
+		t.Fatalf("after %d busy answers a handed out %s (last_resort=%v); want one of the busy owner's refs", busyBurst, r.Bundle.Ref, r.LastResort)
+	}
+	if got := counter(t, a, "kpnode_claim_owner_fallbacks_total"); got != 1 {
+		t.Fatalf("fallbacks %v, want 1", got)
+	}
+}
+
+// One holder's owner requests for one device are bounded at the device's
+// rate with a burst of ownerDeviceBurst, so a subscriber cannot drain a
+// pool through owner requests at the owner budget's pace.
+func TestOwnerRequestsPerDeviceBounded(t *testing.T) {
+	c := newCluster(t)
+	b := c.add(2, false, func(cfg *Config) { cfg.DeviceRate = 0.001 })
+	_, _, asker := nodeIdentity(t, 8)
+	b.view.holders = []peer.ID{b.id, asker}
+	p := newPool(t, c.clock, 67, 1)
+	p.storeIn(t, b)
+	limited := 0
+	for range ownerDeviceBurst + 10 {
+		_, err := b.svc.Claim(t.Context(), Request{Device: p.dev, OwnedOnly: true, Peer: asker, Requester: "peer:" + asker.String(), Source: ingest.SourceFetch})
+		var rl *RateLimitError
+		if errors.As(err, &rl) {
+			limited++
+		}
+	}
+	if limited != 10 {
+		t.Fatalf("%d of %d owner requests of one holder for one device were limited, want 10", limited, ownerDeviceBurst+10)
+	}
+}
