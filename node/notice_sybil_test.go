@@ -50,7 +50,7 @@ func TestSybilClaimKeysBoundedPerPeerDevice(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	nodetest.WaitFor(t, "every notice to be judged", 10*time.Second, func() bool { return pool-oneTime()+refused() == pool })
+	nodetest.WaitFor(t, "every notice to be judged", 60*time.Second, func() bool { return pool-oneTime()+refused() == pool })
 	marked, elapsed := pool-oneTime(), time.Since(start)
 	bound := gossip.DefaultPeerDeviceBurst + int(float64(gossip.DefaultPeerDeviceRate)*elapsed.Seconds()) + 1
 	t.Logf("%d of %d refs marked in %v, %d refused (peer_device), bound %d", marked, pool, elapsed, refused(), bound)

@@ -759,7 +759,7 @@ func (s *Service) ingestTaken(ctx context.Context, o peer.ID, taken []*protocol.
 // acceptOwnerAnswer records the owner's claim notice before gossip brings
 // it, so this node does not hand the ref out again meanwhile, and accepts
 // the answer only if the ref was free here: the notice is Stored, or the
-// claim held here is that very notice (gossip brought it first). A ref
+// claim held here is the owner's (gossip or a proof brought it first). A ref
 // held here under another claim (handed out here by fallback, say) is not
 // handed out again.
 func (s *Service) acceptOwnerAnswer(ctx context.Context, a fetch.OwnerAnswer) error {
@@ -771,7 +771,14 @@ func (s *Service) acceptOwnerAnswer(ctx context.Context, a fetch.OwnerAnswer) er
 	case storage.Stored:
 		return nil
 	case storage.Duplicate:
-		if _, _, held, err := s.cfg.Store.RefClaim(ctx, info.DeviceID, info.Ref); err == nil && held.Hash == info.Hash {
+		// The claim held here is this notice, or another notice of the
+		// same owner for the ref: an owner hands a ref out only when its
+		// own store records its claim as new, so at most once, and this
+		// answer is that hand-out. (Two claimers at the owner that sign
+		// in one millisecond leave the store holding whichever notice
+		// hashes smaller, which need not be the one handed out.)
+		if _, n, held, err := s.cfg.Store.RefClaim(ctx, info.DeviceID, info.Ref); err == nil && n != nil &&
+			(held.Hash == info.Hash || n.NodeKey == a.Notice.NodeKey) {
 			return nil
 		}
 	}
