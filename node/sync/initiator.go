@@ -402,6 +402,10 @@ func (in *Initiator) ingest(ctx context.Context, req *pb.SyncRequest, resp *pb.S
 			return err
 		}
 		var outcome storage.PutOutcome
+		if claim != nil && in.l.ClaimBudget != nil && !in.l.ClaimBudget.Take(PeerDevice{in.p, key}, 1) {
+			in.l.log().Debug("sync: claim notice over the responder's budget for the device; wanted again next session", "peer", in.p, "device", key)
+			continue
+		}
 		if claim != nil {
 			outcome, _, err = in.l.Ingester.IngestClaim(ctx, claim, ingest.SourceSync)
 		} else {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/node/internal/bucket"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -190,5 +191,58 @@ func TestLyingResponderNotices(t *testing.T) {
 				t.Errorf("stored %d notices from a liar", in.Pulled())
 			}
 		})
+	}
+}
+
+// A responder gets at most its per-(peer, device) claim budget of claim
+// notices stored for one device per session burst, however many keys
+// signed them (a notice costs its signer only a key): the rest are
+// skipped, not remembered as refused, and pulled in later sessions as the
+// budget refills, so an honest catch-up still converges.
+func TestClaimNoticesOverTheResponderBudgetWaitForNextSession(t *testing.T) {
+	a, b := newSide(t, 5*time.Second), newSide(t, 5*time.Second)
+	clock := time.Now()
+	const burst, rate = 3, 2 // the test store keeps 8 bundles a device
+	b.local.ClaimBudget = bucket.New[PeerDevice](16, rate, burst, func() time.Time { return clock })
+	dev := keyIn(0)
+	devKey := protocol.Key(dev.Public().(ed25519.PublicKey))
+	now := uint64(time.Now().UnixMilli())
+	const pool = 8
+	var bs []protocol.Bundle
+	for i := range pool {
+		bs = append(bs, protocol.SignBundle(dev, now-uint64(i), []byte{byte(i), byte(i >> 8), 'k', 'p'}))
+	}
+	a.putBundles(t, bs...)
+	b.putBundles(t, bs...)
+	for _, bd := range bs {
+		_, k, _ := ed25519.GenerateKey(rand.Reader) // a fresh origin per notice
+		a.putClaim(t, protocol.SignClaim(k, now, devKey, refOf(t, bd)))
+	}
+	left := func() int {
+		c, err := b.store.ClaimCounts(t.Context(), devKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.OneTime
+	}
+	syncSet(t, a, b, pb.SyncRequest_SET_NOTICES)
+	if got := pool - left(); got != burst {
+		t.Fatalf("one session marked %d refs claimed, want the budget's burst %d", got, burst)
+	}
+	if n := b.local.Refused.Len(); n != 0 {
+		t.Fatalf("%d notices remembered as refused; the skipped ones must be wanted again", n)
+	}
+	clock = clock.Add(time.Second)
+	syncSet(t, a, b, pb.SyncRequest_SET_NOTICES)
+	if got := pool - left(); got != burst+rate {
+		t.Fatalf("after 1 s a second session has %d refs claimed, want %d", got, burst+rate)
+	}
+	clock = clock.Add(time.Minute)
+	syncSet(t, a, b, pb.SyncRequest_SET_NOTICES)
+	if got := left(); got != 0 {
+		t.Fatalf("%d one-time bundles unclaimed after the budget refilled, want 0 (converged)", got)
+	}
+	if p := append(a.pen.list(), b.pen.list()...); len(p) != 0 {
+		t.Errorf("penalties: %v", p)
 	}
 }

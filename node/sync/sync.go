@@ -31,6 +31,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kpnode/kpnode/node/ingest"
+	"github.com/kpnode/kpnode/node/internal/bucket"
 	"github.com/kpnode/kpnode/protocol"
 	"github.com/kpnode/kpnode/protocol/pb"
 	"github.com/kpnode/kpnode/storage"
@@ -152,10 +153,35 @@ type Local struct {
 	// Refused remembers items this node refused, so that it does not pull
 	// them again; nil remembers none.
 	Refused *Refused
+	// ClaimBudget bounds the claim notices one responder may get stored
+	// for one device (the gossip validator's per-(peer, device) budget,
+	// applied to sync): a wanted claim notice over it is skipped, neither
+	// stored nor remembered as refused, and wanted again next session.
+	// Notices cost their signer only a key, so without it one responder
+	// could mark a device's whole pool claimed at once. nil: no budget.
+	ClaimBudget *bucket.Keyed[PeerDevice]
 	// Metrics counts rounds and scans; nil counts nothing.
 	Metrics *Metrics
 	// Log gets the sessions' debug lines; nil is slog.Default().
 	Log *slog.Logger
+}
+
+// PeerDevice keys ClaimBudget: a responder and a device.
+type PeerDevice struct {
+	Peer   peer.ID
+	Device protocol.Key
+}
+
+// The default ClaimBudget: the gossip validator's per-(peer, device)
+// claim budget, 60 at once and 20 a second.
+const (
+	DefaultClaimBudgetBurst = 60
+	DefaultClaimBudgetRate  = 20
+)
+
+// NewClaimBudget returns the default ClaimBudget on the clock now.
+func NewClaimBudget(now func() time.Time) *bucket.Keyed[PeerDevice] {
+	return bucket.New[PeerDevice](1<<16, DefaultClaimBudgetRate, DefaultClaimBudgetBurst, now)
 }
 
 func (l *Local) now() time.Time {
