@@ -144,7 +144,10 @@ type Service struct {
 	// shardLocks serialise sessions per shard: a node that reconnects to
 	// several peers at once pulls the missing records from the first and
 	// finds the others already in agreement, instead of pulling them twice.
-	shardLocks []gosync.Mutex
+	// Each is a semaphore of one (a channel, not a mutex: a goroutine
+	// waiting on a channel is durably blocked, so in a synctest bubble
+	// virtual time still advances for the session that holds it).
+	shardLocks []chan struct{}
 
 	inbound  *peerPacer // sessions peers run with this node
 	outbound *peerPacer // sessions this node runs with peers (the same pacing)
@@ -174,7 +177,7 @@ func New(cfg Config, h Host, set Set, ing ingest.Ingester, pen ingest.Penalizer,
 			RoundTimeout: cfg.RoundTimeout, Now: cfg.Now, Refused: NewRefused(cfg.Retention),
 			ClaimBudget: NewClaimBudget(cfg.Now),
 			Metrics:     NewMetrics(cfg.Registerer), Log: log},
-		shardLocks: make([]gosync.Mutex, cfg.Shards.Count()),
+		shardLocks: newShardLocks(cfg.Shards.Count()),
 		inbound:    newPeerPacer(cfg.Shards.Count()),
 		outbound:   newPeerPacer(cfg.Shards.Count()),
 		sessions:   make(chan struct{}, maxSessions),
@@ -372,6 +375,14 @@ func (s *Service) SyncNow(ctx context.Context, p peer.ID, shard int) (int, error
 // syncShard runs one initiator session on a new stream to p: it pulls the
 // records of shard's set that p holds and this node lacks, and returns how
 // many it stored.
+func newShardLocks(n int) []chan struct{} {
+	locks := make([]chan struct{}, n)
+	for i := range locks {
+		locks[i] = make(chan struct{}, 1)
+	}
+	return locks
+}
+
 func (s *Service) syncShard(ctx context.Context, p peer.ID, shard int, set pb.SyncRequest_Set, wait bool) (pulled int, err error) {
 	// A panic on the peer's bytes (records are parsed before they are
 	// verified) ends the session, never the process.
@@ -384,12 +395,21 @@ func (s *Service) syncShard(ctx context.Context, p peer.ID, shard int, set pb.Sy
 	if shard < 0 || shard >= len(s.shardLocks) {
 		return 0, fmt.Errorf("no shard %d", shard)
 	}
+	lock := s.shardLocks[shard]
 	if wait {
-		s.shardLocks[shard].Lock()
-	} else if !s.shardLocks[shard].TryLock() {
-		return 0, ErrBusy
+		select {
+		case lock <- struct{}{}:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	} else {
+		select {
+		case lock <- struct{}{}:
+		default:
+			return 0, ErrBusy
+		}
 	}
-	defer s.shardLocks[shard].Unlock()
+	defer func() { <-lock }()
 	if err := s.outbound.beginOutbound(ctx, p, wait); err != nil {
 		return 0, err
 	}
