@@ -228,18 +228,9 @@ func (a *api) countKeyPackages(w http.ResponseWriter, r *http.Request) int {
 }
 
 func (a *api) postConsume(w http.ResponseWriter, r *http.Request) int {
-	body, rerr := readJSONObject(w, r, a.maxBody, "device_id", "payload", "signature")
-	if rerr != nil {
-		return a.refuse(w, r, rerr)
-	}
-	key, payload, sig, rerr := signedFields(body, "device_id")
-	if rerr != nil {
-		return a.refuse(w, r, rerr)
-	}
-	if err := a.backend.Consume(r.Context(), &protocol.ConsumeNotice{DeviceID: key, Payload: payload, Signature: sig}); err != nil {
-		return a.backendError(w, r, err, msgNoKeyPackage)
-	}
-	return writeNoContent(w)
+	return a.postSigned(w, r, "device_id", msgNoKeyPackage, func(key protocol.Key, payload []byte, sig [protocol.SignatureSize]byte) error {
+		return a.backend.Consume(r.Context(), &protocol.ConsumeNotice{DeviceID: key, Payload: payload, Signature: sig})
+	})
 }
 
 // retryAfter is the Retry-After of a 429: the error's RetryAfter() rounded

@@ -65,34 +65,34 @@ func (a *api) refuse(w http.ResponseWriter, r *http.Request, e *requestError) in
 	return writeError(w, e.code, e.msg)
 }
 
-func (a *api) postKeyPackage(w http.ResponseWriter, r *http.Request) int {
-	body, rerr := readJSONObject(w, r, a.maxBody, "device_id", "payload", "signature")
+// postSigned serves a POST of a signed record, {keyField, "payload",
+// "signature"}: the body's shape and encodings are checked in chat-store's
+// order, then submit decides.
+func (a *api) postSigned(w http.ResponseWriter, r *http.Request, keyField, notFound string, submit func(key protocol.Key, payload []byte, sig [protocol.SignatureSize]byte) error) int {
+	body, rerr := readJSONObject(w, r, a.maxBody, keyField, "payload", "signature")
 	if rerr != nil {
 		return a.refuse(w, r, rerr)
 	}
-	key, payload, sig, rerr := signedFields(body, "device_id")
+	key, payload, sig, rerr := signedFields(body, keyField)
 	if rerr != nil {
 		return a.refuse(w, r, rerr)
 	}
-	if err := a.backend.SubmitBundle(r.Context(), &protocol.Bundle{DeviceID: key, Payload: payload, Signature: sig}); err != nil {
-		return a.backendError(w, r, err, msgNoKeyPackage)
+	if err := submit(key, payload, sig); err != nil {
+		return a.backendError(w, r, err, notFound)
 	}
 	return writeNoContent(w)
 }
 
+func (a *api) postKeyPackage(w http.ResponseWriter, r *http.Request) int {
+	return a.postSigned(w, r, "device_id", msgNoKeyPackage, func(key protocol.Key, payload []byte, sig [protocol.SignatureSize]byte) error {
+		return a.backend.SubmitBundle(r.Context(), &protocol.Bundle{DeviceID: key, Payload: payload, Signature: sig})
+	})
+}
+
 func (a *api) postAccount(w http.ResponseWriter, r *http.Request) int {
-	body, rerr := readJSONObject(w, r, a.maxBody, "account_pub", "payload", "signature")
-	if rerr != nil {
-		return a.refuse(w, r, rerr)
-	}
-	key, payload, sig, rerr := signedFields(body, "account_pub")
-	if rerr != nil {
-		return a.refuse(w, r, rerr)
-	}
-	if err := a.backend.SubmitAccount(r.Context(), &protocol.AccountBundle{AccountPub: key, Payload: payload, Signature: sig}); err != nil {
-		return a.backendError(w, r, err, msgNoAccount)
-	}
-	return writeNoContent(w)
+	return a.postSigned(w, r, "account_pub", msgNoAccount, func(key protocol.Key, payload []byte, sig [protocol.SignatureSize]byte) error {
+		return a.backend.SubmitAccount(r.Context(), &protocol.AccountBundle{AccountPub: key, Payload: payload, Signature: sig})
+	})
 }
 
 // keyPackageBody is chat-store's GET /v0/keypackage reply, fields in order.
